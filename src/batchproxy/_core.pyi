@@ -1,0 +1,68 @@
+"""Typing stub shared by the compiled core (`_core.pyx`) and its pure-Python twin (`_core_py.py`).
+
+The core works on serialized protobuf bytes. Requests are decoded into `PredictCall`s whose
+input tensors are normalized to raw little-endian element bytes (or a list of byte strings for
+DT_STRING), whatever encoding the client used, so the batcher can slice and merge rows cheaply.
+Responses are never normalized: `split_predict_response` cuts the encoding the replica chose.
+"""
+
+class CodecError(ValueError):
+    """Input the codec refuses. `code` is a grpc.StatusCode name such as "INVALID_ARGUMENT"."""
+
+    code: str
+    message: str
+    def __init__(self, code: str, message: str) -> None: ...
+
+class Tensor:
+    dtype: int  # tensorflow.DataType value
+    shape: tuple[int, ...]
+    # Every element, row-major: little-endian bytes for fixed-width dtypes, or one bytes
+    # object per element for DT_STRING.
+    data: bytes | list[bytes]
+    def __init__(self, dtype: int, shape: tuple[int, ...], data: bytes | list[bytes]) -> None: ...
+
+class PredictCall:
+    model_name: str
+    version: int | None
+    version_label: str | None
+    signature_name: str
+    output_filter: tuple[str, ...]
+    model_spec: bytes  # the ModelSpec exactly as the client serialized it
+    inputs: dict[str, Tensor]
+    # Shared dimension 0 of every input; -1 when the call cannot be batched (no inputs, a
+    # scalar input, inputs that disagree on dimension 0, a dtype the core does not batch).
+    rows: int
+    # (model_name, version, version_label, signature_name,
+    #  ((input_name, dtype, inner_shape), ... sorted by name), output_filter)
+    key: tuple
+
+def itemsize(dtype: int) -> int:
+    """Bytes per element in tensor_content form; 0 for DT_STRING; -1 for unsupported dtypes."""
+
+def decode_predict_request(data: bytes) -> PredictCall:
+    """Parse a serialized PredictRequest. Raises CodecError("INVALID_ARGUMENT", ...)."""
+
+def encode_predict_request(pieces: list[tuple[PredictCall, int, int]]) -> bytes:
+    """One PredictRequest holding rows [start, stop) of each call, concatenated along
+    dimension 0 in order. All calls share one key; model_spec and output_filter come from the
+    first. Numeric inputs travel as tensor_content, strings as string_val."""
+
+def split_predict_response(data: bytes, rows: list[int]) -> list[bytes]:
+    """Cut a serialized PredictResponse along dimension 0 into len(rows) responses of
+    rows[i] rows each, keeping the replica's encoding and echoing its model_spec.
+    Raises CodecError("FAILED_PRECONDITION", ...) when an output's dimension 0 is not
+    sum(rows), CodecError("INTERNAL", ...) when the bytes do not parse."""
+
+def concat_predict_responses(parts: list[bytes]) -> bytes:
+    """Join responses for consecutive row ranges of one request back into one response,
+    along dimension 0, in the encoding of the first part."""
+
+def encode_tensor(dtype: int, shape: tuple[int, ...], data: bytes | list[bytes], typed: bool) -> bytes:
+    """A serialized TensorProto: typed fields (float_val, int_val, ...) when `typed`, else
+    tensor_content (strings always use string_val)."""
+
+def encode_predict_response(outputs: dict[str, bytes], model_spec: bytes) -> bytes:
+    """A serialized PredictResponse from serialized TensorProtos and a serialized ModelSpec."""
+
+def decode_tensor(data: bytes) -> Tensor:
+    """Parse one serialized TensorProto into normalized form (either encoding)."""
