@@ -1,0 +1,3 @@
+"""batchproxy: a batching inference proxy that stands in for TensorFlow Serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from batchproxy.cli import main
+
+main()

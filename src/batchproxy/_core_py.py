@@ -1,0 +1,813 @@
+"""Pure-Python twin of the compiled wire codec `_core.pyx` (see `_core.pyi` for the contract).
+
+It leans on the generated protobuf classes for parsing and on numpy for element conversions,
+so it doubles as the reference the compiled core is tested against. Two things protobuf's
+Python API cannot give us are done by hand with a small wire scanner: the order of map
+entries as they appear on the wire (protobuf maps iterate in hash order, but the proxy keeps
+the replica's output order) and the exact bytes of an embedded ModelSpec.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from batchproxy.protos import predict_pb2, tensor_pb2
+
+# --- DataType tables ---------------------------------------------------------------------
+
+DT_STRING = 7
+DT_COMPLEX64 = 8
+DT_COMPLEX128 = 18
+
+# Bytes per element in tensor_content form (0: DT_STRING). Absent: not batchable.
+_ITEMSIZE: dict[int, int] = {
+    1: 4,  # FLOAT
+    2: 8,  # DOUBLE
+    3: 4,  # INT32
+    4: 1,  # UINT8
+    5: 2,  # INT16
+    6: 1,  # INT8
+    7: 0,  # STRING
+    8: 8,  # COMPLEX64
+    9: 8,  # INT64
+    10: 1,  # BOOL
+    11: 1,  # QINT8
+    12: 1,  # QUINT8
+    13: 4,  # QINT32
+    14: 2,  # BFLOAT16
+    15: 2,  # QINT16
+    16: 2,  # QUINT16
+    17: 2,  # UINT16
+    18: 16,  # COMPLEX128
+    19: 2,  # HALF
+    22: 4,  # UINT32
+    23: 8,  # UINT64
+}
+
+# The typed TensorProto field TF reads for each dtype (tensor.cc ProtoHelper).
+_FIELD: dict[int, str] = {
+    1: "float_val",
+    2: "double_val",
+    3: "int_val",
+    4: "int_val",
+    5: "int_val",
+    6: "int_val",
+    7: "string_val",
+    8: "scomplex_val",
+    9: "int64_val",
+    10: "bool_val",
+    11: "int_val",
+    12: "int_val",
+    13: "int_val",
+    14: "half_val",
+    15: "int_val",
+    16: "int_val",
+    17: "int_val",
+    18: "dcomplex_val",
+    19: "half_val",
+    22: "uint32_val",
+    23: "uint64_val",
+}
+
+_FIELD_NUMBER: dict[str, int] = {
+    "float_val": 5,
+    "double_val": 6,
+    "scomplex_val": 9,
+    "dcomplex_val": 12,
+}
+
+# numpy dtype of one normalized element (little-endian; BOOL as one 0/1 byte, HALF and
+# BFLOAT16 as their 16 raw bits).
+_ELEMENT: dict[int, np.dtype] = {
+    1: np.dtype("<f4"),
+    2: np.dtype("<f8"),
+    3: np.dtype("<i4"),
+    4: np.dtype("u1"),
+    5: np.dtype("<i2"),
+    6: np.dtype("i1"),
+    8: np.dtype("<c8"),
+    9: np.dtype("<i8"),
+    10: np.dtype("u1"),
+    11: np.dtype("i1"),
+    12: np.dtype("u1"),
+    13: np.dtype("<i4"),
+    14: np.dtype("<u2"),
+    15: np.dtype("<i2"),
+    16: np.dtype("<u2"),
+    17: np.dtype("<u2"),
+    18: np.dtype("<c16"),
+    19: np.dtype("<u2"),
+    22: np.dtype("<u4"),
+    23: np.dtype("<u8"),
+}
+
+# numpy dtype of the values protobuf hands back for each typed field.
+_FIELD_VALUES: dict[str, np.dtype] = {
+    "float_val": np.dtype("<f4"),
+    "double_val": np.dtype("<f8"),
+    "int_val": np.dtype("<i4"),
+    "scomplex_val": np.dtype("<f4"),
+    "int64_val": np.dtype("<i8"),
+    "bool_val": np.dtype("?"),
+    "dcomplex_val": np.dtype("<f8"),
+    "half_val": np.dtype("<i4"),
+    "uint32_val": np.dtype("<u4"),
+    "uint64_val": np.dtype("<u8"),
+}
+
+# Expanding the one-value form of a tensor bigger than this is refused (the call is then
+# forwarded unbatched): a few bytes on the wire must not make the proxy allocate gigabytes.
+# Strings count 8 bytes an element (one reference each). Same limit in the compiled core.
+MAX_FILL_BYTES = 1 << 31
+
+
+class CodecError(ValueError):
+    """Input the codec refuses. `code` is a grpc.StatusCode name such as "INVALID_ARGUMENT"."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"CodecError({self.code!r}, {self.message!r})"
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.code, self.message))
+
+
+class Tensor:
+    """A tensor in normalized form: every element, whatever encoding the client used."""
+
+    __slots__ = ("data", "dtype", "shape")
+
+    def __init__(self, dtype: int, shape: tuple[int, ...], data: bytes | list[bytes]) -> None:
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tensor):
+            return NotImplemented
+        return (self.dtype, self.shape, self.data) == (other.dtype, other.shape, other.data)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"Tensor(dtype={self.dtype}, shape={self.shape}, data=<{len(self.data)}>)"
+
+
+class PredictCall:
+    """One decoded PredictRequest (see _core.pyi for every field)."""
+
+    __slots__ = (
+        "inputs",
+        "key",
+        "model_name",
+        "model_spec",
+        "output_filter",
+        "rows",
+        "signature_name",
+        "version",
+        "version_label",
+    )
+
+    def __init__(
+        self,
+        model_name: str = "",
+        version: int | None = None,
+        version_label: str | None = None,
+        signature_name: str = "",
+        output_filter: tuple[str, ...] = (),
+        model_spec: bytes = b"",
+        inputs: dict[str, Tensor] | None = None,
+        rows: int | None = None,
+        key: tuple | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.version = version
+        self.version_label = version_label
+        self.signature_name = signature_name
+        self.output_filter = tuple(output_filter)
+        self.model_spec = model_spec
+        self.inputs = {} if inputs is None else inputs
+        self.rows = _batch_rows(self.inputs) if rows is None else rows
+        self.key = self._make_key() if key is None else key
+
+    def _make_key(self) -> tuple:
+        sig = tuple((name, t.dtype, t.shape[1:]) for name, t in sorted(self.inputs.items()))
+        return (
+            self.model_name,
+            self.version,
+            self.version_label,
+            self.signature_name,
+            sig,
+            self.output_filter,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"PredictCall(model_name={self.model_name!r}, version={self.version!r}, "
+            f"version_label={self.version_label!r}, signature_name={self.signature_name!r}, "
+            f"rows={self.rows}, inputs={self.inputs!r})"
+        )
+
+
+def itemsize(dtype: int) -> int:
+    """Bytes per element in tensor_content form; 0 for DT_STRING; -1 for unsupported dtypes."""
+    return _ITEMSIZE.get(dtype, -1)
+
+
+# --- a minimal wire scanner (only run on bytes protobuf already accepted) ---------------
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result & 0xFFFFFFFFFFFFFFFF, pos
+        shift += 7
+
+
+def _skip(buf: bytes, pos: int, wire: int, field: int) -> int:
+    if wire == 0:
+        return _varint(buf, pos)[1]
+    if wire == 1:
+        return pos + 8
+    if wire == 5:
+        return pos + 4
+    if wire == 2:
+        n, pos = _varint(buf, pos)
+        return pos + n
+    if wire == 3:  # group: skip fields up to the matching end tag
+        while True:
+            tag, pos = _varint(buf, pos)
+            if tag & 7 == 4:
+                return pos
+            pos = _skip(buf, pos, tag & 7, tag >> 3)
+    raise CodecError("INTERNAL", f"unexpected wire type {wire} in field {field}")
+
+
+def _len_fields(buf: bytes) -> list[tuple[int, bytes]]:
+    """(field number, payload) of every length-delimited top-level field, in wire order."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        wire = tag & 7
+        if wire == 2:
+            n, pos = _varint(buf, pos)
+            out.append((tag >> 3, buf[pos : pos + n]))
+            pos += n
+        else:
+            pos = _skip(buf, pos, wire, tag >> 3)
+    return out
+
+
+def _map_entries(buf: bytes, field: int) -> dict[str, tensor_pb2.TensorProto]:
+    """Map `field` of string -> TensorProto, in wire order.
+
+    Read entry by entry rather than through the protobuf map: upb moves a map entry that
+    carries unknown fields into the parent's unknown fields (the entry disappears), where
+    the C++ runtime TFS uses skips the unknown fields and keeps the entry. A repeated key
+    keeps its first position and its last value; repeated key/value records inside one
+    entry follow protobuf's merge rules (last key wins, value messages merge).
+    """
+    out: dict[str, tensor_pb2.TensorProto] = {}
+    for f, entry in _len_fields(buf):
+        if f != field:
+            continue
+        key = b""
+        values = []
+        for ef, payload in _len_fields(entry):
+            if ef == 1:
+                key = payload
+            elif ef == 2:
+                values.append(payload)
+        out[key.decode("utf-8")] = tensor_pb2.TensorProto.FromString(b"".join(values))
+    return out
+
+
+def _submessage(buf: bytes, field: int) -> bytes | None:
+    """All occurrences of embedded message `field`, joined (= protobuf's merge), or None."""
+    parts = [payload for f, payload in _len_fields(buf) if f == field]
+    return b"".join(parts) if parts else None
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    value &= 0xFFFFFFFFFFFFFFFF  # negatives travel as 10-byte two's complement
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    out = bytearray()
+    _put_varint(out, (field << 3) | 2)
+    _put_varint(out, len(payload))
+    out += payload
+    return bytes(out)
+
+
+def _map_entry(field: int, key: str, value: bytes) -> bytes:
+    return _len_field(field, _len_field(1, key.encode("utf-8")) + _len_field(2, value))
+
+
+# --- TF string tensor_content (tensor_coding.cc EncodeStringList / DecodeStringList) -----
+
+
+def _decode_string_list(content: bytes, n: int) -> list[bytes] | None:
+    sizes = []
+    pos = 0
+    end = len(content)
+    for _ in range(n):
+        # GetVarint32: at most 5 bytes, bits past 32 dropped.
+        value = 0
+        for shift in range(0, 35, 7):
+            if pos >= end:
+                return None
+            b = content[pos]
+            pos += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+        else:
+            return None
+        sizes.append(value & 0xFFFFFFFF)
+    if sum(sizes) != end - pos:
+        return None
+    out = []
+    for size in sizes:
+        out.append(content[pos : pos + size])
+        pos += size
+    return out
+
+
+def _encode_string_list(strings: list[bytes]) -> bytes:
+    out = bytearray()
+    for s in strings:
+        _put_varint(out, len(s))
+    for s in strings:
+        out += s
+    return bytes(out)
+
+
+# --- normalizing a TensorProto ------------------------------------------------------------
+
+
+class _Mismatch(Exception):
+    """The payload disagrees with the shape; callers word the CodecError."""
+
+
+def _known_dims(tp: tensor_pb2.TensorProto) -> tuple[tuple[int, ...], bool]:
+    dims = tuple(d.size for d in tp.tensor_shape.dim)
+    known = not tp.tensor_shape.unknown_rank and all(d >= 0 for d in dims)
+    return dims, known
+
+
+def _typed_values(tp: tensor_pb2.TensorProto, dtype: int) -> np.ndarray:
+    """The dtype's typed field as an array of normalized elements (no fill)."""
+    field = _FIELD[dtype]
+    values = _field_values(tp, field)
+    if isinstance(values, list):
+        values = np.array(values, dtype=_FIELD_VALUES[field])
+    if dtype in (DT_COMPLEX64, DT_COMPLEX128):
+        if len(values) % 2:
+            raise _Mismatch("odd number of complex components")
+        return values.view(_ELEMENT[dtype])
+    # Narrowing int32 -> int8/uint8/int16/uint16 keeps the low bits, like TF's static_cast.
+    return values.astype(_ELEMENT[dtype])
+
+
+def _fill(values: np.ndarray, n: int) -> np.ndarray:
+    """TF's FromProtoField: no values -> zeros; fewer -> repeat the last; more -> error."""
+    count = len(values)
+    if count == n:
+        return values
+    if count > n:
+        raise _Mismatch(f"{count} values for {n} elements")
+    if count == 0:
+        return np.zeros(n, dtype=values.dtype)
+    return np.concatenate([values, np.full(n - count, values[-1], dtype=values.dtype)])
+
+
+def _normalize(tp: tensor_pb2.TensorProto) -> tuple[Tensor, bool]:
+    """(normalized tensor, whether it can be batched). Raises _Mismatch."""
+    dtype = tp.dtype
+    dims, known = _known_dims(tp)
+    size = _ITEMSIZE.get(dtype, -1)
+    if size < 0:
+        return Tensor(dtype, dims, b""), False
+    n = math.prod(dims) if known else -1
+    content = tp.tensor_content
+    if dtype == DT_STRING:
+        if content:
+            if not known:
+                return Tensor(dtype, dims, []), False
+            strings = _decode_string_list(content, n)
+            if strings is None:
+                raise _Mismatch("bad string tensor_content")
+            return Tensor(dtype, dims, strings), True
+        strings = list(tp.string_val)
+        count = len(strings)
+        if not known:
+            return Tensor(dtype, dims, strings), False
+        if count > n:
+            raise _Mismatch(f"{count} values for {n} elements")
+        if count < n:
+            if n * 8 > MAX_FILL_BYTES:
+                return Tensor(dtype, dims, strings), False
+            strings.extend([strings[-1] if strings else b""] * (n - count))
+        return Tensor(dtype, dims, strings), True
+    if content:
+        if known and len(content) != n * size:
+            raise _Mismatch(f"tensor_content of {len(content)} bytes for {n} elements")
+        return Tensor(dtype, dims, content), known
+    values = _typed_values(tp, dtype)
+    if not known:
+        return Tensor(dtype, dims, values.tobytes()), False
+    if len(values) < n and n * size > MAX_FILL_BYTES:
+        return Tensor(dtype, dims, values.tobytes()), False
+    return Tensor(dtype, dims, _fill(values, n).tobytes()), True
+
+
+def _batch_rows(inputs: dict[str, Tensor], batchable: bool = True) -> int:
+    if not inputs or not batchable:
+        return -1
+    rows = -1
+    for t in inputs.values():
+        if not t.shape or _ITEMSIZE.get(t.dtype, -1) < 0 or any(d < 0 for d in t.shape):
+            return -1
+        if rows == -1:
+            rows = t.shape[0]
+        elif t.shape[0] != rows:
+            return -1
+    return rows
+
+
+# --- public API ---------------------------------------------------------------------------
+
+
+def decode_tensor(data: bytes) -> Tensor:
+    """Parse one serialized TensorProto into normalized form (either encoding)."""
+    tp = tensor_pb2.TensorProto()
+    try:
+        tp.ParseFromString(bytes(data))
+    except DecodeError as exc:
+        raise CodecError("INVALID_ARGUMENT", f"Could not parse TensorProto: {exc}") from None
+    try:
+        return _normalize(tp)[0]
+    except _Mismatch as exc:
+        raise CodecError("INVALID_ARGUMENT", f"tensor parsing error: {exc}") from None
+
+
+def decode_predict_request(data: bytes) -> PredictCall:
+    """Parse a serialized PredictRequest. Raises CodecError("INVALID_ARGUMENT", ...)."""
+    data = bytes(data)
+    req = predict_pb2.PredictRequest()
+    try:
+        req.ParseFromString(data)
+    except DecodeError as exc:
+        raise CodecError("INVALID_ARGUMENT", f"Could not parse PredictRequest: {exc}") from None
+    spec = req.model_spec
+    choice = spec.WhichOneof("version_choice")
+    inputs: dict[str, Tensor] = {}
+    batchable = True
+    for name, tp in _map_entries(data, 2).items():
+        try:
+            tensor, ok = _normalize(tp)
+        except _Mismatch:
+            raise CodecError("INVALID_ARGUMENT", f"tensor parsing error: {name}") from None
+        inputs[name] = tensor
+        batchable = batchable and ok
+    raw_spec = _submessage(data, 1)
+    return PredictCall(
+        model_name=spec.name,
+        version=spec.version.value if choice == "version" else None,
+        version_label=spec.version_label if choice == "version_label" else None,
+        signature_name=spec.signature_name,
+        output_filter=tuple(req.output_filter),
+        model_spec=b"" if raw_spec is None else raw_spec,
+        inputs=inputs,
+        rows=_batch_rows(inputs, batchable),
+    )
+
+
+def _shape_proto(tp: tensor_pb2.TensorProto, shape: Iterable[int]) -> None:
+    tp.tensor_shape.SetInParent()  # an empty shape (a scalar) is still written
+    for d in shape:
+        tp.tensor_shape.dim.add(size=d)
+
+
+def _set_typed(tp: tensor_pb2.TensorProto, dtype: int, arr: np.ndarray) -> None:
+    """Fill the dtype's typed field from normalized elements."""
+    field = _FIELD[dtype]
+    if field in _FIELD_NUMBER:
+        # float/double/complex: the packed field's bytes ARE the little-endian elements, so
+        # hand them to protobuf as wire bytes (exact bits, no trip through Python floats).
+        if arr.size:
+            tp.MergeFromString(_len_field(_FIELD_NUMBER[field], arr.tobytes()))
+        return
+    if field == "int_val":
+        values = arr.astype(np.int32)  # sign- or zero-extends the narrow types
+    elif field == "half_val":
+        values = arr.astype(np.int32)  # the 16 bits, zero-extended
+    elif field == "bool_val":
+        values = arr != 0
+    else:
+        values = arr
+    getattr(tp, field).extend(values.tolist())
+
+
+def _tensor_proto(dtype: int, shape: tuple[int, ...], data: bytes | list[bytes], typed: bool):
+    size = _ITEMSIZE.get(dtype, -1)
+    if size < 0:
+        raise CodecError("INVALID_ARGUMENT", f"cannot encode dtype {dtype}")
+    if any(d < 0 for d in shape):
+        raise CodecError("INVALID_ARGUMENT", f"cannot encode unknown shape {shape}")
+    n = math.prod(shape)
+    tp = tensor_pb2.TensorProto(dtype=dtype)
+    _shape_proto(tp, shape)
+    if dtype == DT_STRING:
+        if len(data) != n:
+            raise CodecError("INVALID_ARGUMENT", f"{len(data)} strings for shape {shape}")
+        tp.string_val.extend(data)
+        return tp
+    if len(data) != n * size:
+        raise CodecError("INVALID_ARGUMENT", f"{len(data)} bytes for shape {shape}")
+    if typed:
+        _set_typed(tp, dtype, np.frombuffer(data, dtype=_ELEMENT[dtype]))
+    elif data:
+        tp.tensor_content = bytes(data)
+    return tp
+
+
+def encode_tensor(
+    dtype: int, shape: tuple[int, ...], data: bytes | list[bytes], typed: bool
+) -> bytes:
+    """A serialized TensorProto: typed fields when `typed`, else tensor_content (strings
+    always use string_val)."""
+    return _tensor_proto(dtype, tuple(shape), data, typed).SerializeToString()
+
+
+def encode_predict_response(outputs: dict[str, bytes], model_spec: bytes) -> bytes:
+    """A serialized PredictResponse from serialized TensorProtos and a serialized ModelSpec."""
+    # Written entry by entry: protobuf would serialize a map in hash order.
+    parts = [_map_entry(1, name, bytes(value)) for name, value in outputs.items()]
+    if model_spec:
+        parts.append(_len_field(2, bytes(model_spec)))
+    return b"".join(parts)
+
+
+def encode_predict_request(pieces: list[tuple[PredictCall, int, int]]) -> bytes:
+    """One PredictRequest holding rows [start, stop) of each call, concatenated along dim 0."""
+    if not pieces:
+        raise CodecError("INTERNAL", "encode_predict_request needs at least one piece")
+    first = pieces[0][0]
+    total = 0
+    for call, start, stop in pieces:
+        if call.rows < 0 or not 0 <= start <= stop <= call.rows:
+            raise CodecError("INTERNAL", f"rows [{start}, {stop}) outside a call of {call.rows}")
+        if call is not first and call.key[4] != first.key[4]:
+            raise CodecError("INTERNAL", "pieces of calls with different inputs")
+        total += stop - start
+    out = [_len_field(1, first.model_spec)]
+    for name, tensor in first.inputs.items():
+        inner = tensor.shape[1:]
+        shape = (total, *inner)
+        if tensor.dtype == DT_STRING:
+            strings: list[bytes] = []
+            per_row = math.prod(inner)
+            for call, start, stop in pieces:
+                strings.extend(call.inputs[name].data[start * per_row : stop * per_row])
+            tp = _tensor_proto(DT_STRING, shape, strings, True)
+        else:
+            row_bytes = math.prod(inner) * _ITEMSIZE[tensor.dtype]
+            content = b"".join(
+                call.inputs[name].data[start * row_bytes : stop * row_bytes]
+                for call, start, stop in pieces
+            )
+            tp = _tensor_proto(tensor.dtype, shape, content, False)
+        out.append(_map_entry(2, name, tp.SerializeToString()))
+    for name in first.output_filter:
+        out.append(_len_field(3, name.encode("utf-8")))
+    return b"".join(out)
+
+
+def _parse_response(data: bytes) -> predict_pb2.PredictResponse:
+    resp = predict_pb2.PredictResponse()
+    try:
+        resp.ParseFromString(data)
+    except DecodeError as exc:
+        raise CodecError("INTERNAL", f"Could not parse PredictResponse: {exc}") from None
+    return resp
+
+
+def _batch_dims(name: str, tp: tensor_pb2.TensorProto) -> tuple[int, int, int]:
+    """(dim 0, elements per row, bytes per element) of an output that can be cut on dim 0."""
+    dims, known = _known_dims(tp)
+    if tp.tensor_shape.unknown_rank or not dims:
+        raise CodecError("FAILED_PRECONDITION", f"output {name} has no batch dimension")
+    if not known:
+        raise CodecError("FAILED_PRECONDITION", f"output {name} has an unknown dimension")
+    size = _ITEMSIZE.get(tp.dtype, -1)
+    if size < 0:
+        raise CodecError("FAILED_PRECONDITION", f"output {name} has unbatchable dtype {tp.dtype}")
+    return dims[0], math.prod(dims[1:]), size
+
+
+def _copy_header(src: tensor_pb2.TensorProto, dst: tensor_pb2.TensorProto, rows: int) -> None:
+    dst.dtype = src.dtype
+    dst.tensor_shape.SetInParent()
+    for i, d in enumerate(src.tensor_shape.dim):
+        dst.tensor_shape.dim.add(size=rows if i == 0 else d.size, name=d.name)
+
+
+def _typed_count(name: str, tp: tensor_pb2.TensorProto, n: int) -> int:
+    field = _FIELD[tp.dtype]
+    count = len(getattr(tp, field))
+    if tp.dtype in (DT_COMPLEX64, DT_COMPLEX128):
+        if count % 2:
+            raise CodecError("INTERNAL", f"output {name}: odd number of complex components")
+        count //= 2
+    if count > n:
+        raise CodecError("INTERNAL", f"output {name}: {count} values for {n} elements")
+    return count
+
+
+def split_predict_response(data: bytes, rows: list[int]) -> list[bytes]:
+    """Cut a serialized PredictResponse along dim 0 into len(rows) responses of rows[i] rows
+    each, keeping the replica's encoding and echoing its model_spec."""
+    data = bytes(data)
+    resp = _parse_response(data)
+    total = sum(rows)
+    if any(r < 0 for r in rows):
+        raise CodecError("INTERNAL", f"negative row count in {rows}")
+    parts: list[list[bytes]] = [[] for _ in rows]
+    for name, tp in _map_entries(data, 1).items():
+        dim0, per_row, size = _batch_dims(name, tp)
+        if dim0 != total:
+            raise CodecError(
+                "FAILED_PRECONDITION",
+                f"output {name} has dimension 0 of {dim0}, expected {total}",
+            )
+        n = total * per_row
+        outs = [tensor_pb2.TensorProto() for _ in rows]
+        for out, r in zip(outs, rows, strict=True):
+            _copy_header(tp, out, r)
+        content = tp.tensor_content
+        if content and tp.dtype == DT_STRING:
+            strings = _decode_string_list(content, n)
+            if strings is None:
+                raise CodecError("INTERNAL", f"output {name}: bad string tensor_content")
+            pos = 0
+            for out, r in zip(outs, rows, strict=True):
+                k = r * per_row
+                if k:
+                    out.tensor_content = _encode_string_list(strings[pos : pos + k])
+                pos += k
+        elif content:
+            if len(content) != n * size:
+                raise CodecError(
+                    "INTERNAL", f"output {name}: tensor_content of {len(content)} bytes"
+                )
+            pos = 0
+            for out, r in zip(outs, rows, strict=True):
+                k = r * per_row * size
+                if k:
+                    out.tensor_content = content[pos : pos + k]
+                pos += k
+        else:
+            count = _typed_count(name, tp, n)
+            if count:
+                field = _FIELD[tp.dtype]
+                per = 2 if tp.dtype in (DT_COMPLEX64, DT_COMPLEX128) else 1
+                values = _field_values(tp, field)
+                if count == 1 and n > 1:
+                    # The one-value form: every non-empty part gets the single value too.
+                    for out, r in zip(outs, rows, strict=True):
+                        if r * per_row:
+                            _append_values(out, field, values)
+                else:
+                    if count < n:  # the fill rule: repeat the last value
+                        values = _expand(values, per, n)
+                    pos = 0
+                    for out, r in zip(outs, rows, strict=True):
+                        k = r * per_row * per
+                        _append_values(out, field, values[pos : pos + k])
+                        pos += k
+        for part, out in zip(parts, outs, strict=True):
+            part.append(_map_entry(1, name, out.SerializeToString()))
+    spec = _submessage(data, 2)
+    if spec is not None:
+        tail = _len_field(2, spec)
+        for part in parts:
+            part.append(tail)
+    return [b"".join(part) for part in parts]
+
+
+def _field_values(tp: tensor_pb2.TensorProto, field: str) -> np.ndarray | list:
+    """A typed field's components: a numpy array holding the exact bits for the fixed-width
+    fields (a trip through Python floats would quiet signalling NaNs), else a list."""
+    if field not in _FIELD_NUMBER:
+        return list(getattr(tp, field))
+    if not len(getattr(tp, field)):
+        return np.zeros(0, dtype=_FIELD_VALUES[field])
+    number = _FIELD_NUMBER[field]
+    # protobuf writes a repeated scalar field as one packed record.
+    for f, payload in _len_fields(tp.SerializeToString()):
+        if f == number:
+            return np.frombuffer(payload, dtype=_FIELD_VALUES[field])
+    raise AssertionError("packed field not found")  # pragma: no cover
+
+
+def _expand(values: np.ndarray | list, per: int, n: int) -> np.ndarray | list:
+    """Pad `values` to n elements (per components each) by repeating the last element."""
+    missing = n - len(values) // per
+    if isinstance(values, np.ndarray):
+        return np.concatenate([values, np.tile(values[-per:], missing)])
+    return values + values[-per:] * missing
+
+
+def _append_values(out: tensor_pb2.TensorProto, field: str, values: np.ndarray | list) -> None:
+    if not len(values):
+        return
+    if isinstance(values, np.ndarray):
+        out.MergeFromString(_len_field(_FIELD_NUMBER[field], values.tobytes()))
+    else:
+        getattr(out, field).extend(values)
+
+
+def concat_predict_responses(parts: list[bytes]) -> bytes:
+    """Join responses for consecutive row ranges of one request back into one response,
+    along dim 0, in the encoding of the first part."""
+    if not parts:
+        raise CodecError("INTERNAL", "concat_predict_responses needs at least one part")
+    if len(parts) == 1:
+        return bytes(parts[0])
+    datas = [bytes(p) for p in parts]
+    for d in datas:
+        _parse_response(d)  # validates
+    maps = [_map_entries(d, 1) for d in datas]
+    names = list(maps[0])
+    out_entries = []
+    for name in names:
+        tps = []
+        for outputs in maps:
+            if name not in outputs:
+                raise CodecError("INTERNAL", f"output {name} missing from a part")
+            tps.append(outputs[name])
+        head = tps[0]
+        dims0 = []
+        for tp in tps:
+            dim0, _, _ = _batch_dims(name, tp)
+            inner = tuple(d.size for d in tp.tensor_shape.dim)[1:]
+            if tp.dtype != head.dtype or inner != tuple(d.size for d in head.tensor_shape.dim)[1:]:
+                raise CodecError("FAILED_PRECONDITION", f"output {name} differs between parts")
+            dims0.append(dim0)
+        total = sum(dims0)
+        # Normalize every part (fills the one-value form) and re-encode in the first part's
+        # encoding: typed unless the first part used tensor_content.
+        try:
+            tensors = [_normalize(tp)[0] for tp in tps]
+        except _Mismatch as exc:
+            raise CodecError("INTERNAL", f"output {name}: {exc}") from None
+        # A part of no rows carries no payload, so it cannot tell the encoding: ask the first
+        # part that has elements.
+        typed = not next((tp.tensor_content for tp in tps if tp.tensor_content), b"") or not next(
+            (tp.tensor_content for tp, d in zip(tps, dims0, strict=True) if d), b""
+        )
+        if head.dtype == DT_STRING:
+            strings = [s for t in tensors for s in t.data]
+            merged = tensor_pb2.TensorProto()
+            _copy_header(head, merged, total)
+            if typed:
+                merged.string_val.extend(strings)
+            elif strings:
+                merged.tensor_content = _encode_string_list(strings)
+        else:
+            content = b"".join(t.data for t in tensors)
+            merged = tensor_pb2.TensorProto()
+            _copy_header(head, merged, total)
+            if typed:
+                _set_typed(merged, head.dtype, np.frombuffer(content, _ELEMENT[head.dtype]))
+            elif content:
+                merged.tensor_content = content
+        out_entries.append(_map_entry(1, name, merged.SerializeToString()))
+    spec = _submessage(datas[0], 2)
+    if spec is not None:
+        out_entries.append(_len_field(2, spec))
+    return b"".join(out_entries)

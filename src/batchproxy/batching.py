@@ -1,0 +1,328 @@
+"""Queues, flush policy, deadlines and row splitting: how single calls become batches.
+
+Calls are queued per batch key (model, version or label, signature, input names, dtypes,
+inner dimensions, output_filter). A key's batch closes when it holds `max_batch_size` rows
+or its oldest call has waited `batch_timeout_micros`. The closed batch then waits for a
+replica slot, and only when one is free are its rows taken: so while every replica is busy
+the batch keeps filling up to `max_batch_size`, and batches grow with load.
+
+Rows count, not calls: a call with more rows than the room left is cut into pieces that
+travel in consecutive batches; its answers are joined back in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from batchproxy import core
+from batchproxy.config import BatchingConfig
+from batchproxy.errors import ProxyError
+from batchproxy.pool import Replica, ReplicaPool
+
+log = logging.getLogger(__name__)
+
+
+class _Entry:
+    """One queued call and the progress of its rows through batches."""
+
+    __slots__ = (
+        "call",
+        "dead",
+        "deadline",
+        "enqueued_at",
+        "future",
+        "next_row",
+        "parts",
+        "queue",
+        "rows",
+        "rows_answered",
+        "timer",
+    )
+
+    def __init__(self, call: core.PredictCall, future: asyncio.Future[bytes],
+                 deadline: float | None, now: float, queue: _KeyQueue) -> None:
+        self.call = call
+        self.rows: int = call.rows
+        self.future = future
+        self.deadline = deadline
+        self.enqueued_at = now
+        self.queue = queue
+        self.next_row = 0  # rows before this one are already in batches
+        self.rows_answered = 0
+        self.parts: list[tuple[int, bytes]] | None = None  # only for calls cut into pieces
+        self.dead = False  # answered with an error, cancelled or expired
+        self.timer: asyncio.TimerHandle | None = None
+
+    def deliver(self, start: int, stop: int, response: bytes) -> None:
+        if self.future.done():
+            return
+        if start == 0 and stop == self.rows:
+            self.future.set_result(response)
+            return
+        if self.parts is None:
+            self.parts = []
+        self.parts.append((start, response))
+        self.rows_answered += stop - start
+        if self.rows_answered == self.rows:
+            self.parts.sort(key=lambda part: part[0])
+            try:
+                joined = core.concat_predict_responses([part for _, part in self.parts])
+            except core.CodecError as err:
+                self.future.set_exception(ProxyError.from_codec_error(err))
+                return
+            self.future.set_result(joined)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class _KeyQueue:
+    """The calls waiting for one batch key, oldest first."""
+
+    __slots__ = ("entries", "key", "rows")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self.entries: collections.deque[_Entry] = collections.deque()
+        self.rows = 0  # rows of live entries not yet taken into a batch
+
+    def head(self) -> _Entry | None:
+        entries = self.entries
+        while entries and entries[0].dead:
+            entries.popleft()
+        return entries[0] if entries else None
+
+
+@dataclass
+class Batch:
+    """Rows [start, stop) of each entry, in order; encoded once, sent to one replica."""
+
+    pieces: list[tuple[_Entry, int, int]]
+    request: bytes
+    rows: int
+    deadline: float | None
+
+
+# Observers get (batch rows, calls in batch); metrics subscribe here without batching
+# depending on them.
+BatchObserver = Callable[[int, int], None]
+
+
+class Batcher:
+    def __init__(self, config: BatchingConfig, pool: ReplicaPool) -> None:
+        self.config = config
+        self.pool = pool
+        self._queues: dict[tuple, _KeyQueue] = {}
+        self.queued_rows = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self.observers: list[BatchObserver] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._scheduler is None:
+            self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+
+    async def close(self) -> None:
+        """Stop taking batches; in-flight batches finish; calls still queued are refused."""
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+            self._scheduler = None
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        error = ProxyError(grpc.StatusCode.UNAVAILABLE, "batchproxy is shutting down")
+        for queue in self._queues.values():
+            for entry in queue.entries:
+                entry.fail(error)
+        self._queues.clear()
+        self.queued_rows = 0
+
+    async def drain(self) -> None:
+        """Wait until every queued row has been sent and answered."""
+        while self.queued_rows or self._sending:
+            self._wake()
+            await asyncio.sleep(0.005)
+
+    # -- submitting ------------------------------------------------------------------------
+
+    async def submit(self, call: core.PredictCall, timeout: float | None = None) -> bytes:
+        """Queue a batchable call (call.rows >= 1) and wait for its own answer."""
+        rows = call.rows
+        if self.queued_rows + rows > self.config.max_enqueued_rows:
+            raise ProxyError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"The batch scheduling queue to which this task was submitted is full "
+                f"({self.queued_rows} rows queued, limit {self.config.max_enqueued_rows})",
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        queue = self._queues.get(call.key)
+        if queue is None:
+            queue = self._queues[call.key] = _KeyQueue(call.key)
+        deadline = None if timeout is None else now + timeout
+        entry = _Entry(call, loop.create_future(), deadline, now, queue)
+        was_idle = queue.rows == 0
+        queue.entries.append(entry)
+        queue.rows += rows
+        self.queued_rows += rows
+        if deadline is not None:
+            entry.timer = loop.call_at(deadline, self._expire, entry)
+        if was_idle or queue.rows >= self.config.max_batch_size:
+            self._wake()
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            self._abandon(entry)
+            raise
+        finally:
+            if entry.timer is not None:
+                entry.timer.cancel()
+
+    def _expire(self, entry: _Entry) -> None:
+        if entry.future.done():
+            return
+        where = "in the queue" if entry.next_row < entry.rows else "at the replica"
+        entry.fail(ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"Deadline exceeded while waiting {where}"))
+        self._abandon(entry)
+
+    def _abandon(self, entry: _Entry) -> None:
+        """Take an answered-early call's untaken rows out of the counts; they are never sent."""
+        if entry.dead:
+            return
+        entry.dead = True
+        untaken = entry.rows - entry.next_row
+        entry.next_row = entry.rows
+        entry.queue.rows -= untaken
+        self.queued_rows -= untaken
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _due_queue(self, now: float) -> tuple[_KeyQueue | None, float | None]:
+        """The queue whose batch should close now (oldest head first), else the next due time."""
+        best: _KeyQueue | None = None
+        best_since = 0.0
+        next_due: float | None = None
+        timeout = self.config.batch_timeout_s
+        full = self.config.max_batch_size
+        empty: list[tuple] = []
+        for key, queue in self._queues.items():
+            if queue.rows <= 0:
+                empty.append(key)
+                continue
+            head = queue.head()
+            assert head is not None
+            due = head.enqueued_at + timeout
+            if queue.rows >= full or due <= now:
+                if best is None or head.enqueued_at < best_since:
+                    best, best_since = queue, head.enqueued_at
+            elif next_due is None or due < next_due:
+                next_due = due
+        for key in empty:
+            del self._queues[key]
+        return best, next_due
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            queue, next_due = self._due_queue(loop.time())
+            if queue is None:
+                await self._sleep_until(loop, next_due)
+                continue
+            replica = await self.pool.acquire()
+            # Waiting for the slot may have taken a while: pick again, the batch is fuller now.
+            queue, _ = self._due_queue(loop.time())
+            batch = self._take_batch(queue) if queue is not None else None
+            if batch is None:
+                self.pool.release(replica)
+                continue
+            task = loop.create_task(self._send(replica, batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _sleep_until(self, loop: asyncio.AbstractEventLoop, when: float | None) -> None:
+        waiter = self._waiter = loop.create_future()
+        handle = None
+        if when is not None:
+            handle = loop.call_at(when, self._wake)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+    def _take_batch(self, queue: _KeyQueue) -> Batch | None:
+        room = self.config.max_batch_size
+        pieces: list[tuple[_Entry, int, int]] = []
+        deadline: float | None = None
+        entries = queue.entries
+        while room and entries:
+            entry = entries[0]
+            if entry.dead:
+                entries.popleft()
+                continue
+            start = entry.next_row
+            take = min(room, entry.rows - start)
+            pieces.append((entry, start, start + take))
+            entry.next_row = start + take
+            room -= take
+            if entry.next_row == entry.rows:
+                entries.popleft()
+            if entry.deadline is not None and (deadline is None or entry.deadline < deadline):
+                deadline = entry.deadline
+        if not pieces:
+            return None
+        rows = self.config.max_batch_size - room
+        queue.rows -= rows
+        self.queued_rows -= rows
+        request = core.encode_predict_request(
+            [(entry.call, start, stop) for entry, start, stop in pieces]
+        )
+        return Batch(pieces, request, rows, deadline)
+
+    async def _send(self, replica: Replica, batch: Batch) -> None:
+        for observer in self.observers:
+            observer(batch.rows, len(batch.pieces))
+        timeout = None
+        if batch.deadline is not None:
+            timeout = max(batch.deadline - asyncio.get_running_loop().time(), 0.0)
+        try:
+            response = await self.pool.predict(replica, batch.request, timeout)
+            parts = core.split_predict_response(
+                response, [stop - start for _, start, stop in batch.pieces]
+            )
+        except ProxyError as err:
+            self._fail_batch(batch, err)
+            return
+        except core.CodecError as err:
+            error = ProxyError.from_codec_error(err)
+            log.warning("replica %s answered a batch that cannot be split: %s",
+                        replica.address, error.message)
+            self._fail_batch(batch, error)
+            return
+        finally:
+            self.pool.release(replica)
+        for (entry, start, stop), part in zip(batch.pieces, parts, strict=True):
+            entry.deliver(start, stop, part)
+
+    def _fail_batch(self, batch: Batch, error: ProxyError) -> None:
+        # A call cut into pieces fails whole: its rows still queued are dropped too.
+        for entry, _, _ in batch.pieces:
+            entry.fail(error)
+            self._abandon(entry)

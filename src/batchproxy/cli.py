@@ -1,0 +1,132 @@
+"""`batchproxy serve | replica`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from batchproxy import __version__
+from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
+
+
+def run_loop(main: Coroutine[Any, Any, None], use_uvloop: bool = True) -> None:
+    """Run `main` on uvloop when it is installed (and wanted), else on asyncio's own loop."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ProxyConfig()
+    batching = BatchingConfig()
+    net = parser.add_argument_group("network")
+    net.add_argument("--port", type=int, default=defaults.port,
+                     help="gRPC port, where TFS clients connect (default %(default)s)")
+    net.add_argument("--rest_api_port", type=int, default=defaults.rest_api_port,
+                     help="REST port (default %(default)s)")
+    net.add_argument("--host", default=defaults.host,
+                     help="address to listen on (default %(default)s)")
+    up = parser.add_argument_group("replicas")
+    up.add_argument("--replica", action="append", default=[], metavar="HOST:PORT",
+                    help="a TFS replica's gRPC address; repeat for several. Without any, "
+                         "--local_replicas reference replicas are started")
+    up.add_argument("--local_replicas", type=int, default=defaults.local_replicas,
+                    help="reference replicas to start when no --replica is given "
+                         "(default %(default)s)")
+    up.add_argument("--local_replica_model", default=defaults.local_replica_model,
+                    choices=["demo", "identity"],
+                    help="model the local replicas serve (default %(default)s)")
+    up.add_argument("--model_name", default=defaults.model_name,
+                    help="model name the local replicas serve (default %(default)s)")
+    up.add_argument("--max_inflight_per_replica", type=int,
+                    default=defaults.max_inflight_per_replica,
+                    help="batches one replica may hold at once (default %(default)s)")
+    up.add_argument("--replica_timeout_s", type=float, default=defaults.replica_timeout_s,
+                    help="limit on a replica call when the caller set no deadline "
+                         "(default %(default)s)")
+    bat = parser.add_argument_group("batching")
+    bat.add_argument("--max_batch_size", type=int, default=None,
+                     help=f"rows in one batch at most (default {batching.max_batch_size})")
+    bat.add_argument("--batch_timeout_micros", type=int, default=None,
+                     help="how long the oldest call of a batch may wait before the batch "
+                          f"closes (default {batching.batch_timeout_micros})")
+    bat.add_argument("--max_enqueued_rows", type=int, default=None,
+                     help="rows queued in all batches together before calls get "
+                          f"UNAVAILABLE (default {batching.max_enqueued_rows})")
+    bat.add_argument("--batching_parameters_file", default=None,
+                     help="TFS batching parameters (text proto): max_batch_size, "
+                          "batch_timeout_micros, max_enqueued_batches; flags override it")
+
+
+def proxy_config(args: argparse.Namespace) -> ProxyConfig:
+    settings: dict[str, int] = {}
+    if args.batching_parameters_file:
+        settings.update(parse_batching_parameters(args.batching_parameters_file))
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows"):
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    if "max_enqueued_rows" not in settings:
+        batch = settings.get("max_batch_size", BatchingConfig.max_batch_size)
+        settings["max_enqueued_rows"] = max(BatchingConfig.max_enqueued_rows, 100 * batch)
+    return ProxyConfig(
+        port=args.port,
+        rest_api_port=args.rest_api_port,
+        host=args.host,
+        replicas=tuple(args.replica),
+        local_replicas=args.local_replicas,
+        local_replica_model=args.local_replica_model,
+        model_name=args.model_name,
+        max_inflight_per_replica=args.max_inflight_per_replica,
+        replica_timeout_s=args.replica_timeout_s,
+        batching=BatchingConfig(**settings),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from batchproxy import server
+
+    try:
+        config = proxy_config(args)
+    except ValueError as err:
+        sys.exit(f"batchproxy serve: {err}")
+    run_loop(server.run(config), not args.no_uvloop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from batchproxy import replica
+
+    parser = argparse.ArgumentParser(
+        prog="batchproxy",
+        description="A batching inference proxy that stands in for TensorFlow Serving.")
+    parser.add_argument("--version", action="version", version=f"batchproxy {__version__}")
+    parser.add_argument("--log_level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--no_uvloop", action="store_true",
+                        help="use asyncio's default event loop instead of uvloop")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the proxy")
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=cmd_serve)
+    rep = commands.add_parser("replica", help="run a TFS-compatible reference replica "
+                                              "(development and tests only)")
+    replica.add_replica_arguments(rep)
+    rep.set_defaults(handler=replica.run_replica)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.handler(args)

@@ -1,0 +1,63 @@
+"""Settings of a proxy process, from flags or a TFS batching_parameters file."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 32
+    batch_timeout_micros: int = 2000
+    # Bound on rows waiting in all queues together; beyond it callers get UNAVAILABLE at once.
+    max_enqueued_rows: int = 3200
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if self.batch_timeout_micros < 0:
+            raise ValueError("batch_timeout_micros must not be negative")
+        if self.max_enqueued_rows < self.max_batch_size:
+            raise ValueError("max_enqueued_rows must be at least max_batch_size")
+
+    @property
+    def batch_timeout_s(self) -> float:
+        return self.batch_timeout_micros / 1e6
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    port: int = 8500
+    rest_api_port: int = 8501
+    host: str = "0.0.0.0"
+    replicas: tuple[str, ...] = ()
+    local_replicas: int = 2
+    local_replica_model: str = "demo"
+    model_name: str = "default"
+    max_inflight_per_replica: int = 2
+    # Upper bound for a replica call when the caller set no deadline.
+    replica_timeout_s: float = 30.0
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+_TEXT_FIELD = re.compile(r"(\w+)\s*\{\s*value\s*:\s*(\S+?)\s*\}")
+
+
+def parse_batching_parameters(path: str | Path) -> dict[str, int]:
+    """Read the settings batchproxy shares with TFS's --batching_parameters_file (text proto).
+
+    max_enqueued_batches becomes a row bound (batches x max_batch_size); fields that have no
+    meaning for a proxy (num_batch_threads, ...) are accepted and ignored."""
+    text = Path(path).read_text()
+    values = {name: value for name, value in _TEXT_FIELD.findall(text)}
+    result: dict[str, int] = {}
+    if "max_batch_size" in values:
+        result["max_batch_size"] = int(values["max_batch_size"])
+    if "batch_timeout_micros" in values:
+        result["batch_timeout_micros"] = int(values["batch_timeout_micros"])
+    if "max_enqueued_batches" in values:
+        batch = result.get("max_batch_size", BatchingConfig.max_batch_size)
+        result["max_enqueued_rows"] = int(values["max_enqueued_batches"]) * batch
+    return result

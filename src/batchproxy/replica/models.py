@@ -1,0 +1,243 @@
+"""Models the reference replica serves: `identity`, `demo` (a small digit classifier) and a
+cost-model wrapper that makes any of them take time the way a GPU does.
+
+Development and test fixtures only: nothing here is meant for production traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from batchproxy import dtypes
+
+SERVING_DEFAULT = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+HERE = Path(__file__).resolve().parent
+DEMO_WEIGHTS = HERE / "demo_weights.npz"
+DEMO_SAMPLES = HERE / "demo_samples.npz"
+
+# TensorFlow's DataTypeString names, used verbatim in TF's own error messages.
+TF_TYPE_NAMES: dict[int, str] = {
+    dtypes.DT_FLOAT: "float",
+    dtypes.DT_DOUBLE: "double",
+    dtypes.DT_INT32: "int32",
+    dtypes.DT_UINT8: "uint8",
+    dtypes.DT_INT16: "int16",
+    dtypes.DT_INT8: "int8",
+    dtypes.DT_STRING: "string",
+    dtypes.DT_COMPLEX64: "complex64",
+    dtypes.DT_INT64: "int64",
+    dtypes.DT_BOOL: "bool",
+    dtypes.DT_BFLOAT16: "bfloat16",
+    dtypes.DT_UINT16: "uint16",
+    dtypes.DT_COMPLEX128: "complex128",
+    dtypes.DT_HALF: "half",
+    dtypes.DT_UINT32: "uint32",
+    dtypes.DT_UINT64: "uint64",
+}
+
+# name -> (tensorflow.DataType, shape with -1 for an unknown dimension)
+TensorSpec = tuple[int, tuple[int, ...]]
+
+
+class ReplicaError(Exception):
+    """A failure the replica answers with a gRPC status, as TFS would."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Model(Protocol):
+    name: str
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    method_name: str
+
+    def validate(self, inputs: dict[str, TensorSpec]) -> None:
+        """Raise ReplicaError when inputs (dtype, concrete shape) do not fit the signature.
+        Takes specs, not arrays, so a request is refused before any tensor is converted."""
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on validated inputs; every output keeps dimension 0 of the inputs."""
+
+
+def _type_name(dtype: int) -> str:
+    return TF_TYPE_NAMES.get(dtype, f"type {dtype}")
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def validate_inputs(
+    expected: dict[str, TensorSpec], inputs: dict[str, TensorSpec]
+) -> None:
+    """TFS's checks and wording: names first (predict_util.cc), then dtype (the TF function
+    call: arg[i] counts inputs in sorted alias order), then shape."""
+    if set(inputs) != set(expected):
+        got, want = sorted(inputs), sorted(expected)
+        if len(got) != len(want):
+            extra = sorted(set(got) - set(want))
+            missing = sorted(set(want) - set(got))
+            raise ReplicaError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input size does not match signature: {len(got)}!={len(want)} "
+                f"len({{{','.join(got)}}}) != len({{{','.join(want)}}}). "
+                f"Sent extra: {{{','.join(extra)}}}. "
+                f"Missing but required: {{{','.join(missing)}}}.",
+            )
+        alias = next(name for name in got if name not in expected)
+        raise ReplicaError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"input tensor alias not found in signature: {alias}. "
+            f"Inputs expected to be in the set {{{','.join(want)}}}.",
+        )
+    for index, name in enumerate(sorted(expected)):
+        want_dtype, want_shape = expected[name]
+        dtype, shape = inputs[name]
+        if dtype != want_dtype:
+            raise ReplicaError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Expects arg[{index}] to be {_type_name(want_dtype)} but "
+                f"{_type_name(dtype)} is provided",
+            )
+        if len(shape) != len(want_shape) or any(
+            w not in (-1, d) for w, d in zip(want_shape, shape, strict=True)
+        ):
+            raise ReplicaError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Input {name} must have shape {_shape_text(want_shape)} (-1: any size) "
+                f"but has shape {_shape_text(shape)}",
+            )
+
+
+class IdentityModel:
+    """y = x for float matrices: an echo for isolating the proxy from any model."""
+
+    name = "identity"
+    method_name = PREDICT_METHOD
+    inputs: dict[str, TensorSpec] = {"x": (dtypes.DT_FLOAT, (-1, -1))}
+    outputs: dict[str, TensorSpec] = {"y": (dtypes.DT_FLOAT, (-1, -1))}
+
+    def validate(self, inputs: dict[str, TensorSpec]) -> None:
+        validate_inputs(self.inputs, inputs)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": inputs["x"]}
+
+
+def upscale_digits(images8: np.ndarray) -> np.ndarray:
+    """sklearn's 8x8 digits (values 0..16) to MNIST-like 28x28 float32 in [0, 1]: each pixel
+    becomes a 3x3 block (24x24), then a 2-pixel border, as MNIST centres its digits."""
+    images8 = np.asarray(images8, dtype=np.float32).reshape(-1, 8, 8)
+    big = np.kron(images8, np.ones((1, 3, 3), dtype=np.float32))
+    return (np.pad(big, ((0, 0), (2, 2), (2, 2))) / 16.0).astype(np.float32)
+
+
+def digits_split(n_samples: int, test_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed train/held-out split shared by the training script and demo_samples(), so
+    samples used to check predictions were never trained on."""
+    order = np.random.default_rng(0).permutation(n_samples)
+    n_test = round(n_samples * test_fraction)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class DemoModel:
+    """The classic Keras MNIST shapes (flatten_input [-1,28,28] -> dense_1 [-1,10] softmax)
+    with a softmax regression trained on sklearn's digits by scripts/train_demo_model.py."""
+
+    name = "demo"
+    method_name = PREDICT_METHOD
+    inputs: dict[str, TensorSpec] = {"flatten_input": (dtypes.DT_FLOAT, (-1, 28, 28))}
+    outputs: dict[str, TensorSpec] = {"dense_1": (dtypes.DT_FLOAT, (-1, 10))}
+
+    def __init__(self, weights: Path = DEMO_WEIGHTS) -> None:
+        with np.load(weights) as data:
+            self.kernel = np.ascontiguousarray(data["kernel"], dtype=np.float32)  # [784, 10]
+            self.bias = np.ascontiguousarray(data["bias"], dtype=np.float32)  # [10]
+
+    def validate(self, inputs: dict[str, TensorSpec]) -> None:
+        validate_inputs(self.inputs, inputs)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["flatten_input"].reshape(-1, 28 * 28)
+        probs = _softmax(x @ self.kernel + self.bias)
+        return {"dense_1": probs.astype(np.float32, copy=False)}
+
+
+def demo_samples(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` held-out images [n,28,28] float32 and their labels [n] int64. From sklearn's
+    digits when it is installed (up to 450 distinct), else from the committed
+    demo_samples.npz (64 distinct, repeated cyclically past that)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        with np.load(DEMO_SAMPLES) as data:
+            images8, labels = data["images8"], data["labels"]
+    else:
+        digits = load_digits()
+        _, test = digits_split(len(digits.target))
+        images8, labels = digits.images[test], digits.target[test]
+    index = np.arange(n) % len(labels)
+    return upscale_digits(images8[index]), labels[index].astype(np.int64)
+
+
+MODELS = {"identity": IdentityModel, "demo": DemoModel}
+
+
+def load_model(kind: str) -> Model:
+    try:
+        factory = MODELS[kind]
+    except KeyError:
+        raise ValueError(f"unknown model {kind!r}; choose from {sorted(MODELS)}") from None
+    return factory()
+
+
+@dataclass
+class CostModel:
+    """Makes every Predict take batch_cost_ms + rows x row_cost_us, one at a time, as one
+    GPU runs one batch at a time. Waits with asyncio so the server keeps accepting calls
+    (which queue on the lock, like a GPU's stream)."""
+
+    model: Model
+    batch_cost_ms: float = 0.0
+    row_cost_us: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._lock = asyncio.Lock()
+        # Virtual clock: when the simulated device is next free. A call that queued while
+        # the device was busy starts when it frees, not when the event loop woke the call
+        # up, so timer granularity (1 ms under uvloop) never accumulates into throughput.
+        self._free_at = 0.0
+
+    def cost_s(self, rows: int) -> float:
+        return self.batch_cost_ms / 1e3 + max(rows, 0) * self.row_cost_us / 1e6
+
+    async def run(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        cost = self.cost_s(rows)
+        if cost <= 0:
+            return self.model.predict(inputs)
+        arrived = time.perf_counter()
+        async with self._lock:
+            start = max(arrived, self._free_at)
+            end = self._free_at = start + cost
+            outputs = self.model.predict(inputs)
+            # Loop: a timer may fire a little early; callers rely on "at least the cost".
+            while (remaining := end - time.perf_counter()) > 0:
+                await asyncio.sleep(remaining)
+            return outputs

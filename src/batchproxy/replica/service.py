@@ -1,0 +1,219 @@
+"""TFS semantics of the reference replica, free of any transport: servable lookup, Predict,
+GetModelMetadata and GetModelStatus with TFS's status codes and messages. The gRPC server
+(server.py) and the REST app (rest.py) both call into it.
+
+Development and test fixture only: not for production traffic.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from batchproxy import core, dtypes
+from batchproxy.protos import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    signature_pb2,
+)
+from batchproxy.replica.metrics import ReplicaMetrics
+from batchproxy.replica.models import SERVING_DEFAULT, CostModel, Model, ReplicaError
+
+# ModelVersionStatus states the admin endpoint may set; "UNAVAILABLE" is not a model state
+# but a broken server: every RPC then fails with UNAVAILABLE (for retry and ejection tests).
+MODEL_STATES = ("START", "LOADING", "AVAILABLE", "UNLOADING", "END")
+ADMIN_STATES = (*MODEL_STATES, "UNAVAILABLE")
+_States = get_model_status_pb2.ModelVersionStatus.State
+
+
+def _tensor_info(name: str, spec: tuple[int, tuple[int, ...]]) -> signature_pb2.TensorInfo:
+    info = signature_pb2.TensorInfo(name=name, dtype=spec[0])
+    for size in spec[1]:
+        info.tensor_shape.dim.add(size=size)
+    return info
+
+
+def signature_def(model: Model) -> signature_pb2.SignatureDef:
+    """The signature as a Keras SavedModel exports it (TFS shows these tensor names)."""
+    sig = signature_pb2.SignatureDef(method_name=model.method_name)
+    for alias, spec in model.inputs.items():
+        sig.inputs[alias].CopyFrom(_tensor_info(f"{SERVING_DEFAULT}_{alias}:0", spec))
+    for index, (alias, spec) in enumerate(sorted(model.outputs.items())):
+        sig.outputs[alias].CopyFrom(_tensor_info(f"StatefulPartitionedCall:{index}", spec))
+    return sig
+
+
+def _as_bytes(array: np.ndarray) -> bytes:
+    """Element bytes of `array`, without a copy when it is a whole request buffer (the
+    identity model hands its input straight back)."""
+    base = array.base
+    if isinstance(base, bytes) and array.flags.c_contiguous and array.nbytes == len(base):
+        return base
+    return array.tobytes()
+
+
+class ReplicaService:
+    def __init__(
+        self,
+        model: Model,
+        model_name: str,
+        version: int = 1,
+        *,
+        tensor_content: bool = False,
+        batch_cost_ms: float = 0.0,
+        row_cost_us: float = 0.0,
+        metrics: ReplicaMetrics | None = None,
+    ) -> None:
+        self.model = model
+        self.model_name = model_name
+        self.version = version
+        self.typed = not tensor_content
+        self.runner = CostModel(model, batch_cost_ms, row_cost_us)
+        self.metrics = metrics or ReplicaMetrics()
+        self.state = "AVAILABLE"
+        spec = model_pb2.ModelSpec(name=model_name, signature_name=SERVING_DEFAULT)
+        spec.version.value = version
+        # Every Predict answer echoes the same spec: serialize it once.
+        self.response_spec = spec.SerializeToString()
+        self.signature_map = get_model_metadata_pb2.SignatureDefMap()
+        self.signature_map.signature_def[SERVING_DEFAULT].CopyFrom(signature_def(model))
+
+    # -- servable lookup ------------------------------------------------------------------
+
+    def check_available(self) -> None:
+        if self.state == "UNAVAILABLE":
+            raise ReplicaError(
+                grpc.StatusCode.UNAVAILABLE, "replica made unavailable through /admin/state"
+            )
+
+    def resolve(self, name: str, version: int | None, label: str | None) -> None:
+        """ServerCore::GetServableHandle: labels first (this replica has none), then the
+        name and version; a version not AVAILABLE is not served, as in TFS."""
+        if label:
+            raise ReplicaError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"Unrecognized servable version label: {label}"
+            )
+        if (
+            name != self.model_name
+            or (version is not None and version != self.version)
+            or self.state != "AVAILABLE"
+        ):
+            what = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
+            raise ReplicaError(
+                grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}"
+            )
+
+    # -- Predict --------------------------------------------------------------------------
+
+    def _output_aliases(self, output_filter: tuple[str, ...]) -> list[str]:
+        known = sorted(self.model.outputs)
+        seen: set[str] = set()
+        for alias in output_filter:
+            if alias not in self.model.outputs:
+                raise ReplicaError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"output tensor alias not found in signature: {alias} "
+                    f"Outputs expected to be in the set {{{','.join(known)}}}.",
+                )
+            if alias in seen:
+                raise ReplicaError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias: {alias}"
+                )
+            seen.add(alias)
+        return list(output_filter) or known
+
+    async def predict(self, data: bytes) -> bytes:
+        """A serialized PredictRequest in, a serialized PredictResponse out."""
+        self.check_available()
+        call = core.decode_predict_request(data)
+        if not call.model_spec:
+            raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+        self.resolve(call.model_name, call.version, call.version_label)
+        if call.signature_name not in ("", SERVING_DEFAULT):
+            raise ReplicaError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f'Serving signature key "{call.signature_name}" not found.',
+            )
+        self.model.validate({name: (t.dtype, t.shape) for name, t in call.inputs.items()})
+        aliases = self._output_aliases(call.output_filter)
+        arrays = {
+            name: dtypes.to_numpy(t.dtype, t.shape, t.data) for name, t in call.inputs.items()
+        }
+        # rows is -1 for a call the proxy could not batch; once the signature accepted its
+        # inputs they all have a dimension 0, which is what the model runs on.
+        rows = call.rows if call.rows >= 0 else max(a.shape[0] for a in arrays.values())
+        self.metrics.batch_rows.observe(rows)
+        self.metrics.inflight.inc()
+        try:
+            outputs = await self.runner.run(arrays, rows)
+        finally:
+            self.metrics.inflight.dec()
+        encoded = {}
+        for alias in aliases:
+            dtype = self.model.outputs[alias][0]
+            array = np.ascontiguousarray(outputs[alias], dtype=dtypes.NUMPY_DTYPES[dtype])
+            encoded[alias] = core.encode_tensor(dtype, array.shape, _as_bytes(array), self.typed)
+        return core.encode_predict_response(encoded, self.response_spec)
+
+    # -- metadata and status -------------------------------------------------------------
+
+    @staticmethod
+    def _spec_version(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
+        choice = spec.WhichOneof("version_choice")
+        if choice == "version":
+            return spec.version.value, None
+        if choice == "version_label":
+            return None, spec.version_label
+        return None, None
+
+    def metadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        self.check_available()
+        # get_model_metadata_impl.cc: the request is validated before the servable lookup.
+        if not request.HasField("model_spec"):
+            raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+        if not request.metadata_field:
+            raise ReplicaError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "GetModelMetadataRequest must specify at least one metadata_field",
+            )
+        for field in request.metadata_field:
+            if field != "signature_def":
+                raise ReplicaError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported"
+                )
+        self.resolve(request.model_spec.name, *self._spec_version(request.model_spec))
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = self.model_name
+        response.model_spec.version.value = self.version
+        response.metadata["signature_def"].Pack(self.signature_map)
+        return response
+
+    def status(
+        self, request: get_model_status_pb2.GetModelStatusRequest
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        """get_model_status_impl.cc: a label is ignored (all versions); NOT_FOUND wording
+        differs from Predict's."""
+        self.check_available()
+        if not request.HasField("model_spec"):
+            raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+        spec = request.model_spec
+        if spec.name != self.model_name:
+            raise ReplicaError(
+                grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {spec.name}"
+            )
+        version, _ = self._spec_version(spec)
+        if version is not None and version != self.version:
+            raise ReplicaError(
+                grpc.StatusCode.NOT_FOUND,
+                f"Could not find version {version} of model {spec.name}",
+            )
+        response = get_model_status_pb2.GetModelStatusResponse()
+        response.model_version_status.add(
+            version=self.version,
+            state=_States.Value(self.state),
+            status=get_model_status_pb2.StatusProto(),  # error_code 0: OK, as TFS sends
+        )
+        return response

@@ -1,0 +1,32 @@
+"""Shared fixtures: every codec test runs against both the compiled core and its pure-Python
+twin, the way aiohttp runs its parser tests over the C and the Python parser."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import pytest
+
+CORES = {"cython": "batchproxy._core", "python": "batchproxy._core_py"}
+
+
+def load_core(kind: str) -> ModuleType:
+    try:
+        return importlib.import_module(CORES[kind])
+    except ImportError as exc:
+        if kind == "cython":  # a build without the extension still tests the twin
+            pytest.skip(f"compiled core not built: {exc}")
+        raise
+
+
+# Session scope: the module never changes, and hypothesis refuses function-scoped fixtures.
+@pytest.fixture(scope="session", params=list(CORES))
+def core(request: pytest.FixtureRequest) -> ModuleType:
+    return load_core(request.param)
+
+
+@pytest.fixture(scope="session")
+def both_cores() -> tuple[ModuleType, ModuleType]:
+    """(compiled, python) for tests that compare the two."""
+    return load_core("cython"), load_core("python")

@@ -1,0 +1,161 @@
+"""The batcher's promises, end to end: real replica and proxy processes on loopback, real
+gRPC clients. Each test reads the replicas' own batch-size histogram to see what was sent."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_client import batch_rows_histogram, predict_request, stub, to_array
+from procs import start_replica
+from proxy_procs import start_proxy
+
+CORES = {"cython": {}, "python": {"BATCHPROXY_NO_EXTENSIONS": "1"}}
+
+
+@pytest.fixture(scope="module", params=list(CORES))
+def identity_fleet(request):
+    """Two identity replicas and a proxy in front (once per core implementation)."""
+    replicas = [start_replica("identity") for _ in range(2)]
+    proxy = start_proxy(replicas, env=CORES[request.param], max_batch_size=32,
+                        batch_timeout_micros=2000)
+    yield proxy, replicas
+    proxy.stop()
+    for replica in replicas:
+        replica.stop()
+
+
+async def test_every_caller_gets_exactly_its_own_rows(identity_fleet):
+    proxy, replicas = identity_fleet
+    before = [batch_rows_histogram(r.rest_url).get("count", 0) for r in replicas]
+    rng = random.Random(7)
+    callers = 1000
+    rows = [rng.randint(1, 8) for _ in range(callers)]
+    # Unique values: caller i's rows hold i*100 + row*10 + column.
+    inputs = [
+        (i * 100 + np.arange(n)[:, None] * 10 + np.arange(3)[None, :]).astype(np.float32)
+        for i, n in enumerate(rows)
+    ]
+    async with grpc.aio.insecure_channel(proxy.address) as channel:
+        client = stub(channel)
+
+        async def call(i: int):
+            typed = i % 2 == 0  # half the callers send typed float_val, half tensor_content
+            request = predict_request("identity", {"x": inputs[i]}, typed=typed)
+            return await client.Predict(request, timeout=30)
+
+        responses = await asyncio.gather(*(call(i) for i in range(callers)))
+    for i, response in enumerate(responses):
+        np.testing.assert_array_equal(to_array(response.outputs["y"]), inputs[i])
+        # The replica answers with typed fields, and so does the proxy.
+        assert len(response.outputs["y"].float_val) == inputs[i].size
+        assert response.model_spec.name == "identity"
+    histograms = [batch_rows_histogram(r.rest_url) for r in replicas]
+    calls = sum(h["count"] for h in histograms) - sum(before)
+    assert sum(h["sum"] for h in histograms) >= sum(rows)
+    assert calls < callers / 2, f"{calls} replica calls for {callers} callers: no batching"
+    # Some batch held more rows than any single caller sent (8): rows of several callers.
+    assert any(h["count"] > h["le=8"] for h in histograms)
+
+
+async def test_batching_pays_against_a_slow_replica():
+    replicas = [start_replica("identity", batch_cost_ms=50) for _ in range(2)]
+    proxy = start_proxy(replicas, max_batch_size=64, batch_timeout_micros=5000)
+    try:
+        async with grpc.aio.insecure_channel(proxy.address) as channel:
+            client = stub(channel)
+            request = predict_request("identity", {"x": np.ones((1, 4), np.float32)})
+            await client.Predict(request, timeout=10)  # warm the channels
+            started = time.monotonic()
+            await asyncio.gather(*(client.Predict(request, timeout=30) for _ in range(200)))
+            elapsed = time.monotonic() - started
+        # Unbatched, 200 calls at 50 ms on two replicas need 5 s.
+        assert elapsed < 2.5, f"200 one-row calls took {elapsed:.2f}s"
+    finally:
+        proxy.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+async def test_a_call_larger_than_max_batch_size_is_split_and_answered_in_order():
+    replica = start_replica("identity")
+    proxy = start_proxy([replica], max_batch_size=4, batch_timeout_micros=1000)
+    try:
+        big = np.arange(30 * 5, dtype=np.float32).reshape(30, 5)
+        small = np.full((3, 5), -1, np.float32)
+        async with grpc.aio.insecure_channel(proxy.address) as channel:
+            client = stub(channel)
+            big_answer, small_answer = await asyncio.gather(
+                client.Predict(predict_request("identity", {"x": big}), timeout=10),
+                client.Predict(predict_request("identity", {"x": small}, typed=True),
+                               timeout=10),
+            )
+        np.testing.assert_array_equal(to_array(big_answer.outputs["y"]), big)
+        np.testing.assert_array_equal(to_array(small_answer.outputs["y"]), small)
+        histogram = batch_rows_histogram(replica.rest_url)
+        assert histogram["count"] >= 9  # 33 rows in batches of at most 4
+        assert histogram["le=4"] == histogram["count"]
+    finally:
+        proxy.stop()
+        replica.stop()
+
+
+async def test_a_full_queue_answers_unavailable_at_once():
+    replica = start_replica("identity", batch_cost_ms=400)
+    proxy = start_proxy([replica], max_batch_size=2, batch_timeout_micros=0,
+                        max_enqueued_rows=4, max_inflight_per_replica=1)
+    try:
+        async with grpc.aio.insecure_channel(proxy.address) as channel:
+            client = stub(channel)
+            request = predict_request("identity", {"x": np.ones((2, 2), np.float32)})
+
+            async def timed_call():
+                started = time.monotonic()
+                try:
+                    await client.Predict(request, timeout=20)
+                    return None, time.monotonic() - started
+                except grpc.aio.AioRpcError as err:
+                    return err, time.monotonic() - started
+
+            first = asyncio.ensure_future(timed_call())
+            await asyncio.sleep(0.1)  # the first batch is now at the replica
+            results = await asyncio.gather(*(timed_call() for _ in range(6)))
+            results.append(await first)
+        refused = [(err, took) for err, took in results if err is not None]
+        answered = [took for err, took in results if err is None]
+        assert len(answered) == 3  # one in flight, two batches' worth queued
+        assert len(refused) == 4
+        for err, took in refused:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert "queue" in err.details()
+            assert took < 0.3, "a refusal must come at once, not after waiting"
+    finally:
+        proxy.stop()
+        replica.stop()
+
+
+async def test_a_call_whose_deadline_passes_in_the_queue_is_never_sent():
+    replica = start_replica("identity", batch_cost_ms=500)
+    proxy = start_proxy([replica], max_batch_size=1, batch_timeout_micros=0,
+                        max_inflight_per_replica=1)
+    try:
+        async with grpc.aio.insecure_channel(proxy.address) as channel:
+            client = stub(channel)
+            occupying = asyncio.ensure_future(client.Predict(
+                predict_request("identity", {"x": np.ones((1, 2), np.float32)}), timeout=10))
+            await asyncio.sleep(0.1)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await client.Predict(
+                    predict_request("identity", {"x": np.zeros((1, 2), np.float32)}),
+                    timeout=0.2)
+            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await occupying
+            await asyncio.sleep(0.7)  # the replica would have had time for the second call
+        assert batch_rows_histogram(replica.rest_url)["count"] == 1
+    finally:
+        proxy.stop()
+        replica.stop()
