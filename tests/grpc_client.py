@@ -41,8 +41,13 @@ def to_array(proto: tensor_pb2.TensorProto) -> np.ndarray:
     return values.reshape(shape)
 
 
-def predict_request(model: str, inputs: dict[str, np.ndarray], *, typed: bool = False,
-                    signature: str = "serving_default") -> predict_pb2.PredictRequest:
+def predict_request(
+    model: str,
+    inputs: dict[str, np.ndarray],
+    *,
+    typed: bool = False,
+    signature: str = "serving_default",
+) -> predict_pb2.PredictRequest:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model
     request.model_spec.signature_name = signature

@@ -165,8 +165,17 @@ def start_replica(
     port = port or free_port()
     rest_port = rest_port or free_port()
     args = [
-        sys.executable, "-m", "batchproxy.replica",
-        "--host", HOST, "--port", str(port), "--rest_api_port", str(rest_port),
-        "--model", model, *flag_args(flags),
+        sys.executable,
+        "-m",
+        "batchproxy.replica",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--rest_api_port",
+        str(rest_port),
+        "--model",
+        model,
+        *flag_args(flags),
     ]
     return start_process(args, port, rest_port=rest_port, env=env, timeout_s=timeout_s)

@@ -21,8 +21,9 @@ CORES = {"cython": {}, "python": {"BATCHPROXY_NO_EXTENSIONS": "1"}}
 def identity_fleet(request):
     """Two identity replicas and a proxy in front (once per core implementation)."""
     replicas = [start_replica("identity") for _ in range(2)]
-    proxy = start_proxy(replicas, env=CORES[request.param], max_batch_size=32,
-                        batch_timeout_micros=2000)
+    proxy = start_proxy(
+        replicas, env=CORES[request.param], max_batch_size=32, batch_timeout_micros=2000
+    )
     yield proxy, replicas
     proxy.stop()
     for replica in replicas:
@@ -91,8 +92,7 @@ async def test_a_call_larger_than_max_batch_size_is_split_and_answered_in_order(
             client = stub(channel)
             big_answer, small_answer = await asyncio.gather(
                 client.Predict(predict_request("identity", {"x": big}), timeout=10),
-                client.Predict(predict_request("identity", {"x": small}, typed=True),
-                               timeout=10),
+                client.Predict(predict_request("identity", {"x": small}, typed=True), timeout=10),
             )
         np.testing.assert_array_equal(to_array(big_answer.outputs["y"]), big)
         np.testing.assert_array_equal(to_array(small_answer.outputs["y"]), small)
@@ -106,8 +106,13 @@ async def test_a_call_larger_than_max_batch_size_is_split_and_answered_in_order(
 
 async def test_a_full_queue_answers_unavailable_at_once():
     replica = start_replica("identity", batch_cost_ms=400)
-    proxy = start_proxy([replica], max_batch_size=2, batch_timeout_micros=0,
-                        max_enqueued_rows=4, max_inflight_per_replica=1)
+    proxy = start_proxy(
+        [replica],
+        max_batch_size=2,
+        batch_timeout_micros=0,
+        max_enqueued_rows=4,
+        max_inflight_per_replica=1,
+    )
     try:
         async with grpc.aio.insecure_channel(proxy.address) as channel:
             client = stub(channel)
@@ -140,18 +145,22 @@ async def test_a_full_queue_answers_unavailable_at_once():
 
 async def test_a_call_whose_deadline_passes_in_the_queue_is_never_sent():
     replica = start_replica("identity", batch_cost_ms=500)
-    proxy = start_proxy([replica], max_batch_size=1, batch_timeout_micros=0,
-                        max_inflight_per_replica=1)
+    proxy = start_proxy(
+        [replica], max_batch_size=1, batch_timeout_micros=0, max_inflight_per_replica=1
+    )
     try:
         async with grpc.aio.insecure_channel(proxy.address) as channel:
             client = stub(channel)
-            occupying = asyncio.ensure_future(client.Predict(
-                predict_request("identity", {"x": np.ones((1, 2), np.float32)}), timeout=10))
+            occupying = asyncio.ensure_future(
+                client.Predict(
+                    predict_request("identity", {"x": np.ones((1, 2), np.float32)}), timeout=10
+                )
+            )
             await asyncio.sleep(0.1)
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await client.Predict(
-                    predict_request("identity", {"x": np.zeros((1, 2), np.float32)}),
-                    timeout=0.2)
+                    predict_request("identity", {"x": np.zeros((1, 2), np.float32)}), timeout=0.2
+                )
             assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             await occupying
             await asyncio.sleep(0.7)  # the replica would have had time for the second call

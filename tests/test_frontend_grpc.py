@@ -26,10 +26,10 @@ async def test_metadata_and_status_are_forwarded_unchanged(fleet):
     results = []
     for address in (proxy.address, replica.address):
         async with grpc.aio.insecure_channel(address) as channel:
-            metadata = await stub(channel).GetModelMetadata(metadata_request("identity"),
-                                                            timeout=5)
+            metadata = await stub(channel).GetModelMetadata(metadata_request("identity"), timeout=5)
             status = await services_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
-                status_request("identity"), timeout=5)
+                status_request("identity"), timeout=5
+            )
             results.append((metadata, status))
     assert results[0] == results[1]
     metadata, status = results[0]
@@ -38,12 +38,18 @@ async def test_metadata_and_status_are_forwarded_unchanged(fleet):
 
 
 async def test_replica_errors_come_back_with_the_replicas_code_and_message(fleet):
-    proxy, replica = fleet
+    proxy, _ = fleet
     cases = [
-        (predict_request("nosuchmodel", {"x": np.ones((1, 2))}), grpc.StatusCode.NOT_FOUND,
-         "Servable not found for request: Latest(nosuchmodel)"),
-        (predict_request("identity", {"x": np.ones((1, 2))}, signature="nope"),
-         grpc.StatusCode.FAILED_PRECONDITION, 'Serving signature key "nope" not found.'),
+        (
+            predict_request("nosuchmodel", {"x": np.ones((1, 2))}),
+            grpc.StatusCode.NOT_FOUND,
+            "Servable not found for request: Latest(nosuchmodel)",
+        ),
+        (
+            predict_request("identity", {"x": np.ones((1, 2))}, signature="nope"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            'Serving signature key "nope" not found.',
+        ),
     ]
     async with grpc.aio.insecure_channel(proxy.address) as channel:
         for request, code, message in cases:
@@ -81,7 +87,8 @@ async def test_bytes_that_are_no_predict_request_get_invalid_argument(fleet):
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # and the proxy still serves
         answer = await stub(channel).Predict(
-            predict_request("identity", {"x": np.ones((2, 2))}), timeout=5)
+            predict_request("identity", {"x": np.ones((2, 2))}), timeout=5
+        )
     assert to_array(answer.outputs["y"]).shape == (2, 2)
 
 

@@ -46,8 +46,9 @@ def identity(request: pytest.FixtureRequest) -> Iterator[Process]:
 @pytest.fixture(scope="module")
 def demo() -> Iterator[Process]:
     # A name and version other than the defaults, and tensor_content answers.
-    with start_replica("demo", model_name="mnist", model_version=3,
-                       enable_serialization_as_tensor_content=True) as proc:
+    with start_replica(
+        "demo", model_name="mnist", model_version=3, enable_serialization_as_tensor_content=True
+    ) as proc:
         yield proc
 
 
@@ -142,7 +143,8 @@ def test_messages_over_4_mib(identity: Process) -> None:
     x = np.random.default_rng(1).random((2048, 1024), dtype=np.float32)  # 8 MiB
     resp = stub(identity).Predict(request(x))
     np.testing.assert_array_equal(
-        np.array(resp.outputs["y"].float_val, dtype=np.float32).reshape(x.shape), x)
+        np.array(resp.outputs["y"].float_val, dtype=np.float32).reshape(x.shape), x
+    )
 
 
 def test_demo_predictions_are_meaningful_and_tensor_content(demo: Process) -> None:
@@ -163,27 +165,52 @@ def test_demo_predictions_are_meaningful_and_tensor_content(demo: Process) -> No
 
 X = np.ones((2, 3), dtype=np.float32)
 ERRORS = {
-    "unknown model": (request(X, name="nope"), grpc.StatusCode.NOT_FOUND,
-                      "Servable not found for request: Latest(nope)"),
-    "unknown version": (request(X, version=2), grpc.StatusCode.NOT_FOUND,
-                        "Servable not found for request: Specific(identity, 2)"),
-    "version label": (request(X, version_label="stable"), grpc.StatusCode.INVALID_ARGUMENT,
-                      "Unrecognized servable version label: stable"),
-    "signature": (request(X, signature_name="x"), grpc.StatusCode.FAILED_PRECONDITION,
-                  'Serving signature key "x" not found.'),
-    "dtype": (request(X.astype(np.float64), dtype=dtypes.DT_DOUBLE),
-              grpc.StatusCode.INVALID_ARGUMENT,
-              "Expects arg[0] to be float but double is provided"),
-    "input name": (request(X, alias="z"), grpc.StatusCode.INVALID_ARGUMENT,
-                   "input tensor alias not found in signature: z. "
-                   "Inputs expected to be in the set {x}."),
-    "no inputs": (request(), grpc.StatusCode.INVALID_ARGUMENT,
-                  "input size does not match signature: 0!=1 len({}) != len({x}). "
-                  "Sent extra: {}. Missing but required: {x}."),
-    "rank": (request(np.ones((2, 3, 4), dtype=np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
-             "Input x must have shape [-1,-1]"),
-    "scalar": (request(np.float32(1.0).reshape(())), grpc.StatusCode.INVALID_ARGUMENT,
-               "Input x must have shape [-1,-1]"),
+    "unknown model": (
+        request(X, name="nope"),
+        grpc.StatusCode.NOT_FOUND,
+        "Servable not found for request: Latest(nope)",
+    ),
+    "unknown version": (
+        request(X, version=2),
+        grpc.StatusCode.NOT_FOUND,
+        "Servable not found for request: Specific(identity, 2)",
+    ),
+    "version label": (
+        request(X, version_label="stable"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Unrecognized servable version label: stable",
+    ),
+    "signature": (
+        request(X, signature_name="x"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        'Serving signature key "x" not found.',
+    ),
+    "dtype": (
+        request(X.astype(np.float64), dtype=dtypes.DT_DOUBLE),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Expects arg[0] to be float but double is provided",
+    ),
+    "input name": (
+        request(X, alias="z"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input tensor alias not found in signature: z. Inputs expected to be in the set {x}.",
+    ),
+    "no inputs": (
+        request(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input size does not match signature: 0!=1 len({}) != len({x}). "
+        "Sent extra: {}. Missing but required: {x}.",
+    ),
+    "rank": (
+        request(np.ones((2, 3, 4), dtype=np.float32)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Input x must have shape [-1,-1]",
+    ),
+    "scalar": (
+        request(np.float32(1.0).reshape(())),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Input x must have shape [-1,-1]",
+    ),
 }
 
 
@@ -200,8 +227,9 @@ def test_output_filter_errors(identity: Process) -> None:
     req.output_filter.append("z")
     err = rpc_error(stub(identity).Predict, req)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details() == ("output tensor alias not found in signature: z "
-                             "Outputs expected to be in the set {y}.")
+    assert err.details() == (
+        "output tensor alias not found in signature: z Outputs expected to be in the set {y}."
+    )
     req.output_filter[:] = ["y", "y"]
     err = rpc_error(stub(identity).Predict, req)
     assert err.details() == "duplicate output tensor alias: y"
@@ -256,15 +284,32 @@ def test_metadata(demo: Process) -> None:
     assert [d.size for d in out.tensor_shape.dim] == [-1, 10]
 
 
-@pytest.mark.parametrize(("fields", "name", "code", "message"), [
-    (["signature_def"], "nope", grpc.StatusCode.NOT_FOUND,
-     "Servable not found for request: Latest(nope)"),
-    (["other"], "mnist", grpc.StatusCode.INVALID_ARGUMENT, "Metadata field other is not supported"),
-    ([], "mnist", grpc.StatusCode.INVALID_ARGUMENT,
-     "GetModelMetadataRequest must specify at least one metadata_field"),
-])
-def test_metadata_errors(demo: Process, fields: list[str], name: str,
-                         code: grpc.StatusCode, message: str) -> None:
+@pytest.mark.parametrize(
+    ("fields", "name", "code", "message"),
+    [
+        (
+            ["signature_def"],
+            "nope",
+            grpc.StatusCode.NOT_FOUND,
+            "Servable not found for request: Latest(nope)",
+        ),
+        (
+            ["other"],
+            "mnist",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Metadata field other is not supported",
+        ),
+        (
+            [],
+            "mnist",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "GetModelMetadataRequest must specify at least one metadata_field",
+        ),
+    ],
+)
+def test_metadata_errors(
+    demo: Process, fields: list[str], name: str, code: grpc.StatusCode, message: str
+) -> None:
     err = rpc_error(stub(demo).GetModelMetadata, metadata_request(name, *fields))
     assert (err.code(), err.details()) == (code, message)
 
@@ -284,8 +329,10 @@ def test_status(demo: Process) -> None:
     assert status.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
     assert status.HasField("status") and status.status.error_code == 0
     assert model_stub(demo).GetModelStatus(status_request("mnist", 3)) == resp
-    for req, message in [(status_request("nope"), "Could not find any versions of model nope"),
-                         (status_request("mnist", 1), "Could not find version 1 of model mnist")]:
+    for req, message in [
+        (status_request("nope"), "Could not find any versions of model nope"),
+        (status_request("mnist", 1), "Could not find version 1 of model mnist"),
+    ]:
         err = rpc_error(model_stub(demo).GetModelStatus, req)
         assert (err.code(), err.details()) == (grpc.StatusCode.NOT_FOUND, message)
     err = rpc_error(model_stub(demo).HandleReloadConfigRequest, services_pb2.ReloadConfigRequest())
@@ -296,9 +343,15 @@ def test_rest_status_and_metadata(demo: Process) -> None:
     resp = requests.get(f"{demo.rest_url}/v1/models/mnist", timeout=5)
     assert resp.status_code == 200
     assert resp.headers["Content-Type"].startswith("application/json")
-    assert resp.json() == {"model_version_status": [
-        {"version": "3", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-    ]}
+    assert resp.json() == {
+        "model_version_status": [
+            {
+                "version": "3",
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        ]
+    }
     assert requests.get(f"{demo.rest_url}/V1/Models/mnist/versions/3", timeout=5).ok
     meta = requests.get(f"{demo.rest_url}/v1/models/mnist/metadata", timeout=5).json()
     assert meta["model_spec"] == {"name": "mnist", "signature_name": "", "version": "3"}
@@ -320,8 +373,10 @@ def test_admin_state_makes_replica_unavailable() -> None:
         assert requests.get(admin, timeout=5).json() == {"state": "AVAILABLE"}
 
         assert requests.post(admin, json={"state": "UNAVAILABLE"}, timeout=5).ok
-        for call, req in [(stub(proc).Predict, request(X)),
-                          (model_stub(proc).GetModelStatus, status_request("identity"))]:
+        for call, req in [
+            (stub(proc).Predict, request(X)),
+            (model_stub(proc).GetModelStatus, status_request("identity")),
+        ]:
             assert rpc_error(call, req).code() == grpc.StatusCode.UNAVAILABLE
         assert requests.get(f"{proc.rest_url}/v1/models/identity", timeout=5).status_code == 503
 

@@ -35,6 +35,20 @@ class PredictCall:
     # (model_name, version, version_label, signature_name,
     #  ((input_name, dtype, inner_shape), ... sorted by name), output_filter)
     key: tuple
+    # Built by decode_predict_request; also constructible (tests, the REST layer). rows and
+    # key are derived from the inputs unless given.
+    def __init__(
+        self,
+        model_name: str = "",
+        version: int | None = None,
+        version_label: str | None = None,
+        signature_name: str = "",
+        output_filter: tuple[str, ...] = (),
+        model_spec: bytes = b"",
+        inputs: dict[str, Tensor] | None = None,
+        rows: int | None = None,
+        key: tuple | None = None,
+    ) -> None: ...
 
 def itemsize(dtype: int) -> int:
     """Bytes per element in tensor_content form; 0 for DT_STRING; -1 for unsupported dtypes."""
@@ -57,7 +71,9 @@ def concat_predict_responses(parts: list[bytes]) -> bytes:
     """Join responses for consecutive row ranges of one request back into one response,
     along dimension 0, in the encoding of the first part."""
 
-def encode_tensor(dtype: int, shape: tuple[int, ...], data: bytes | list[bytes], typed: bool) -> bytes:
+def encode_tensor(
+    dtype: int, shape: tuple[int, ...], data: bytes | list[bytes], typed: bool
+) -> bytes:
     """A serialized TensorProto: typed fields (float_val, int_val, ...) when `typed`, else
     tensor_content (strings always use string_val)."""
 

@@ -652,7 +652,7 @@ def split_predict_response(data: bytes, rows: list[int]) -> list[bytes]:
     """Cut a serialized PredictResponse along dim 0 into len(rows) responses of rows[i] rows
     each, keeping the replica's encoding and echoing its model_spec."""
     data = bytes(data)
-    resp = _parse_response(data)
+    _parse_response(data)  # validates the whole message
     total = sum(rows)
     if any(r < 0 for r in rows):
         raise CodecError("INTERNAL", f"negative row count in {rows}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -220,9 +221,12 @@ class CostModel:
 
     def __post_init__(self) -> None:
         self._lock = asyncio.Lock()
+        # One thread: one simulated device. A call cancelled while "running" keeps it busy
+        # until its time is up, as a GPU finishes a batch nobody waits for any more.
+        self._sleeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cost-model")
         # Virtual clock: when the simulated device is next free. A call that queued while
-        # the device was busy starts when it frees, not when the event loop woke the call
-        # up, so timer granularity (1 ms under uvloop) never accumulates into throughput.
+        # the device was busy starts when it frees, not when the event loop got round to
+        # it, so wake-up delays never add up into lost throughput.
         self._free_at = 0.0
 
     def cost_s(self, rows: int) -> float:
@@ -237,7 +241,17 @@ class CostModel:
             start = max(arrived, self._free_at)
             end = self._free_at = start + cost
             outputs = self.model.predict(inputs)
-            # Loop: a timer may fire a little early; callers rely on "at least the cost".
-            while (remaining := end - time.perf_counter()) > 0:
-                await asyncio.sleep(remaining)
+            if end > time.perf_counter():
+                # Event-loop timers tick in whole milliseconds (uvloop rounds to the nearest
+                # one): a sleeping thread keeps sub-millisecond costs exact, without spinning.
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._sleeper, _sleep_until, end)
             return outputs
+
+
+def _sleep_until(deadline: float) -> None:
+    # A deadline, not a duration: this sleep may start late, behind the sleep of a call that
+    # was cancelled while the simulated device was still busy with it.
+    remaining = deadline - time.perf_counter()
+    if remaining > 0:
+        time.sleep(remaining)
