@@ -23,7 +23,7 @@ import grpc
 from batchproxy import core
 from batchproxy.config import BatchingConfig
 from batchproxy.errors import ProxyError
-from batchproxy.pool import Replica, ReplicaPool
+from batchproxy.pool import Replica, ReplicaPool, Route, is_replica_failure
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,24 @@ class _KeyQueue:
 class Batch:
     """Rows [start, stop) of each entry, in order; encoded once, sent to one replica."""
 
+    model: str
     pieces: list[tuple[_Entry, int, int]]
     request: bytes
     rows: int
-    deadline: float | None
+    deadline: float | None  # the tightest deadline of its calls, loop time
+
+    @classmethod
+    def of(cls, model: str, pieces: list[tuple[_Entry, int, int]]) -> Batch:
+        deadlines = [entry.deadline for entry, _, _ in pieces if entry.deadline is not None]
+        request = core.encode_predict_request(
+            [(entry.call, start, stop) for entry, start, stop in pieces])
+        rows = sum(stop - start for _, start, stop in pieces)
+        return cls(model, pieces, request, rows, min(deadlines) if deadlines else None)
+
+
+# A replica refusing a merged batch's content may be refusing just one call in it.
+POISON_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT,
+                          grpc.StatusCode.FAILED_PRECONDITION})
 
 
 # Observers get (batch rows, calls in batch); metrics subscribe here without batching
@@ -125,6 +139,8 @@ class Batcher:
         self._scheduler: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self.observers: list[BatchObserver] = []
+        self.retry_observers: list[Callable[[], None]] = []
+        pool.capacity_listeners.append(self._wake)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -158,6 +174,11 @@ class Batcher:
     async def submit(self, call: core.PredictCall, timeout: float | None = None) -> bytes:
         """Queue a batchable call (call.rows >= 1) and wait for its own answer."""
         rows = call.rows
+        model = call.model_name
+        self.pool.note_model(model)
+        if self.pool.route(model) is Route.NOWHERE:
+            raise ProxyError(grpc.StatusCode.UNAVAILABLE,
+                             f"no healthy replica serves model '{model}'")
         if self.queued_rows + rows > self.config.max_enqueued_rows:
             raise ProxyError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -177,7 +198,8 @@ class Batcher:
         self.queued_rows += rows
         if deadline is not None:
             entry.timer = loop.call_at(deadline, self._expire, entry)
-        if was_idle or queue.rows >= self.config.max_batch_size:
+        full = self.config.max_batch_size
+        if was_idle or queue.rows - rows < full <= queue.rows:
             self._wake()
         try:
             return await entry.future
@@ -213,47 +235,55 @@ class Batcher:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _due_queue(self, now: float) -> tuple[_KeyQueue | None, float | None]:
-        """The queue whose batch should close now (oldest head first), else the next due time."""
-        best: _KeyQueue | None = None
-        best_since = 0.0
-        next_due: float | None = None
-        timeout = self.config.batch_timeout_s
-        full = self.config.max_batch_size
-        empty: list[tuple] = []
-        for key, queue in self._queues.items():
-            if queue.rows <= 0:
-                empty.append(key)
-                continue
-            head = queue.head()
-            assert head is not None
-            due = head.enqueued_at + timeout
-            if queue.rows >= full or due <= now:
-                if best is None or head.enqueued_at < best_since:
-                    best, best_since = queue, head.enqueued_at
-            elif next_due is None or due < next_due:
-                next_due = due
-        for key in empty:
-            del self._queues[key]
-        return best, next_due
-
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            queue, next_due = self._due_queue(loop.time())
-            if queue is None:
-                await self._sleep_until(loop, next_due)
+            next_due = self._dispatch_due(loop.time())
+            await self._sleep_until(loop, next_due)
+
+    def _dispatch_due(self, now: float) -> float | None:
+        """Send every batch that is due and has a replica slot, oldest first. Returns when
+        the next queue that is not due yet will be; due queues without a slot wait for the
+        pool to report capacity (and keep filling meanwhile)."""
+        timeout = self.config.batch_timeout_s
+        full = self.config.max_batch_size
+        due: list[tuple[float, _KeyQueue]] = []
+        next_due: float | None = None
+        for key, queue in list(self._queues.items()):
+            head = queue.head() if queue.rows > 0 else None
+            if head is None:
+                del self._queues[key]
                 continue
-            replica = await self.pool.acquire()
-            # Waiting for the slot may have taken a while: pick again, the batch is fuller now.
-            queue, _ = self._due_queue(loop.time())
-            batch = self._take_batch(queue) if queue is not None else None
-            if batch is None:
-                self.pool.release(replica)
-                continue
-            task = loop.create_task(self._send(replica, batch))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            due_at = head.enqueued_at + timeout
+            if queue.rows >= full or due_at <= now:
+                due.append((head.enqueued_at, queue))
+            elif next_due is None or due_at < next_due:
+                next_due = due_at
+        due.sort(key=lambda item: item[0])
+        for _, queue in due:
+            model = queue.key[0]
+            while queue.rows > 0:
+                replica = self.pool.try_acquire(model)
+                if replica is None:
+                    if self.pool.route(model) is Route.NOWHERE:
+                        self._fail_queue(queue, ProxyError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"no healthy replica serves model '{model}'"))
+                    break
+                batch = self._take_batch(queue)
+                if batch is None:
+                    self.pool.release(replica)
+                    break
+                self._spawn(self._send(replica, batch))
+                head = queue.head()
+                if queue.rows < full and (head is None or head.enqueued_at + timeout > now):
+                    break  # the rest is not due yet
+        return next_due
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _sleep_until(self, loop: asyncio.AbstractEventLoop, when: float | None) -> None:
         waiter = self._waiter = loop.create_future()
@@ -270,7 +300,6 @@ class Batcher:
     def _take_batch(self, queue: _KeyQueue) -> Batch | None:
         room = self.config.max_batch_size
         pieces: list[tuple[_Entry, int, int]] = []
-        deadline: float | None = None
         entries = queue.entries
         while room and entries:
             entry = entries[0]
@@ -284,42 +313,87 @@ class Batcher:
             room -= take
             if entry.next_row == entry.rows:
                 entries.popleft()
-            if entry.deadline is not None and (deadline is None or entry.deadline < deadline):
-                deadline = entry.deadline
         if not pieces:
             return None
         rows = self.config.max_batch_size - room
         queue.rows -= rows
         self.queued_rows -= rows
-        request = core.encode_predict_request(
-            [(entry.call, start, stop) for entry, start, stop in pieces]
-        )
-        return Batch(pieces, request, rows, deadline)
+        return Batch.of(queue.key[0], pieces)
+
+    # -- sending ---------------------------------------------------------------------------
 
     async def _send(self, replica: Replica, batch: Batch) -> None:
+        """Send `batch`, retrying once elsewhere if the replica failed, bisecting it if the
+        replica refused the batch's content, and answer each of its calls."""
+        loop = asyncio.get_running_loop()
         for observer in self.observers:
             observer(batch.rows, len(batch.pieces))
-        timeout = None
-        if batch.deadline is not None:
-            timeout = max(batch.deadline - asyncio.get_running_loop().time(), 0.0)
+        retried = False
+        while True:
+            timeout = None
+            if batch.deadline is not None:
+                timeout = batch.deadline - loop.time()
+            try:
+                if timeout is not None and timeout <= 0:
+                    raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     "Deadline exceeded before the batch was sent")
+                response = await self.pool.predict(replica, batch.request, timeout)
+            except ProxyError as err:
+                self.pool.release(replica)
+                if is_replica_failure(err) and not retried and len(self.pool.replicas) > 1:
+                    retried = True
+                    try:
+                        replica = await self.pool.acquire(batch.model, exclude=replica,
+                                                          timeout=timeout)
+                    except ProxyError:
+                        self._fail_batch(batch, err)
+                        return
+                    for observer in self.retry_observers:
+                        observer()
+                    continue
+                if err.code in POISON_CODES and len(batch.pieces) > 1:
+                    await self._bisect(batch)
+                    return
+                self._fail_batch(batch, err)
+                return
+            self.pool.release(replica)
+            break
         try:
-            response = await self.pool.predict(replica, batch.request, timeout)
             parts = core.split_predict_response(
-                response, [stop - start for _, start, stop in batch.pieces]
-            )
-        except ProxyError as err:
-            self._fail_batch(batch, err)
-            return
+                response, [stop - start for _, start, stop in batch.pieces])
         except core.CodecError as err:
             error = ProxyError.from_codec_error(err)
             log.warning("replica %s answered a batch that cannot be split: %s",
                         replica.address, error.message)
             self._fail_batch(batch, error)
             return
-        finally:
-            self.pool.release(replica)
         for (entry, start, stop), part in zip(batch.pieces, parts, strict=True):
             entry.deliver(start, stop, part)
+
+    async def _bisect(self, batch: Batch) -> None:
+        """One call may have poisoned the batch: send each half on its own, recursively, so
+        that only the offending call fails and the others get their answers."""
+        middle = len(batch.pieces) // 2
+        halves = [Batch.of(batch.model, batch.pieces[:middle]),
+                  Batch.of(batch.model, batch.pieces[middle:])]
+
+        async def send_half(half: Batch) -> None:
+            loop = asyncio.get_running_loop()
+            timeout = None if half.deadline is None else half.deadline - loop.time()
+            try:
+                replica = await self.pool.acquire(half.model, timeout=timeout)
+            except ProxyError as err:
+                self._fail_batch(half, err)
+                return
+            await self._send(replica, half)
+
+        await asyncio.gather(*(send_half(half) for half in halves))
+
+    def _fail_queue(self, queue: _KeyQueue, error: ProxyError) -> None:
+        for entry in list(queue.entries):
+            entry.fail(error)
+            self._abandon(entry)
+        queue.entries.clear()
 
     def _fail_batch(self, batch: Batch, error: ProxyError) -> None:
         # A call cut into pieces fails whole: its rows still queued are dropped too.

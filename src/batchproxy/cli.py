@@ -54,6 +54,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--replica_timeout_s", type=float, default=defaults.replica_timeout_s,
                     help="limit on a replica call when the caller set no deadline "
                          "(default %(default)s)")
+    up.add_argument("--replicas_dns", action="append", default=[], metavar="NAME:PORT",
+                    help="every address NAME resolves to is a replica (a Kubernetes headless "
+                         "Service); re-resolved every --dns_refresh_s; repeatable")
+    up.add_argument("--dns_refresh_s", type=float, default=defaults.dns_refresh_s,
+                    help="seconds between DNS re-resolutions (default %(default)s)")
+    up.add_argument("--dns_server", default=None, metavar="HOST:PORT",
+                    help="ask this DNS server instead of the system resolver")
+    up.add_argument("--health_interval_ms", type=int, default=defaults.health_interval_ms,
+                    help="GetModelStatus health check period per replica "
+                         "(default %(default)s)")
+    up.add_argument("--health_check_model", action="append", default=[], metavar="NAME",
+                    help="model to health-check from the start (models seen in traffic "
+                         "are checked too); repeatable")
+    up.add_argument("--eject_after_failures", type=int,
+                    default=defaults.eject_after_failures,
+                    help="consecutive failed calls that eject a replica (default %(default)s)")
+    parser.add_argument("--drain_timeout_s", type=float, default=defaults.drain_timeout_s,
+                        help="on SIGTERM, time to answer accepted calls before exiting "
+                             "(default %(default)s)")
     bat = parser.add_argument_group("batching")
     bat.add_argument("--max_batch_size", type=int, default=None,
                      help=f"rows in one batch at most (default {batching.max_batch_size})")
@@ -89,6 +108,13 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         model_name=args.model_name,
         max_inflight_per_replica=args.max_inflight_per_replica,
         replica_timeout_s=args.replica_timeout_s,
+        replicas_dns=tuple(args.replicas_dns),
+        dns_refresh_s=args.dns_refresh_s,
+        dns_server=args.dns_server,
+        health_interval_ms=args.health_interval_ms,
+        health_check_models=tuple(args.health_check_model),
+        eject_after_failures=args.eject_after_failures,
+        drain_timeout_s=args.drain_timeout_s,
         batching=BatchingConfig(**settings),
     )
 

@@ -39,6 +39,14 @@ class ProxyConfig:
     max_inflight_per_replica: int = 2
     # Upper bound for a replica call when the caller set no deadline.
     replica_timeout_s: float = 30.0
+    replicas_dns: tuple[str, ...] = ()  # NAME:PORT, every address of NAME is a replica
+    dns_refresh_s: float = 5.0
+    dns_server: str | None = None  # HOST:PORT; default: the system resolver
+    health_interval_ms: int = 1000
+    eject_after_failures: int = 2
+    # Models to health-check from the start; models seen in traffic are added.
+    health_check_models: tuple[str, ...] = ()
+    drain_timeout_s: float = 20.0
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 

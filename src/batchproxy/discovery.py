@@ -1,0 +1,127 @@
+"""Where replicas come from: a static list, or DNS names re-resolved every interval (every
+address a name resolves to is a replica, as a Kubernetes headless Service presents them).
+
+With `dns_server` the A/AAAA queries go to that server over UDP (dnslib packs and parses
+them); without it the system resolver answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+from batchproxy.pool import ReplicaPool
+
+log = logging.getLogger(__name__)
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected NAME:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class _DnsQuery(asyncio.DatagramProtocol):
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.sendto(self.payload)  # type: ignore[attr-defined]
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if not self.answer.done():
+            self.answer.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(exc)
+
+
+async def query_dns_server(name: str, server: tuple[str, int], timeout_s: float = 2.0,
+                           ) -> list[str]:
+    """A and AAAA records of `name` from one DNS server."""
+    import dnslib
+
+    addresses: list[str] = []
+    loop = asyncio.get_running_loop()
+    for qtype in ("A", "AAAA"):
+        query = dnslib.DNSRecord.question(name, qtype)
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda q=query: _DnsQuery(q.pack()), remote_addr=server)
+        try:
+            data = await asyncio.wait_for(protocol.answer, timeout_s)
+        finally:
+            transport.close()
+        reply = dnslib.DNSRecord.parse(data)
+        if reply.header.id != query.header.id:
+            raise OSError("DNS reply does not match the query")
+        for record in reply.rr:
+            if record.rtype in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA):
+                addresses.append(str(record.rdata))
+    return addresses
+
+
+async def resolve(name: str, dns_server: tuple[str, int] | None) -> list[str]:
+    if dns_server is not None:
+        return await query_dns_server(name, dns_server)
+    infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
+
+
+def replica_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class DnsDiscovery:
+    """Keeps the pool's replicas equal to static addresses plus what the names resolve to."""
+
+    def __init__(self, pool: ReplicaPool, names: list[str], static: list[str],
+                 refresh_s: float = 5.0, dns_server: str | None = None) -> None:
+        self.pool = pool
+        self.names = [split_host_port(name) for name in names]
+        self.static = list(static)
+        self.refresh_s = refresh_s
+        self.dns_server = split_host_port(dns_server) if dns_server else None
+        self._task: asyncio.Task[None] | None = None
+        self._last: dict[str, list[str]] = {}
+        self.on_change: list = []
+
+    async def refresh(self) -> None:
+        addresses = list(self.static)
+        for host, port in self.names:
+            try:
+                resolved = await resolve(host, self.dns_server)
+            except (OSError, TimeoutError, ValueError) as err:
+                # Keep the last answer: a DNS hiccup must not drain a healthy fleet.
+                log.warning("resolving %s failed (%s); keeping %d known replicas",
+                            host, err, len(self._last.get(host, [])))
+                resolved = self._last.get(host, [])
+            if resolved != self._last.get(host):
+                log.info("%s resolves to %s", host, ", ".join(resolved) or "nothing")
+            self._last[host] = resolved
+            addresses += [replica_address(ip, port) for ip in resolved]
+        before = set(self.pool.replicas)
+        self.pool.set_addresses(addresses)
+        if set(self.pool.replicas) != before:
+            for callback in self.on_change:
+                callback()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("replica discovery failed")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

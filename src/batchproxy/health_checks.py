@@ -1,0 +1,95 @@
+"""Active health checks: every interval, each replica is asked GetModelStatus for every model
+the proxy has seen (or was told to watch); the answers decide which replicas serve which
+model. With no model known yet, any answer but UNAVAILABLE or a timeout shows the replica is
+up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from batchproxy.pool import ModelState, Replica, ReplicaPool, ReplicaState
+from batchproxy.protos import get_model_status_pb2
+
+log = logging.getLogger(__name__)
+
+GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+# Answers that show a replica is down rather than that it dislikes the question.
+DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def status_request(model: str) -> bytes:
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = model
+    return request.SerializeToString()
+
+
+def model_state(response: bytes) -> ModelState:
+    status = get_model_status_pb2.GetModelStatusResponse.FromString(response)
+    if any(v.state == AVAILABLE for v in status.model_version_status):
+        return ModelState.AVAILABLE
+    return ModelState.UNAVAILABLE
+
+
+class HealthChecker:
+    def __init__(self, pool: ReplicaPool, interval_s: float = 1.0,
+                 models: tuple[str, ...] = ()) -> None:
+        self.pool = pool
+        self.interval_s = interval_s
+        self.timeout_s = max(min(interval_s, 2.0), 0.05)
+        for model in models:
+            pool.note_model(model)
+        self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def check_soon(self) -> None:
+        """Run a round now (a replica joined, a model appeared)."""
+        self._kick.set()
+
+    async def check_all(self) -> None:
+        replicas = [r for r in self.pool.replicas.values()
+                    if r.state is not ReplicaState.DRAINING]
+        await asyncio.gather(*(self.check(replica) for replica in replicas))
+        await self.pool.close_dropped()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except Exception:  # a bug here must not stop health checking for good
+                log.exception("health check round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.interval_s)
+            self._kick.clear()
+
+    async def check(self, replica: Replica) -> None:
+        models = sorted(self.pool.known_models)
+        call = replica.method(GET_MODEL_STATUS)
+        states: dict[str, ModelState] = {}
+        for model in models or [""]:
+            try:
+                response = await call(status_request(model), timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as err:
+                if err.code() in DOWN:
+                    self.pool.record_check(replica, False,
+                                           f"GetModelStatus: {err.code().name} {err.details()}")
+                    return
+                if model and err.code() == grpc.StatusCode.NOT_FOUND:
+                    states[model] = ModelState.MISSING
+                continue  # UNIMPLEMENTED and the like: up, but says nothing of the model
+            if model:
+                states[model] = model_state(response)
+        self.pool.record_check(replica, True, "health check passed", states)
