@@ -47,14 +47,15 @@ class Process:
     rest_port: int | None = None
     args: list[str] = field(default_factory=list)
     log: IO[bytes] | None = None
+    host: str = HOST
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def rest_url(self) -> str:
-        return f"http://{HOST}:{self.rest_port}"
+        return f"http://{self.host}:{self.rest_port}"
 
     @property
     def pid(self) -> int:
@@ -110,6 +111,7 @@ def start_process(
     rest_port: int | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 30.0,
+    host: str = HOST,
 ) -> Process:
     """Start `args` (argv) and return once `ready_port` (and `rest_port`, if given) accepts
     connections. Output goes to a temporary file (a pipe could fill and block the child);
@@ -119,7 +121,7 @@ def start_process(
         prefix="batchproxy-proc-", suffix=".log", delete=False
     )
     popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=child_env(env))
-    proc = Process(popen, ready_port, rest_port, list(args), log)
+    proc = Process(popen, ready_port, rest_port, list(args), log, host)
     deadline = time.monotonic() + timeout_s
     waiting = [p for p in (ready_port, rest_port) if p]
     while waiting:
@@ -131,7 +133,7 @@ def start_process(
             output = proc.output()
             proc.stop()
             raise TimeoutError(f"{args} not listening on {waiting} after {timeout_s}s:\n{output}")
-        if port_open(waiting[0]):
+        if port_open(waiting[0], host):
             waiting.pop(0)
         else:
             time.sleep(0.05)
@@ -158,6 +160,7 @@ def start_replica(
     rest_port: int | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 30.0,
+    host: str = HOST,
     **flags: Any,
 ) -> Process:
     """A reference replica on free loopback ports; `flags` are its command-line flags
@@ -178,4 +181,5 @@ def start_replica(
         model,
         *flag_args(flags),
     ]
-    return start_process(args, port, rest_port=rest_port, env=env, timeout_s=timeout_s)
+    return start_process(args, port, rest_port=rest_port, env=env, timeout_s=timeout_s,
+                         host=host)

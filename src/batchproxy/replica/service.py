@@ -48,6 +48,8 @@ def _as_bytes(array: np.ndarray) -> bytes:
     """Element bytes of `array`, without a copy when it is a whole request buffer (the
     identity model hands its input straight back)."""
     base = array.base
+    while isinstance(base, np.ndarray):  # reshape views point at the frombuffer array
+        base = base.base
     if isinstance(base, bytes) and array.flags.c_contiguous and array.nbytes == len(base):
         return base
     return array.tobytes()
