@@ -165,14 +165,14 @@ def start_replica(
 ) -> Process:
     """A reference replica on free loopback ports; `flags` are its command-line flags
     (model_name, model_version, batch_cost_ms, row_cost_us, ...)."""
-    port = port or free_port()
-    rest_port = rest_port or free_port()
+    port = port or free_port(host)
+    rest_port = rest_port or free_port(host)
     args = [
         sys.executable,
         "-m",
         "batchproxy.replica",
         "--host",
-        HOST,
+        host,
         "--port",
         str(port),
         "--rest_api_port",

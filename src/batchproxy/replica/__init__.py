@@ -35,6 +35,7 @@ async def serve_replica(
     *,
     model_version: int = 1,
     tensor_content: bool = False,
+    check_numerics: bool = False,
     host: str = "0.0.0.0",
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -48,6 +49,7 @@ async def serve_replica(
         batch_cost_ms=batch_cost_ms,
         row_cost_us=row_cost_us,
         tensor_content=tensor_content,
+        check_numerics=check_numerics,
         host=host,
     )
     if stop is None:
@@ -87,6 +89,10 @@ def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable_serialization_as_tensor_content", action="store_true",
                         help="answer with tensor_content instead of typed fields, like TFS's "
                              "flag of the same name")
+    parser.add_argument("--check_numerics", action="store_true",
+                        help="fail a Predict whose float inputs hold NaN or Inf with "
+                             "INVALID_ARGUMENT, as a model with tf.debugging.check_numerics "
+                             "does: one such row fails its whole batch")
 
 
 def run_replica(args: argparse.Namespace) -> None:
@@ -100,6 +106,7 @@ def run_replica(args: argparse.Namespace) -> None:
         row_cost_us=args.row_cost_us,
         model_version=args.model_version,
         tensor_content=args.enable_serialization_as_tensor_content,
+        check_numerics=args.check_numerics,
         host=args.host,
     )
     if not getattr(args, "no_uvloop", False):

@@ -147,6 +147,7 @@ class Replica:
         batch_cost_ms: float = 0.0,
         row_cost_us: float = 0.0,
         tensor_content: bool = False,
+        check_numerics: bool = False,
         host: str = "0.0.0.0",
     ) -> None:
         self.host = host
@@ -157,6 +158,7 @@ class Replica:
             model_name or model_kind,
             model_version,
             tensor_content=tensor_content,
+            check_numerics=check_numerics,
             batch_cost_ms=batch_cost_ms,
             row_cost_us=row_cost_us,
             metrics=ReplicaMetrics(),

@@ -63,6 +63,7 @@ class ReplicaService:
         version: int = 1,
         *,
         tensor_content: bool = False,
+        check_numerics: bool = False,
         batch_cost_ms: float = 0.0,
         row_cost_us: float = 0.0,
         metrics: ReplicaMetrics | None = None,
@@ -71,6 +72,7 @@ class ReplicaService:
         self.model_name = model_name
         self.version = version
         self.typed = not tensor_content
+        self.check_numerics = check_numerics
         self.runner = CostModel(model, batch_cost_ms, row_cost_us)
         self.metrics = metrics or ReplicaMetrics()
         self.state = "AVAILABLE"
@@ -142,6 +144,12 @@ class ReplicaService:
         arrays = {
             name: dtypes.to_numpy(t.dtype, t.shape, t.data) for name, t in call.inputs.items()
         }
+        if self.check_numerics:
+            for name, array in arrays.items():
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    kind = "NaN" if np.isnan(array).any() else "Inf"
+                    raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"input {name}: Tensor had {kind} values")
         # rows is -1 for a call the proxy could not batch; once the signature accepted its
         # inputs they all have a dimension 0, which is what the model runs on.
         rows = call.rows if call.rows >= 0 else max(a.shape[0] for a in arrays.values())
