@@ -65,14 +65,26 @@ class Route(enum.Enum):
     NOWHERE = "nowhere"  # nothing can serve it now: refuse at once with UNAVAILABLE
 
 
+def channel_options(reconnect_backoff_ms: int) -> list[tuple[str, int]]:
+    # gRPC's reconnect back-off grows to 120 s by default: a restarted replica would stay
+    # unreachable long after it is back. Cap it near the health-check period instead.
+    return [
+        *UNLIMITED_MESSAGES,
+        ("grpc.initial_reconnect_backoff_ms", min(100, reconnect_backoff_ms)),
+        ("grpc.min_reconnect_backoff_ms", min(100, reconnect_backoff_ms)),
+        ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms),
+    ]
+
+
 class Replica:
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None,
+                 reconnect_backoff_ms: int = 1000) -> None:
         self.address = address
+        options = channel_options(reconnect_backoff_ms)
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(address, options=UNLIMITED_MESSAGES)
+            self.channel = grpc.aio.insecure_channel(address, options=options)
         else:
-            self.channel = grpc.aio.secure_channel(address, credentials,
-                                                   options=UNLIMITED_MESSAGES)
+            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         self.state = ReplicaState.JOINING
         self.outstanding = 0
         self.batches_sent = 0
@@ -106,7 +118,8 @@ class ReplicaPool:
     def __init__(self, addresses: Iterable[str] = (), max_inflight: int = 2,
                  default_timeout_s: float = 30.0, *, eject_after_failures: int = 2,
                  ejection_base_s: float = 1.0, ejection_max_s: float = 30.0,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 reconnect_backoff_ms: int = 1000) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self.max_inflight = max_inflight
@@ -115,6 +128,7 @@ class ReplicaPool:
         self.ejection_base_s = ejection_base_s
         self.ejection_max_s = ejection_max_s
         self.credentials = credentials
+        self.reconnect_backoff_ms = reconnect_backoff_ms
         self.replicas: dict[str, Replica] = {}
         self.known_models: set[str] = set()
         # Called on every state change (replica, old state, reason): logs, metrics, waiters.
@@ -131,7 +145,8 @@ class ReplicaPool:
     def add(self, address: str) -> Replica:
         replica = self.replicas.get(address)
         if replica is None:
-            replica = self.replicas[address] = Replica(address, self.credentials)
+            replica = self.replicas[address] = Replica(address, self.credentials,
+                                                       self.reconnect_backoff_ms)
             log.info("replica %s joined", address)
         elif replica.state is ReplicaState.DRAINING:
             # It came back before it was dropped: it must pass a health check again.

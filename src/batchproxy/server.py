@@ -33,7 +33,8 @@ class Proxy:
         self.pool = ReplicaPool(replicas, config.max_inflight_per_replica,
                                 config.replica_timeout_s,
                                 eject_after_failures=config.eject_after_failures,
-                                ejection_base_s=max(config.health_interval_ms / 1000, 0.1))
+                                ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
+                                reconnect_backoff_ms=max(config.health_interval_ms, 100))
         self.pool.listeners.append(log_state_change)
         self.health_checker = HealthChecker(self.pool, config.health_interval_ms / 1000,
                                             config.health_check_models)
