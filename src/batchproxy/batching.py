@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -23,6 +22,7 @@ import grpc
 from batchproxy import core
 from batchproxy.config import BatchingConfig
 from batchproxy.errors import ProxyError
+from batchproxy.metrics import ProxyMetrics
 from batchproxy.pool import Replica, ReplicaPool, Route, is_replica_failure
 
 log = logging.getLogger(__name__)
@@ -124,22 +124,17 @@ POISON_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT,
                           grpc.StatusCode.FAILED_PRECONDITION})
 
 
-# Observers get (batch rows, calls in batch); metrics subscribe here without batching
-# depending on them.
-BatchObserver = Callable[[int, int], None]
-
-
 class Batcher:
-    def __init__(self, config: BatchingConfig, pool: ReplicaPool) -> None:
+    def __init__(self, config: BatchingConfig, pool: ReplicaPool,
+                 metrics: ProxyMetrics | None = None) -> None:
         self.config = config
         self.pool = pool
+        self.metrics = metrics or ProxyMetrics()
         self._queues: dict[tuple, _KeyQueue] = {}
         self.queued_rows = 0
         self._waiter: asyncio.Future[None] | None = None
         self._scheduler: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
-        self.observers: list[BatchObserver] = []
-        self.retry_observers: list[Callable[[], None]] = []
         pool.capacity_listeners.append(self._wake)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -177,9 +172,11 @@ class Batcher:
         model = call.model_name
         self.pool.note_model(model)
         if self.pool.route(model) is Route.NOWHERE:
+            self.metrics.reject("no_replica")
             raise ProxyError(grpc.StatusCode.UNAVAILABLE,
                              f"no healthy replica serves model '{model}'")
         if self.queued_rows + rows > self.config.max_enqueued_rows:
+            self.metrics.reject("queue_full")
             raise ProxyError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"The batch scheduling queue to which this task was submitted is full "
@@ -214,6 +211,7 @@ class Batcher:
         if entry.future.done():
             return
         where = "in the queue" if entry.next_row < entry.rows else "at the replica"
+        self.metrics.reject("deadline")
         entry.fail(ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED,
                               f"Deadline exceeded while waiting {where}"))
         self._abandon(entry)
@@ -301,12 +299,16 @@ class Batcher:
         room = self.config.max_batch_size
         pieces: list[tuple[_Entry, int, int]] = []
         entries = queue.entries
+        waited = self.metrics.queue_wait.observe
+        now = asyncio.get_running_loop().time()
         while room and entries:
             entry = entries[0]
             if entry.dead:
                 entries.popleft()
                 continue
             start = entry.next_row
+            if start == 0:
+                waited(now - entry.enqueued_at)
             take = min(room, entry.rows - start)
             pieces.append((entry, start, start + take))
             entry.next_row = start + take
@@ -326,8 +328,7 @@ class Batcher:
         """Send `batch`, retrying once elsewhere if the replica failed, bisecting it if the
         replica refused the batch's content, and answer each of its calls."""
         loop = asyncio.get_running_loop()
-        for observer in self.observers:
-            observer(batch.rows, len(batch.pieces))
+        self.metrics.observe_batch(replica.address, batch.rows, len(batch.pieces))
         retried = False
         while True:
             timeout = None
@@ -348,8 +349,7 @@ class Batcher:
                     except ProxyError:
                         self._fail_batch(batch, err)
                         return
-                    for observer in self.retry_observers:
-                        observer()
+                    self.metrics.retries.inc()
                     continue
                 if err.code in POISON_CODES and len(batch.pieces) > 1:
                     await self._bisect(batch)

@@ -6,7 +6,9 @@ replica untouched, and its status code and message come back unchanged."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -14,6 +16,7 @@ import grpc
 from batchproxy import core
 from batchproxy.batching import Batcher
 from batchproxy.errors import ProxyError
+from batchproxy.metrics import ProxyMetrics
 from batchproxy.pool import PREDICT, ReplicaPool
 
 log = logging.getLogger(__name__)
@@ -29,31 +32,53 @@ Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
 class PredictionHandlers:
-    def __init__(self, batcher: Batcher, pool: ReplicaPool) -> None:
+    def __init__(self, batcher: Batcher, pool: ReplicaPool,
+                 metrics: ProxyMetrics | None = None) -> None:
         self.batcher = batcher
         self.pool = pool
+        self.metrics = metrics or batcher.metrics
 
     async def predict(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        model = ""
+        code = "OK"
         try:
             call = core.decode_predict_request(request)
-        except core.CodecError as err:
-            error = ProxyError.from_codec_error(err)
-            await context.abort(error.code, error.message)
-        try:
+            model = call.model_name
             if call.rows <= 0:
                 # Not batchable (scalar inputs, disagreeing dimension 0, ...): the replica
                 # answers it alone, exactly as TFS without batching would.
                 return await self.pool.forward(PREDICT, request, context.time_remaining())
             return await self.batcher.submit(call, context.time_remaining())
+        except core.CodecError as err:
+            error = ProxyError.from_codec_error(err)
+            self.metrics.reject("invalid")
+            code = error.code.name
+            await context.abort(error.code, error.message)
         except ProxyError as err:
+            code = err.code.name
             await context.abort(err.code, err.message)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.observe_call("grpc", "Predict", model, code,
+                                      time.perf_counter() - started)
 
     def forwarder(self, path: str) -> Handler:
+        method = path.rsplit("/", 1)[1]
+
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            code = "OK"
             try:
                 return await self.pool.forward(path, request, context.time_remaining())
             except ProxyError as err:
+                code = err.code.name
                 await context.abort(err.code, err.message)
+            finally:
+                self.metrics.observe_call("grpc", method, "", code,
+                                          time.perf_counter() - started)
 
         return forward
 

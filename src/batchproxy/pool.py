@@ -164,11 +164,11 @@ class ReplicaPool:
                 self._drop_if_drained(replica)
 
     def _drop_if_drained(self, replica: Replica) -> None:
-        if replica.state is ReplicaState.DRAINING and replica.outstanding == 0:
-            if self.replicas.get(replica.address) is replica:
-                del self.replicas[replica.address]
-                log.info("replica %s drained and dropped", replica.address)
-                self._closing.append(replica)
+        if (replica.state is ReplicaState.DRAINING and replica.outstanding == 0
+                and self.replicas.get(replica.address) is replica):
+            del self.replicas[replica.address]
+            log.info("replica %s drained and dropped", replica.address)
+            self._closing.append(replica)
 
     def _set_state(self, replica: Replica, state: ReplicaState, reason: str) -> None:
         old = replica.state

@@ -8,15 +8,19 @@ import logging
 import signal
 
 import grpc
+from aiohttp import web
 
-from batchproxy import __version__, core
+from batchproxy import __version__, core, workers
 from batchproxy.batching import Batcher
 from batchproxy.config import ProxyConfig
 from batchproxy.discovery import DnsDiscovery
+from batchproxy.event_loop import run_loop
 from batchproxy.frontend_grpc import PredictionHandlers, generic_handlers
+from batchproxy.frontend_rest import RestServer
 from batchproxy.health import Readiness
 from batchproxy.health_checks import HealthChecker
 from batchproxy.local_replicas import LocalReplicas
+from batchproxy.metrics import GaugeSampler, ProxyMetrics
 from batchproxy.pool import UNLIMITED_MESSAGES, Replica, ReplicaPool, ReplicaState
 
 log = logging.getLogger("batchproxy")
@@ -36,6 +40,10 @@ class Proxy:
                                 ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
                                 reconnect_backoff_ms=max(config.health_interval_ms, 100))
         self.pool.listeners.append(log_state_change)
+        self.metrics = ProxyMetrics()
+        self.pool.listeners.append(self._count_ejection)
+        self.sampler = GaugeSampler(self._sample_gauges)
+        self.monitoring_runner: web.AppRunner | None = None
         self.health_checker = HealthChecker(self.pool, config.health_interval_ms / 1000,
                                             config.health_check_models)
         self.discovery: DnsDiscovery | None = None
@@ -44,20 +52,57 @@ class Proxy:
                                           config.dns_refresh_s, config.dns_server)
             self.discovery.on_change.append(self.health_checker.check_soon)
         self.readiness = Readiness(self.pool)
-        self.batcher = Batcher(config.batching, self.pool)
+        self.batcher = Batcher(config.batching, self.pool, self.metrics)
         self.grpc_server = grpc.aio.server(options=UNLIMITED_MESSAGES)
         self.grpc_server.add_generic_rpc_handlers(
-            [*generic_handlers(PredictionHandlers(self.batcher, self.pool)),
+            [*generic_handlers(PredictionHandlers(self.batcher, self.pool, self.metrics)),
              self.readiness.grpc_handler()])
         self.grpc_port = self.grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+        # TFS's REST API on the same batcher (rest_api_port 0 turns it off, as in TFS), with
+        # the metrics routes TFS serves on its REST port.
+        self.rest: RestServer | None = None
+        if config.rest_api_port:
+            self.rest = RestServer(
+                self.batcher, self.pool, config.host, config.rest_api_port,
+                max_body_bytes=config.rest_max_body_bytes, metrics=self.metrics,
+                extra_routes=self.metrics.routes(), reuse_port=config.workers > 1,
+                shutdown_timeout_s=config.drain_timeout_s)
+
+    def _count_ejection(self, replica: Replica, old: ReplicaState, reason: str) -> None:
+        if replica.state is ReplicaState.EJECTED:
+            self.metrics.ejections.labels(replica.address).inc()
+
+    def _sample_gauges(self) -> None:
+        self.metrics.queued_rows.set(self.batcher.queued_rows)
+        self.metrics.worker_calls.set(self.metrics.calls_handled)
+        for replica in self.pool.replicas.values():
+            self.metrics.outstanding.labels(replica.address).set(replica.outstanding)
+            self.metrics.replica_healthy.labels(replica.address).set(
+                1 if replica.state is ReplicaState.HEALTHY else 0)
+
+    async def _start_monitoring(self) -> None:
+        """Metrics on a port of their own (--monitoring_port), e.g. bound to another address
+        than the traffic ports."""
+        app = web.Application()
+        app.add_routes(self.metrics.routes())
+        self.monitoring_runner = web.AppRunner(app, access_log=None)
+        await self.monitoring_runner.setup()
+        site = web.TCPSite(self.monitoring_runner, self.config.monitoring_host,
+                           self.config.monitoring_port, reuse_port=True)
+        await site.start()
 
     async def start(self) -> None:
+        self.sampler.start()
+        if self.config.monitoring_port:
+            await self._start_monitoring()
         if self.discovery is not None:
             await self.discovery.refresh()
             self.discovery.start()
         self.health_checker.start()
         self.batcher.start()
         await self.grpc_server.start()
+        if self.rest is not None:
+            await self.rest.start()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new calls, answer every accepted one (queued batches are flushed and
@@ -65,13 +110,19 @@ class Proxy:
         grace_s = self.config.drain_timeout_s if grace_s is None else grace_s
         self.readiness.draining = True
         stopping = asyncio.ensure_future(self.grpc_server.stop(grace_s))
+        rest_stopping = asyncio.ensure_future(self.rest.stop()) if self.rest else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.batcher.drain(), grace_s)
         await stopping
+        if rest_stopping is not None:
+            await rest_stopping
         await self.batcher.close()
         if self.discovery is not None:
             await self.discovery.close()
         await self.health_checker.close()
+        await self.sampler.close()
+        if self.monitoring_runner is not None:
+            await self.monitoring_runner.cleanup()
         await self.pool.close()
 
 
@@ -79,6 +130,7 @@ def banner(config: ProxyConfig, replicas: list[str], grpc_port: int) -> str:
     batching = config.batching
     return (
         f"batchproxy {__version__} core={core.IMPLEMENTATION} grpc_port={grpc_port} "
+        f"rest_api_port={config.rest_api_port} "
         f"replicas=[{', '.join(replicas)}] max_batch_size={batching.max_batch_size} "
         f"batch_timeout_micros={batching.batch_timeout_micros} "
         f"max_enqueued_rows={batching.max_enqueued_rows} "
@@ -86,25 +138,35 @@ def banner(config: ProxyConfig, replicas: list[str], grpc_port: int) -> str:
     )
 
 
-async def run(config: ProxyConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain and exit."""
+async def run(config: ProxyConfig, replicas: list[str]) -> None:
+    """One proxy on this process's event loop until SIGTERM or SIGINT, then drain and exit."""
+    proxy = Proxy(config, replicas)
+    await proxy.start()
+    log.info(banner(config, replicas, proxy.grpc_port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: draining queued and in-flight batches")
+    await proxy.stop()
+
+
+def serve(config: ProxyConfig, use_uvloop: bool = True) -> None:
+    """The `batchproxy serve` process: local replicas if none were given, then one proxy, or
+    --workers forked proxies sharing the ports."""
     local: LocalReplicas | None = None
     replicas = list(config.replicas)
     if not replicas and not config.replicas_dns:
         local = LocalReplicas(config.local_replicas, config.local_replica_model,
                               config.model_name)
-        replicas = await local.start()
+        replicas = local.start()
     try:
-        proxy = Proxy(config, replicas)
-        await proxy.start()
-        log.info(banner(config, replicas, proxy.grpc_port))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("stopping: draining queued and in-flight batches")
-        await proxy.stop()
+        if config.workers <= 1:
+            run_loop(run(config, replicas), use_uvloop)
+        else:
+            workers.run_workers(config.workers,
+                                lambda: run_loop(run(config, replicas), use_uvloop))
     finally:
         if local is not None:
-            await local.stop()
+            local.stop()

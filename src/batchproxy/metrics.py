@@ -1,0 +1,154 @@
+"""The proxy's Prometheus series, named by Prometheus conventions (prefix batchproxy_, base
+units, _total counters).
+
+Hot-path updates are counter and histogram children bound once per label set; gauges that
+describe state (queue depth, outstanding batches, replica health) are sampled a few times a
+second instead of being written on every change. With several workers, prometheus-client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set before this module is imported) makes one
+scrape cover all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# Sub-millisecond to seconds: a batch timeout is often 1-5 ms, a deadline seconds.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        registry = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "batchproxy_requests", "Calls answered, by transport, method, model and status code",
+            ["transport", "method", "model", "code"], registry=registry)
+        self.request_duration = Histogram(
+            "batchproxy_request_duration_seconds", "End-to-end latency of a call in the proxy",
+            ["transport", "method"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_wait = Histogram(
+            "batchproxy_queue_wait_seconds",
+            "Time from a call's arrival in the batch queue to its batch being sent",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_rows = Histogram(
+            "batchproxy_batch_rows", "Rows in each batch sent to a replica",
+            buckets=SIZE_BUCKETS, registry=registry)
+        self.batch_requests = Histogram(
+            "batchproxy_batch_requests", "Calls (or pieces of calls) in each batch",
+            buckets=SIZE_BUCKETS, registry=registry)
+        self.batches = Counter(
+            "batchproxy_batches", "Batches sent, by replica", ["replica"], registry=registry)
+        self.retries = Counter(
+            "batchproxy_retries", "Batches sent again to another replica after a failure",
+            registry=registry)
+        self.ejections = Counter(
+            "batchproxy_replica_ejections", "Times a replica was ejected", ["replica"],
+            registry=registry)
+        self.rejected = Counter(
+            "batchproxy_rejected_requests", "Calls refused before reaching a replica, by reason",
+            ["reason"], registry=registry)
+        self.queued_rows = Gauge(
+            "batchproxy_queued_rows", "Rows waiting in batch queues",
+            multiprocess_mode="livesum", registry=registry)
+        self.outstanding = Gauge(
+            "batchproxy_replica_outstanding_batches", "Batches in flight per replica",
+            ["replica"], multiprocess_mode="livesum", registry=registry)
+        self.replica_healthy = Gauge(
+            "batchproxy_replica_healthy", "1 while a replica is healthy, else 0", ["replica"],
+            multiprocess_mode="livemax", registry=registry)
+        self.worker_calls = Gauge(
+            "batchproxy_worker_calls", "Calls answered by each worker process (pid label "
+            "with --workers)", multiprocess_mode="all", registry=registry)
+        self.calls_handled = 0
+        self._request_children: dict[tuple[str, str, str, str], Counter] = {}
+        self._duration_children: dict[tuple[str, str], Histogram] = {}
+        self._batch_children: dict[str, Counter] = {}
+        self._rejected_children: dict[str, Counter] = {}
+
+    # -- hot path: children bound once per label set ------------------------------------------
+
+    def observe_call(self, transport: str, method: str, model: str, code: str,
+                     seconds: float) -> None:
+        key = (transport, method, model, code)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(*key)
+        child.inc()
+        self.calls_handled += 1
+        duration = self._duration_children.get((transport, method))
+        if duration is None:
+            duration = self._duration_children[(transport, method)] = \
+                self.request_duration.labels(transport, method)
+        duration.observe(seconds)
+
+    def observe_batch(self, replica: str, rows: int, calls: int) -> None:
+        child = self._batch_children.get(replica)
+        if child is None:
+            child = self._batch_children[replica] = self.batches.labels(replica)
+        child.inc()
+        self.batch_rows.observe(rows)
+        self.batch_requests.observe(calls)
+
+    def reject(self, reason: str) -> None:
+        child = self._rejected_children.get(reason)
+        if child is None:
+            child = self._rejected_children[reason] = self.rejected.labels(reason)
+        child.inc()
+
+    # -- exposition ------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = self.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/metrics", self.handle),
+                web.get("/monitoring/prometheus/metrics", self.handle)]
+
+
+class GaugeSampler:
+    """Copies state gauges from live objects a few times a second (off the hot path)."""
+
+    def __init__(self, sample: Callable[[], None], interval_s: float = 0.2) -> None:
+        self.sample = sample
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.interval_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
