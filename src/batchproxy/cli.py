@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 from batchproxy import __version__
 from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
-
-
-def run_loop(main: Coroutine[Any, Any, None], use_uvloop: bool = True) -> None:
-    """Run `main` on uvloop when it is installed (and wanted), else on asyncio's own loop."""
-    if use_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +20,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="REST port (default %(default)s)")
     net.add_argument("--host", default=defaults.host,
                      help="address to listen on (default %(default)s)")
+    net.add_argument("--rest_max_body_bytes", type=int, default=defaults.rest_max_body_bytes,
+                     help="largest REST request body in bytes, after gzip decompression; "
+                          "larger ones get HTTP 413 (default %(default)s)")
     up = parser.add_argument_group("replicas")
     up.add_argument("--replica", action="append", default=[], metavar="HOST:PORT",
                     help="a TFS replica's gRPC address; repeat for several. Without any, "
@@ -70,6 +57,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--eject_after_failures", type=int,
                     default=defaults.eject_after_failures,
                     help="consecutive failed calls that eject a replica (default %(default)s)")
+    parser.add_argument("--monitoring_port", type=int, default=0,
+                        help="also serve /metrics on this port (0: only on the REST port)")
+    parser.add_argument("--monitoring_host", default=defaults.monitoring_host,
+                        help="address of --monitoring_port (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help="processes sharing the ports (SO_REUSEPORT); metrics cover all "
+                             "(default %(default)s)")
     parser.add_argument("--drain_timeout_s", type=float, default=defaults.drain_timeout_s,
                         help="on SIGTERM, time to answer accepted calls before exiting "
                              "(default %(default)s)")
@@ -108,6 +102,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         model_name=args.model_name,
         max_inflight_per_replica=args.max_inflight_per_replica,
         replica_timeout_s=args.replica_timeout_s,
+        rest_max_body_bytes=args.rest_max_body_bytes,
         replicas_dns=tuple(args.replicas_dns),
         dns_refresh_s=args.dns_refresh_s,
         dns_server=args.dns_server,
@@ -115,6 +110,9 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         health_check_models=tuple(args.health_check_model),
         eject_after_failures=args.eject_after_failures,
         drain_timeout_s=args.drain_timeout_s,
+        monitoring_port=args.monitoring_port,
+        monitoring_host=args.monitoring_host,
+        workers=args.workers,
         batching=BatchingConfig(**settings),
     )
 
@@ -126,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         config = proxy_config(args)
     except ValueError as err:
         sys.exit(f"batchproxy serve: {err}")
-    run_loop(server.run(config), not args.no_uvloop)
+    server.serve(config, not args.no_uvloop)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,8 @@ class ProxyConfig:
     max_inflight_per_replica: int = 2
     # Upper bound for a replica call when the caller set no deadline.
     replica_timeout_s: float = 30.0
+    # Largest REST request body, after gzip decompression too; beyond it callers get 413.
+    rest_max_body_bytes: int = 64 << 20
     replicas_dns: tuple[str, ...] = ()  # NAME:PORT, every address of NAME is a replica
     dns_refresh_s: float = 5.0
     dns_server: str | None = None  # HOST:PORT; default: the system resolver
@@ -47,6 +49,9 @@ class ProxyConfig:
     # Models to health-check from the start; models seen in traffic are added.
     health_check_models: tuple[str, ...] = ()
     drain_timeout_s: float = 20.0
+    monitoring_port: int = 0  # 0: metrics only on the REST port
+    monitoring_host: str = "0.0.0.0"
+    workers: int = 1
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
