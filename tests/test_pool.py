@@ -12,7 +12,8 @@ import pytest
 import requests
 from grpc_client import batch_rows_histogram, predict_request, stub, to_array
 from load import closed_loop
-from procs import start_replica
+from procs import free_port, start_replica
+from prometheus_client.parser import text_string_to_metric_families
 from proxy_procs import start_proxy
 
 HEALTH_MS = 200
@@ -22,17 +23,37 @@ def batches(replica) -> float:
     return batch_rows_histogram(replica.rest_url).get("count", 0)
 
 
+def proxy_series(monitoring_port: int, name: str, replica: str) -> float | None:
+    text = requests.get(f"http://127.0.0.1:{monitoring_port}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("replica") == replica:
+                return sample.value
+    return None
+
+
 async def test_kill_9_of_one_replica_under_load_loses_no_call():
     replicas = [start_replica("identity", batch_cost_ms=2) for _ in range(3)]
+    monitoring = free_port()
     proxy = start_proxy(replicas, health_interval_ms=HEALTH_MS, max_batch_size=16,
-                        batch_timeout_micros=2000)
+                        batch_timeout_micros=2000, monitoring_port=monitoring)
     victim = replicas[0]
     try:
         load = asyncio.ensure_future(closed_loop(proxy.address, callers=200, duration_s=10))
         await asyncio.sleep(3)
         victim.popen.send_signal(signal.SIGKILL)
         victim.popen.wait()
-        await asyncio.sleep(3)
+        # Once ejected, the dead replica is sent no new batch.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2
+        while (proxy_series(monitoring, "batchproxy_replica_healthy", victim.address) != 0
+               and loop.time() < deadline):
+            await asyncio.sleep(0.05)
+        assert proxy_series(monitoring, "batchproxy_replica_healthy", victim.address) == 0
+        sent_when_ejected = proxy_series(monitoring, "batchproxy_batches_total", victim.address)
+        await asyncio.sleep(2.5)
+        assert proxy_series(monitoring, "batchproxy_batches_total",
+                            victim.address) == sent_when_ejected
         # Restarted on the same port, it must get work again within two health intervals.
         restarted = start_replica("identity", batch_cost_ms=2, port=victim.port,
                                   rest_port=victim.rest_port)
