@@ -24,6 +24,7 @@ def identity_fleet(request):
     proxy = start_proxy(
         replicas, env=CORES[request.param], max_batch_size=32, batch_timeout_micros=2000
     )
+    assert f"core={request.param}" in proxy.output()
     yield proxy, replicas
     proxy.stop()
     for replica in replicas:

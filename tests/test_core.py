@@ -715,6 +715,17 @@ def test_malformed_requests(core: ModuleType, data: bytes) -> None:
         predict_pb2.PredictRequest.FromString(data)
 
 
+def test_field_number_zero_inside_a_group(core: ModuleType) -> None:
+    # C++ protobuf (TFS) refuses field number 0 anywhere; upb (the Python runtime, hence the
+    # pure-Python core) lets it pass inside an unknown group.
+    data = tag(99, 3) + tag(0, 0)[:1] + b"\x01" + tag(99, 4)
+    if core.__name__.endswith("_core"):
+        with pytest.raises(core.CodecError):
+            core.decode_predict_request(data)
+    else:
+        assert core.decode_predict_request(data).rows == -1
+
+
 def test_truncated_requests_never_crash(core: ModuleType) -> None:
     for cut in range(len(GOOD_REQUEST)):
         data = GOOD_REQUEST[:cut]

@@ -69,7 +69,8 @@ def split_predict_response(data: bytes, rows: list[int]) -> list[bytes]:
 
 def concat_predict_responses(parts: list[bytes]) -> bytes:
     """Join responses for consecutive row ranges of one request back into one response,
-    along dimension 0, in the encoding of the first part."""
+    along dimension 0, in the encoding of the first part that has rows (a part of no rows
+    carries no payload to tell typed from tensor_content)."""
 
 def encode_tensor(
     dtype: int, shape: tuple[int, ...], data: bytes | list[bytes], typed: bool

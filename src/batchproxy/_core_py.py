@@ -123,6 +123,8 @@ _FIELD_VALUES: dict[str, np.dtype] = {
 # forwarded unbatched): a few bytes on the wire must not make the proxy allocate gigabytes.
 # Strings count 8 bytes an element (one reference each). Same limit in the compiled core.
 MAX_FILL_BYTES = 1 << 31
+# TensorShape::MaxDimensions().
+MAX_RANK = 254
 
 
 class CodecError(ValueError):
@@ -406,6 +408,8 @@ def _fill(values: np.ndarray, n: int) -> np.ndarray:
 
 def _normalize(tp: tensor_pb2.TensorProto) -> tuple[Tensor, bool]:
     """(normalized tensor, whether it can be batched). Raises _Mismatch."""
+    if len(tp.tensor_shape.dim) > MAX_RANK:
+        raise _Mismatch(f"more than {MAX_RANK} dimensions")  # TF refuses such a shape
     dtype = tp.dtype
     dims, known = _known_dims(tp)
     size = _ITEMSIZE.get(dtype, -1)
@@ -618,6 +622,8 @@ def _parse_response(data: bytes) -> predict_pb2.PredictResponse:
 
 def _batch_dims(name: str, tp: tensor_pb2.TensorProto) -> tuple[int, int, int]:
     """(dim 0, elements per row, bytes per element) of an output that can be cut on dim 0."""
+    if len(tp.tensor_shape.dim) > MAX_RANK:
+        raise CodecError("INTERNAL", f"output {name} has more than {MAX_RANK} dimensions")
     dims, known = _known_dims(tp)
     if tp.tensor_shape.unknown_rank or not dims:
         raise CodecError("FAILED_PRECONDITION", f"output {name} has no batch dimension")
@@ -645,6 +651,8 @@ def _typed_count(name: str, tp: tensor_pb2.TensorProto, n: int) -> int:
         count //= 2
     if count > n:
         raise CodecError("INTERNAL", f"output {name}: {count} values for {n} elements")
+    if 1 < count < n and n * max(_ITEMSIZE[tp.dtype], 8) > MAX_FILL_BYTES:
+        raise CodecError("INTERNAL", f"output {name}: too large to expand")
     return count
 
 
@@ -782,14 +790,16 @@ def concat_predict_responses(parts: list[bytes]) -> bytes:
         # Normalize every part (fills the one-value form) and re-encode in the first part's
         # encoding: typed unless the first part used tensor_content.
         try:
-            tensors = [_normalize(tp)[0] for tp in tps]
+            normalized = [_normalize(tp) for tp in tps]
         except _Mismatch as exc:
             raise CodecError("INTERNAL", f"output {name}: {exc}") from None
-        # A part of no rows carries no payload, so it cannot tell the encoding: ask the first
-        # part that has elements.
-        typed = not next((tp.tensor_content for tp in tps if tp.tensor_content), b"") or not next(
-            (tp.tensor_content for tp, d in zip(tps, dims0, strict=True) if d), b""
-        )
+        if not all(ok for _, ok in normalized):
+            raise CodecError("INTERNAL", f"output {name} cannot be joined")
+        tensors = [t for t, _ in normalized]
+        # A part of no rows carries no payload and cannot tell the encoding: the first part
+        # that has rows decides.
+        decider = next((tp for tp, d in zip(tps, dims0, strict=True) if d), None)
+        typed = decider is None or not decider.tensor_content
         if head.dtype == DT_STRING:
             strings = [s for t in tensors for s in t.data]
             merged = tensor_pb2.TensorProto()

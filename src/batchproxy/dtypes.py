@@ -70,3 +70,28 @@ def to_numpy(dtype: int, shape: tuple[int, ...], data: bytes | list[bytes]) -> n
         arr[:] = data
         return arr.reshape(shape)
     return np.frombuffer(data, dtype=NUMPY_DTYPES[dtype]).reshape(shape)
+
+# TensorFlow's DataTypeString names ("float", "int32", ...), which TF and TFS use verbatim in
+# their error messages.
+TF_NAMES: dict[int, str] = {
+    DT_FLOAT: "float",
+    DT_DOUBLE: "double",
+    DT_INT32: "int32",
+    DT_UINT8: "uint8",
+    DT_INT16: "int16",
+    DT_INT8: "int8",
+    DT_STRING: "string",
+    DT_COMPLEX64: "complex64",
+    DT_INT64: "int64",
+    DT_BOOL: "bool",
+    DT_BFLOAT16: "bfloat16",
+    DT_UINT16: "uint16",
+    DT_COMPLEX128: "complex128",
+    DT_HALF: "half",
+    DT_UINT32: "uint32",
+    DT_UINT64: "uint64",
+}
+
+
+def tf_name(dtype: int) -> str:
+    return TF_NAMES.get(dtype, f"type {dtype}")
