@@ -52,6 +52,15 @@ class ProxyConfig:
     monitoring_port: int = 0  # 0: metrics only on the REST port
     monitoring_host: str = "0.0.0.0"
     workers: int = 1
+    # Limits on what one client may send.
+    max_message_bytes: int = 256 << 20
+    max_rows_per_request: int = 1 << 16
+    # TLS: TFS's SSLConfig text file for the serving ports; CA/cert/key towards replicas.
+    ssl_config_file: str | None = None
+    replica_ca: str | None = None
+    replica_cert: str | None = None
+    replica_key: str | None = None
+    auth_token_file: str | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from batchproxy import core
+from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
 from batchproxy.batching import Batcher
 from batchproxy.errors import ProxyError
 from batchproxy.metrics import ProxyMetrics
@@ -33,18 +34,33 @@ Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 class PredictionHandlers:
     def __init__(self, batcher: Batcher, pool: ReplicaPool,
-                 metrics: ProxyMetrics | None = None) -> None:
+                 metrics: ProxyMetrics | None = None, *, auth: TokenAuth | None = None,
+                 max_rows_per_request: int = 1 << 20) -> None:
         self.batcher = batcher
         self.pool = pool
         self.metrics = metrics or batcher.metrics
+        self.auth = auth
+        self.max_rows_per_request = max_rows_per_request
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        if self.auth is not None and not self.auth.accepts_metadata(
+                context.invocation_metadata()):
+            self.metrics.reject("unauthenticated")
+            raise ProxyError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
     async def predict(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         model = ""
         code = "OK"
         try:
+            self._authenticate(context)
             call = core.decode_predict_request(request)
             model = call.model_name
+            if call.rows > self.max_rows_per_request:
+                self.metrics.reject("too_large")
+                raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"the request has {call.rows} rows; the limit is "
+                                 f"{self.max_rows_per_request} (--max_rows_per_request)")
             if call.rows <= 0:
                 # Not batchable (scalar inputs, disagreeing dimension 0, ...): the replica
                 # answers it alone, exactly as TFS without batching would.
@@ -72,6 +88,7 @@ class PredictionHandlers:
             started = time.perf_counter()
             code = "OK"
             try:
+                self._authenticate(context)
                 return await self.pool.forward(path, request, context.time_remaining())
             except ProxyError as err:
                 code = err.code.name

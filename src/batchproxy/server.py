@@ -11,6 +11,7 @@ import grpc
 from aiohttp import web
 
 from batchproxy import __version__, core, workers
+from batchproxy.auth import TokenAuth
 from batchproxy.batching import Batcher
 from batchproxy.config import ProxyConfig
 from batchproxy.discovery import DnsDiscovery
@@ -21,7 +22,8 @@ from batchproxy.health import Readiness
 from batchproxy.health_checks import HealthChecker
 from batchproxy.local_replicas import LocalReplicas
 from batchproxy.metrics import GaugeSampler, ProxyMetrics
-from batchproxy.pool import UNLIMITED_MESSAGES, Replica, ReplicaPool, ReplicaState
+from batchproxy.pool import Replica, ReplicaPool, ReplicaState
+from batchproxy.tls import ServerTLS, replica_credentials
 
 log = logging.getLogger("batchproxy")
 
@@ -31,14 +33,26 @@ def log_state_change(replica: Replica, old: ReplicaState, reason: str) -> None:
              reason)
 
 
+def server_options(config: ProxyConfig) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", -1)]
+
+
 class Proxy:
     def __init__(self, config: ProxyConfig, replicas: list[str]) -> None:
         self.config = config
+        self.tls = ServerTLS.from_tfs_file(config.ssl_config_file) \
+            if config.ssl_config_file else None
+        self.auth = TokenAuth.from_file(config.auth_token_file) \
+            if config.auth_token_file else None
         self.pool = ReplicaPool(replicas, config.max_inflight_per_replica,
                                 config.replica_timeout_s,
                                 eject_after_failures=config.eject_after_failures,
                                 ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
-                                reconnect_backoff_ms=max(config.health_interval_ms, 100))
+                                reconnect_backoff_ms=max(config.health_interval_ms, 100),
+                                credentials=replica_credentials(
+                                    config.replica_ca, config.replica_cert,
+                                    config.replica_key))
         self.pool.listeners.append(log_state_change)
         self.metrics = ProxyMetrics()
         self.pool.listeners.append(self._count_ejection)
@@ -53,11 +67,17 @@ class Proxy:
             self.discovery.on_change.append(self.health_checker.check_soon)
         self.readiness = Readiness(self.pool)
         self.batcher = Batcher(config.batching, self.pool, self.metrics)
-        self.grpc_server = grpc.aio.server(options=UNLIMITED_MESSAGES)
+        self.grpc_server = grpc.aio.server(options=server_options(config))
+        handlers = PredictionHandlers(self.batcher, self.pool, self.metrics, auth=self.auth,
+                                      max_rows_per_request=config.max_rows_per_request)
         self.grpc_server.add_generic_rpc_handlers(
-            [*generic_handlers(PredictionHandlers(self.batcher, self.pool, self.metrics)),
-             self.readiness.grpc_handler()])
-        self.grpc_port = self.grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+            [*generic_handlers(handlers), self.readiness.grpc_handler()])
+        address = f"{config.host}:{config.port}"
+        if self.tls is not None:
+            self.grpc_port = self.grpc_server.add_secure_port(address,
+                                                              self.tls.grpc_credentials())
+        else:
+            self.grpc_port = self.grpc_server.add_insecure_port(address)
         # TFS's REST API on the same batcher (rest_api_port 0 turns it off, as in TFS), with
         # the metrics routes TFS serves on its REST port.
         self.rest: RestServer | None = None

@@ -36,6 +36,7 @@ async def serve_replica(
     model_version: int = 1,
     tensor_content: bool = False,
     check_numerics: bool = False,
+    ssl_config_file: str | None = None,
     host: str = "0.0.0.0",
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -50,6 +51,7 @@ async def serve_replica(
         row_cost_us=row_cost_us,
         tensor_content=tensor_content,
         check_numerics=check_numerics,
+        ssl_config_file=ssl_config_file,
         host=host,
     )
     if stop is None:
@@ -89,6 +91,9 @@ def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable_serialization_as_tensor_content", action="store_true",
                         help="answer with tensor_content instead of typed fields, like TFS's "
                              "flag of the same name")
+    parser.add_argument("--ssl_config_file", default=None,
+                        help="TFS-format SSLConfig text file: TLS (or mutual TLS with "
+                             "client_verify) on the gRPC port")
     parser.add_argument("--check_numerics", action="store_true",
                         help="fail a Predict whose float inputs hold NaN or Inf with "
                              "INVALID_ARGUMENT, as a model with tf.debugging.check_numerics "
@@ -107,6 +112,7 @@ def run_replica(args: argparse.Namespace) -> None:
         model_version=args.model_version,
         tensor_content=args.enable_serialization_as_tensor_content,
         check_numerics=args.check_numerics,
+        ssl_config_file=args.ssl_config_file,
         host=args.host,
     )
     if not getattr(args, "no_uvloop", False):

@@ -24,6 +24,7 @@ from batchproxy.replica.metrics import ReplicaMetrics
 from batchproxy.replica.models import ReplicaError, load_model
 from batchproxy.replica.rest import make_app
 from batchproxy.replica.service import ReplicaService
+from batchproxy.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,10 @@ class Replica:
         tensor_content: bool = False,
         check_numerics: bool = False,
         host: str = "0.0.0.0",
+        ssl_config_file: str | None = None,
     ) -> None:
         self.host = host
+        self.ssl_config_file = ssl_config_file
         self.requested_port = port
         self.requested_rest_port = rest_api_port
         self.service = ReplicaService(
@@ -178,7 +181,12 @@ class Replica:
             self.rest_port = self._runner.addresses[0][1]
         self._server = grpc.aio.server(options=GRPC_OPTIONS)
         self._server.add_generic_rpc_handlers(ReplicaRpcs(self.service).handlers())
-        self.port = self._server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        address = f"{self.host}:{self.requested_port}"
+        if self.ssl_config_file:
+            credentials = ServerTLS.from_tfs_file(self.ssl_config_file).grpc_credentials()
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
         await self._server.start()
         svc = self.service
         runner = svc.runner
