@@ -132,6 +132,7 @@ class Batcher:
         self.metrics = metrics or ProxyMetrics()
         self._queues: dict[tuple, _KeyQueue] = {}
         self.queued_rows = 0
+        self.service_time_s: float | None = None  # mean replica time per batch
         self._waiter: asyncio.Future[None] | None = None
         self._scheduler: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
@@ -182,6 +183,17 @@ class Batcher:
                 f"The batch scheduling queue to which this task was submitted is full "
                 f"({self.queued_rows} rows queued, limit {self.config.max_enqueued_rows})",
             )
+        if timeout is not None:
+            wait = self.expected_wait_s(rows)
+            # A margin for what the estimate leaves out: the batch timeout, the way back.
+            if wait > 0.8 * timeout - self.config.batch_timeout_s:
+                # It would expire in the queue anyway: say so now, while the caller can still
+                # go elsewhere, instead of holding it until its deadline.
+                self.metrics.reject("deadline_unreachable")
+                raise ProxyError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"The batch queue is too long for this call's deadline (expected wait "
+                    f"{wait * 1000:.0f} ms, deadline {timeout * 1000:.0f} ms)")
         loop = asyncio.get_running_loop()
         now = loop.time()
         queue = self._queues.get(call.key)
@@ -206,6 +218,22 @@ class Batcher:
         finally:
             if entry.timer is not None:
                 entry.timer.cancel()
+
+    def _note_service_time(self, seconds: float) -> None:
+        # An exponentially weighted mean: recent batches matter most (replicas slow down).
+        if self.service_time_s is None:
+            self.service_time_s = seconds
+        else:
+            self.service_time_s += 0.1 * (seconds - self.service_time_s)
+
+    def expected_wait_s(self, rows: int) -> float:
+        """A rough time to answer `rows` more rows: the batches ahead of them, served by all
+        the replica slots in parallel, then their own batch. 0 until a batch was timed."""
+        if self.service_time_s is None:
+            return 0.0
+        slots = max(self.pool.max_inflight * len(self.pool.replicas), 1)
+        batches_ahead = (self.queued_rows + rows) // self.config.max_batch_size
+        return (batches_ahead / slots + 1) * self.service_time_s
 
     def _expire(self, entry: _Entry) -> None:
         if entry.future.done():
@@ -338,7 +366,9 @@ class Batcher:
                 if timeout is not None and timeout <= 0:
                     raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                      "Deadline exceeded before the batch was sent")
+                sent_at = loop.time()
                 response = await self.pool.predict(replica, batch.request, timeout)
+                self._note_service_time(loop.time() - sent_at)
             except ProxyError as err:
                 self.pool.release(replica)
                 if is_replica_failure(err) and not retried and len(self.pool.replicas) > 1:
