@@ -104,7 +104,7 @@ class Proxy:
         """Metrics on a port of their own (--monitoring_port), e.g. bound to another address
         than the traffic ports."""
         app = web.Application()
-        app.add_routes(self.metrics.routes())
+        app.add_routes(self.metrics.routes() + self.readiness.routes())
         self.monitoring_runner = web.AppRunner(app, access_log=None)
         await self.monitoring_runner.setup()
         site = web.TCPSite(self.monitoring_runner, self.config.monitoring_host,
