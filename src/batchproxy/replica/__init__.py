@@ -19,6 +19,7 @@ import contextlib
 import logging
 import signal
 
+from batchproxy.event_loop import run_loop
 from batchproxy.replica.models import MODELS
 from batchproxy.replica.server import Replica
 
@@ -115,12 +116,4 @@ def run_replica(args: argparse.Namespace) -> None:
         ssl_config_file=args.ssl_config_file,
         host=args.host,
     )
-    if not getattr(args, "no_uvloop", False):
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
+    run_loop(main, not getattr(args, "no_uvloop", False))
