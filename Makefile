@@ -10,7 +10,7 @@ CORE_SO = $(wildcard src/batchproxy/_core*.so)
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,interop]'
+	$(PY) -m pip install -q -e '.[test,interop,plot]'
 	touch $(STAMP)
 
 # The compiled core, rebuilt in place whenever its source changes.

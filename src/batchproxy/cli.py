@@ -1,4 +1,4 @@
-"""`batchproxy serve | replica`: the command line."""
+"""`batchproxy serve | replica | bench`: the command line."""
 
 from __future__ import annotations
 
@@ -64,6 +64,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=defaults.workers,
                         help="processes sharing the ports (SO_REUSEPORT); metrics cover all "
                              "(default %(default)s)")
+    lim = parser.add_argument_group("limits and security")
+    lim.add_argument("--max_message_bytes", type=int, default=defaults.max_message_bytes,
+                     help="largest gRPC message accepted (default %(default)s)")
+    lim.add_argument("--max_rows_per_request", type=int,
+                     default=defaults.max_rows_per_request,
+                     help="rows (dimension 0) one call may carry (default %(default)s)")
+    lim.add_argument("--ssl_config_file", default=None,
+                     help="TFS-format SSLConfig text file (server_key, server_cert, custom_ca, "
+                          "client_verify): TLS on the gRPC and REST ports")
+    lim.add_argument("--replica_ca", default=None,
+                     help="PEM CA file: talk TLS to replicas and check their certificates")
+    lim.add_argument("--replica_cert", default=None,
+                     help="PEM client certificate for mutual TLS to replicas")
+    lim.add_argument("--replica_key", default=None,
+                     help="PEM client key for mutual TLS to replicas")
+    lim.add_argument("--auth_token_file", default=None,
+                     help="calls must carry 'authorization: Bearer <token>' with the token in "
+                          "this file; health endpoints stay open")
     parser.add_argument("--drain_timeout_s", type=float, default=defaults.drain_timeout_s,
                         help="on SIGTERM, time to answer accepted calls before exiting "
                              "(default %(default)s)")
@@ -113,6 +131,13 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         monitoring_port=args.monitoring_port,
         monitoring_host=args.monitoring_host,
         workers=args.workers,
+        max_message_bytes=args.max_message_bytes,
+        max_rows_per_request=args.max_rows_per_request,
+        ssl_config_file=args.ssl_config_file,
+        replica_ca=args.replica_ca,
+        replica_cert=args.replica_cert,
+        replica_key=args.replica_key,
+        auth_token_file=args.auth_token_file,
         batching=BatchingConfig(**settings),
     )
 
@@ -128,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from batchproxy import replica
+    from batchproxy import bench, replica
 
     parser = argparse.ArgumentParser(
         prog="batchproxy",
@@ -146,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(development and tests only)")
     replica.add_replica_arguments(rep)
     rep.set_defaults(handler=replica.run_replica)
+    load = commands.add_parser("bench", help="load generator for the proxy or any TFS "
+                                             "endpoint, and a bare echo server")
+    bench.add_bench_arguments(load)
+    load.set_defaults(handler=bench.run_bench)
     return parser
 
 
