@@ -130,6 +130,7 @@ class ReplicaPool:
         self.credentials = credentials
         self.reconnect_backoff_ms = reconnect_backoff_ms
         self.replicas: dict[str, Replica] = {}
+        self._routes: dict[str, Route] = {}
         self.known_models: set[str] = set()
         # Called on every state change (replica, old state, reason): logs, metrics, waiters.
         self.listeners: list[StateListener] = []
@@ -145,6 +146,7 @@ class ReplicaPool:
     def add(self, address: str) -> Replica:
         replica = self.replicas.get(address)
         if replica is None:
+            self._routes.clear()
             replica = self.replicas[address] = Replica(address, self.credentials,
                                                        self.reconnect_backoff_ms)
             log.info("replica %s joined", address)
@@ -167,6 +169,7 @@ class ReplicaPool:
         if (replica.state is ReplicaState.DRAINING and replica.outstanding == 0
                 and self.replicas.get(replica.address) is replica):
             del self.replicas[replica.address]
+            self._routes.clear()
             log.info("replica %s drained and dropped", replica.address)
             self._closing.append(replica)
 
@@ -175,6 +178,7 @@ class ReplicaPool:
         if old is state:
             return
         replica.state = state
+        self._routes.clear()
         if state is ReplicaState.HEALTHY:
             replica.healthy_since = time.monotonic()
         for listener in self.listeners:
@@ -191,6 +195,8 @@ class ReplicaPool:
             became_available = any(
                 state is ModelState.AVAILABLE and replica.models.get(name) is not state
                 for name, state in models.items())
+            if any(replica.models.get(name) is not state for name, state in models.items()):
+                self._routes.clear()
             replica.models.update(models)
             if became_available:
                 self._notify_capacity()
@@ -237,7 +243,14 @@ class ReplicaPool:
         return True
 
     def route(self, model: str) -> Route:
-        """Where calls for `model` can go now (see Route)."""
+        """Where calls for `model` can go now (see Route). Asked on every call: cached until
+        a replica's state, a model's state or the membership changes."""
+        route = self._routes.get(model)
+        if route is None:
+            route = self._routes[model] = self._compute_route(model)
+        return route
+
+    def _compute_route(self, model: str) -> Route:
         healthy = [r for r in self.replicas.values() if r.state is ReplicaState.HEALTHY]
         if not healthy:
             joining = any(r.state is ReplicaState.JOINING for r in self.replicas.values())
