@@ -34,6 +34,4 @@ def start_proxy(
     for address in addresses:
         args += ["--replica", address]
     args += flag_args(flags)
-    proc = start_process(args, port, env=env, timeout_s=timeout_s)
-    proc.rest_port = rest_port
-    return proc
+    return start_process(args, port, rest_port=rest_port, env=env, timeout_s=timeout_s)

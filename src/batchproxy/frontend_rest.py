@@ -1,0 +1,406 @@
+"""The REST face of the proxy: TensorFlow Serving's HTTP/JSON API (port 8501) on aiohttp.
+
+A predict body is typed by the model's signature (signatures.SignatureCache), becomes a
+core.PredictCall and joins the same batcher as gRPC calls: a REST caller and a gRPC caller of
+one model can travel in one batch. Status, metadata, classify and regress are forwarded to a
+replica unbatched and their answers written as TFS writes them. Errors are
+{"error": message} under TFS's HTTP status for the gRPC code.
+
+    POST /v1/models/{name}[/versions/{n}|/labels/{l}]:(predict|classify|regress)
+    GET  /v1/models/{name}[/versions/{n}|/labels/{l}][/metadata]
+
+Request headers: `Content-Encoding: gzip` is accepted; `X-Request-Timeout-Ms: <ms>` is the
+call's deadline, as a gRPC deadline is (an expired call leaves the batch queue and gets 504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+import zlib
+from collections.abc import Iterable, Mapping
+
+import grpc
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from google.protobuf.message import DecodeError
+
+from batchproxy import core, rest_json
+from batchproxy.batching import Batcher
+from batchproxy.errors import ProxyError
+from batchproxy.metrics import ProxyMetrics
+from batchproxy.pool import PREDICT, ReplicaPool
+from batchproxy.protos import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    predict_pb2,
+)
+from batchproxy.signatures import GET_MODEL_METADATA, ModelKey, SignatureCache, model_spec
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+CLASSIFY = "/tensorflow.serving.PredictionService/Classify"
+REGRESS = "/tensorflow.serving.PredictionService/Regress"
+GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
+
+# TFS's own route patterns (http_rest_api_util.cc), matched whole and case-insensitively.
+PREDICT_PATH = re.compile(
+    r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)",
+    re.IGNORECASE,
+)
+STATUS_PATH = re.compile(
+    r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?",
+    re.IGNORECASE,
+)
+
+# gRPC status -> HTTP status, as TFS maps them (API.md).
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+_REASONS = {499: "Client Closed Request"}  # not in http.HTTPStatus
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    return HTTP_STATUS.get(code, 500)
+
+
+class HttpError(Exception):
+    """A refusal that has an HTTP status but no gRPC code (413, 404 outside /v1/)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_response(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, reason=_REASONS.get(status),
+                        content_type="application/json")
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return json_response(rest_json.error_body(message), status)
+
+
+def _invalid(message: str) -> ProxyError:
+    return ProxyError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _version(text: str | None) -> int | None:
+    if text is None:
+        return None
+    version = int(text)  # the pattern only lets digits through
+    if version > 2**63 - 1:
+        raise _invalid(f"Failed to convert version: {text} to numeric.")
+    return version
+
+
+class _Deadline:
+    """The caller's X-Request-Timeout-Ms, counted from the request's arrival."""
+
+    __slots__ = ("at", "loop")
+
+    def __init__(self, headers: Mapping[str, str]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.at: float | None = None
+        raw = headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return
+        try:
+            ms = float(raw)
+        except ValueError:
+            ms = math.nan
+        if not math.isfinite(ms) or ms < 0:
+            raise _invalid(
+                f"Invalid {TIMEOUT_HEADER} header: {raw!r} (expected a non-negative number "
+                "of milliseconds)"
+            )
+        self.at = self.loop.time() + ms / 1000.0
+
+    def remaining(self) -> float | None:
+        """Seconds left (None: no deadline); DEADLINE_EXCEEDED once there are none."""
+        if self.at is None:
+            return None
+        left = self.at - self.loop.time()
+        if left <= 0:
+            raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        return left
+
+
+def _predict_request(spec: bytes, inputs: Mapping[str, core.Tensor]) -> bytes:
+    """A serialized PredictRequest for a call sent unbatched."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.ParseFromString(spec)
+    for name, tensor in inputs.items():
+        request.inputs[name].ParseFromString(
+            core.encode_tensor(tensor.dtype, tensor.shape, tensor.data, False)
+        )
+    return request.SerializeToString()
+
+
+def _response_outputs(data: bytes) -> tuple[dict[str, core.Tensor], int | None]:
+    """(outputs by name, the version that answered) of a serialized PredictResponse."""
+    try:
+        response = predict_pb2.PredictResponse.FromString(data)
+        outputs = {
+            name: core.decode_tensor(response.outputs[name].SerializeToString())
+            for name in sorted(response.outputs)
+        }
+    except DecodeError as err:
+        raise ProxyError(grpc.StatusCode.INTERNAL,
+                         f"Could not parse the replica's PredictResponse: {err}") from None
+    except core.CodecError as err:
+        raise ProxyError.from_codec_error(err) from None
+    spec = response.model_spec
+    return outputs, spec.version.value if spec.HasField("version") else None
+
+
+class _Call:
+    """What the metrics say about one REST call (method and model are known after routing)."""
+
+    __slots__ = ("method", "model")
+
+    def __init__(self) -> None:
+        self.method = "unknown"
+        self.model = ""
+
+
+class RestFrontend:
+    def __init__(self, batcher: Batcher, pool: ReplicaPool, signatures: SignatureCache,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 metrics: ProxyMetrics | None = None) -> None:
+        self.batcher = batcher
+        self.pool = pool
+        self.signatures = signatures
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics or batcher.metrics
+
+    def make_app(self, extra_routes: Iterable[web.RouteDef] = ()) -> web.Application:
+        # The body limit is enforced in _body() (after gunzip too); aiohttp's own check
+        # guards the raw read with the same bound.
+        app = web.Application(client_max_size=self.max_body_bytes)
+        app.add_routes(list(extra_routes))  # e.g. metrics; matched before the catch-all
+        # One catch-all route: TFS matches its paths case-insensitively, aiohttp's router
+        # does not.
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        call = _Call()
+        code = "OK"
+        try:
+            return json_response(await self._route(request, call))
+        except ProxyError as err:
+            code = err.code.name
+            return error_response(http_status(err.code), err.message)
+        except HttpError as err:
+            code = f"HTTP_{err.status}"
+            return error_response(err.status, err.message)
+        except asyncio.CancelledError:  # the client hung up
+            code = "CANCELLED"
+            raise
+        except Exception as err:  # a bug: answer in TFS's shape rather than drop the call
+            code = "INTERNAL"
+            log.exception("REST %s %s failed", request.method, request.path)
+            return error_response(500, f"batchproxy internal error: {err!r}")
+        finally:
+            self.metrics.observe_call("rest", call.method, call.model, code,
+                                      time.perf_counter() - started)
+
+    async def _route(self, request: web.Request, call: _Call) -> bytes:
+        deadline = _Deadline(request.headers)
+        method, path = request.method, request.path
+        if not path.lower().startswith("/v1/"):
+            raise HttpError(404, f"Not found: {method} {path}")
+        if method == "POST" and (match := PREDICT_PATH.fullmatch(path)):
+            name, version, label, verb = match.groups()
+            verb = verb.lower()
+            call.method, call.model = verb.capitalize(), name
+            key = (name, _version(version), label)
+            if verb == "predict":
+                return await self._predict(request, key, deadline)
+            return await self._classify_regress(request, verb, key, deadline)
+        if method == "GET" and (match := STATUS_PATH.fullmatch(path)):
+            name, version, label, metadata = match.groups()
+            call.method = "GetModelMetadata" if metadata else "GetModelStatus"
+            if not name:
+                raise _invalid("Missing model name in request.")
+            call.model = name
+            key = (name, _version(version), label)
+            return await self._status(key, bool(metadata), deadline)
+        raise _invalid(f"Malformed request: {method} {path}")
+
+    # -- the body ----------------------------------------------------------------------------
+
+    def _too_large(self, what: str) -> HttpError:
+        return HttpError(413, f"The request body{what} exceeds the limit of "
+                              f"{self.max_body_bytes} bytes")
+
+    async def _body(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise self._too_large(f" of {length} bytes")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise self._too_large("") from None
+        except (HttpProcessingError, ConnectionError) as err:  # e.g. the client hung up
+            raise HttpError(400, f"Could not read the request body: {err}") from None
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            return raw
+        if encoding in ("gzip", "x-gzip"):
+            return self._gunzip(raw)
+        raise _invalid(f"Unsupported Content-Encoding: {encoding} (only gzip is accepted)")
+
+    def _gunzip(self, raw: bytes) -> bytes:
+        """Inflate a gzip body, stopping at the size limit (a small body may inflate to
+        gigabytes). Concatenated gzip members are read one after another, as gunzip does."""
+        parts: list[bytes] = []
+        size = 0
+        data = raw
+        try:
+            while data:
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                part = inflater.decompress(data, self.max_body_bytes - size + 1)
+                size += len(part)
+                if size > self.max_body_bytes or inflater.unconsumed_tail:
+                    raise self._too_large(" after gzip decompression")
+                if not inflater.eof:
+                    raise _invalid("Could not decompress the gzip request body: it is truncated")
+                parts.append(part)
+                data = inflater.unused_data
+        except zlib.error as err:
+            raise _invalid(f"Could not decompress the gzip request body: {err}") from None
+        return b"".join(parts)
+
+    # -- predict -----------------------------------------------------------------------------
+
+    async def _predict(self, request: web.Request, key: ModelKey, deadline: _Deadline) -> bytes:
+        try:
+            doc = rest_json.loads(await self._body(request))
+            signature_name = rest_json.signature_name(doc)
+        except ProxyError:
+            self.metrics.reject("invalid")
+            raise
+        models = await self.signatures.get(key, deadline.remaining())
+        signature = models.signature(signature_name)
+        try:
+            fmt, tensors = rest_json.parse_predict(doc, signature.inputs, signature_name)
+        except ProxyError:
+            self.metrics.reject("invalid")
+            raise
+        name, version, label = key
+        # The resolved signature name ("serving_default" for ""): the batch key then matches
+        # gRPC callers that name it.
+        spec = model_spec(name, version, label, signature.name).SerializeToString()
+        inputs = {n: core.Tensor(t.dtype, t.shape, t.data) for n, t in tensors.items()}
+        call = core.PredictCall(
+            model_name=name, version=version, version_label=label,
+            signature_name=signature.name, output_filter=(), model_spec=spec, inputs=inputs,
+        )
+        try:
+            if call.rows <= 0:
+                # Not batchable (a scalar, no rows, ...): the replica answers it alone.
+                answer = await self.pool.forward(
+                    PREDICT, _predict_request(spec, inputs), deadline.remaining()
+                )
+            else:
+                answer = await self.batcher.submit(call, deadline.remaining())
+        except ProxyError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                self.signatures.forget(key)  # unloaded: the next call asks afresh
+            raise
+        outputs, served_version = _response_outputs(answer)
+        self.signatures.saw_version(key, served_version)
+        return rest_json.predict_response(outputs, fmt)
+
+    # -- forwarded calls ---------------------------------------------------------------------
+
+    async def _classify_regress(self, request: web.Request, verb: str, key: ModelKey,
+                                deadline: _Deadline) -> bytes:
+        doc = rest_json.loads(await self._body(request))
+        signature_name = rest_json.signature_name(doc)
+        message: inference_pb2.ClassificationRequest | inference_pb2.RegressionRequest
+        if verb == "classify":
+            message, path = inference_pb2.ClassificationRequest(), CLASSIFY
+        else:
+            message, path = inference_pb2.RegressionRequest(), REGRESS
+        message.model_spec.CopyFrom(model_spec(*key, signature_name))
+        rest_json.fill_inference_request(doc, message)
+        answer = await self.pool.forward(path, message.SerializeToString(), deadline.remaining())
+        if verb == "classify":
+            return rest_json.classification_response(answer)
+        return rest_json.regression_response(answer)
+
+    async def _status(self, key: ModelKey, metadata: bool, deadline: _Deadline) -> bytes:
+        spec = model_spec(*key)
+        if metadata:
+            request = get_model_metadata_pb2.GetModelMetadataRequest(
+                model_spec=spec, metadata_field=["signature_def"]
+            )
+            answer = await self.pool.forward(
+                GET_MODEL_METADATA, request.SerializeToString(), deadline.remaining()
+            )
+            return rest_json.metadata_response(answer)
+        status = get_model_status_pb2.GetModelStatusRequest(model_spec=spec)
+        answer = await self.pool.forward(
+            GET_MODEL_STATUS, status.SerializeToString(), deadline.remaining()
+        )
+        return rest_json.status_response(answer)
+
+
+class RestServer:
+    """The REST frontend's listening socket and lifecycle, for server.Proxy."""
+
+    def __init__(self, batcher: Batcher, pool: ReplicaPool, host: str, port: int, *,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 metrics: ProxyMetrics | None = None,
+                 extra_routes: Iterable[web.RouteDef] = (),
+                 reuse_port: bool = False,
+                 shutdown_timeout_s: float = 5.0) -> None:
+        self.signatures = SignatureCache(pool)
+        self.frontend = RestFrontend(batcher, pool, self.signatures, max_body_bytes, metrics)
+        self.host = host
+        self.port = port
+        self.reuse_port = reuse_port  # forked workers share the port
+        self.runner = web.AppRunner(
+            self.frontend.make_app(extra_routes),
+            access_log=None,  # per-request logging would cost more than the JSON work
+            handler_cancellation=True,  # a client that hangs up leaves the batch queue
+            auto_decompress=False,  # _body() inflates gzip itself, under the size limit
+            shutdown_timeout=shutdown_timeout_s,
+        )
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port, backlog=1024,
+                           reuse_port=self.reuse_port or None)
+        await site.start()
+        if self.port == 0:
+            self.port = self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Stop listening, let calls in flight finish (up to the shutdown timeout)."""
+        await self.runner.cleanup()
+        await self.signatures.close()
