@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from batchproxy import core
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
@@ -19,6 +20,7 @@ from batchproxy.batching import Batcher
 from batchproxy.errors import ProxyError
 from batchproxy.metrics import ProxyMetrics
 from batchproxy.pool import PREDICT, ReplicaPool
+from batchproxy.protos import model_spec_holder_pb2
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ class PredictionHandlers:
             if call.rows <= 0:
                 # Not batchable (scalar inputs, disagreeing dimension 0, ...): the replica
                 # answers it alone, exactly as TFS without batching would.
-                return await self.pool.forward(PREDICT, request, context.time_remaining())
+                return await self.pool.forward(PREDICT, request, context.time_remaining(),
+                                               model=model)
             return await self.batcher.submit(call, context.time_remaining())
         except core.CodecError as err:
             error = ProxyError.from_codec_error(err)
@@ -83,13 +86,15 @@ class PredictionHandlers:
 
     def forwarder(self, path: str) -> Handler:
         method = path.rsplit("/", 1)[1]
+        routed = method != "MultiInference"  # its tasks may name several models
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             code = "OK"
             try:
                 self._authenticate(context)
-                return await self.pool.forward(path, request, context.time_remaining())
+                return await self.pool.forward(path, request, context.time_remaining(),
+                                               model=model_of(request) if routed else "")
             except ProxyError as err:
                 code = err.code.name
                 await context.abort(err.code, err.message)
@@ -98,6 +103,15 @@ class PredictionHandlers:
                                           time.perf_counter() - started)
 
         return forward
+
+
+def model_of(request: bytes) -> str:
+    """The model a forwarded request names: its field 1 is a ModelSpec for every forwarded
+    method but MultiInference (whose tasks each name one); "" when it cannot be told."""
+    try:
+        return model_spec_holder_pb2.ModelSpecHolder.FromString(request).model_spec.name
+    except (DecodeError, ValueError):
+        return ""
 
 
 def _raw(handler: Handler) -> grpc.RpcMethodHandler:

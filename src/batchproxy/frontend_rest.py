@@ -323,7 +323,7 @@ class RestFrontend:
             if call.rows <= 0:
                 # Not batchable (a scalar, no rows, ...): the replica answers it alone.
                 answer = await self.pool.forward(
-                    PREDICT, _predict_request(spec, inputs), deadline.remaining()
+                    PREDICT, _predict_request(spec, inputs), deadline.remaining(), model=name
                 )
             else:
                 answer = await self.batcher.submit(call, deadline.remaining())
@@ -348,7 +348,8 @@ class RestFrontend:
             message, path = inference_pb2.RegressionRequest(), REGRESS
         message.model_spec.CopyFrom(model_spec(*key, signature_name))
         rest_json.fill_inference_request(doc, message)
-        answer = await self.pool.forward(path, message.SerializeToString(), deadline.remaining())
+        answer = await self.pool.forward(path, message.SerializeToString(),
+                                         deadline.remaining(), model=key[0])
         if verb == "classify":
             return rest_json.classification_response(answer)
         return rest_json.regression_response(answer)
@@ -360,13 +361,12 @@ class RestFrontend:
                 model_spec=spec, metadata_field=["signature_def"]
             )
             answer = await self.pool.forward(
-                GET_MODEL_METADATA, request.SerializeToString(), deadline.remaining()
-            )
+                GET_MODEL_METADATA, request.SerializeToString(), deadline.remaining(),
+                model=key[0])
             return rest_json.metadata_response(answer)
         status = get_model_status_pb2.GetModelStatusRequest(model_spec=spec)
         answer = await self.pool.forward(
-            GET_MODEL_STATUS, status.SerializeToString(), deadline.remaining()
-        )
+            GET_MODEL_STATUS, status.SerializeToString(), deadline.remaining(), model=key[0])
         return rest_json.status_response(answer)
 
 

@@ -41,6 +41,7 @@ class HealthChecker:
         self.pool = pool
         self.interval_s = interval_s
         self.timeout_s = max(min(interval_s, 2.0), 0.05)
+        self.configured = set(models)
         for model in models:
             pool.note_model(model)
         self._task: asyncio.Task[None] | None = None
@@ -63,6 +64,7 @@ class HealthChecker:
         replicas = [r for r in self.pool.replicas.values()
                     if r.state is not ReplicaState.DRAINING]
         await asyncio.gather(*(self.check(replica) for replica in replicas))
+        self.pool.forget_missing_models(self.configured)
         await self.pool.close_dropped()
 
     async def _run(self) -> None:

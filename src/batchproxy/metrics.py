@@ -28,6 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 # Sub-millisecond to seconds: a batch timeout is often 1-5 ms, a deadline seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+MAX_LABEL_SETS = 1000
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -89,6 +90,10 @@ class ProxyMetrics:
                      seconds: float) -> None:
         key = (transport, method, model, code)
         child = self._request_children.get(key)
+        if child is None and len(self._request_children) >= MAX_LABEL_SETS:
+            # Model names come from clients: past a bound, fold new ones together.
+            key = (transport, method, "_other_", code)
+            child = self._request_children.get(key)
         if child is None:
             child = self._request_children[key] = self.requests.labels(*key)
         child.inc()

@@ -32,6 +32,9 @@ UNLIMITED_MESSAGES = [
     ("grpc.max_receive_message_length", -1),
 ]
 
+# Model names come from clients: bound what is tracked per name.
+MAX_TRACKED_MODELS = 256
+
 # Codes that mean "this replica, not this request": worth ejecting for, and worth a retry.
 REPLICA_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
@@ -236,17 +239,32 @@ class ReplicaPool:
     # -- choosing ---------------------------------------------------------------------------
 
     def note_model(self, model: str) -> bool:
-        """Remember a model seen in traffic so health checks cover it. True when new."""
-        if model in self.known_models:
+        """Remember a model seen in traffic so health checks cover it. True when new.
+        Names come from clients, so only so many are tracked; health checks forget the ones
+        no replica has."""
+        if model in self.known_models or len(self.known_models) >= MAX_TRACKED_MODELS:
             return False
         self.known_models.add(model)
         return True
+
+    def forget_missing_models(self, keep: set[str]) -> None:
+        """Stop health-checking models that every replica reports missing."""
+        for model in list(self.known_models - keep):
+            states = [r.models.get(model) for r in self.replicas.values()
+                      if r.state is not ReplicaState.DRAINING]
+            if states and all(state is ModelState.MISSING for state in states):
+                self.known_models.discard(model)
+                for replica in self.replicas.values():
+                    replica.models.pop(model, None)
+                self._routes.pop(model, None)
 
     def route(self, model: str) -> Route:
         """Where calls for `model` can go now (see Route). Asked on every call: cached until
         a replica's state, a model's state or the membership changes."""
         route = self._routes.get(model)
         if route is None:
+            if len(self._routes) >= MAX_TRACKED_MODELS:
+                self._routes.clear()  # model names come from clients: keep the cache small
             route = self._routes[model] = self._compute_route(model)
         return route
 
@@ -342,15 +360,19 @@ class ReplicaPool:
         self.record_success(replica)
         return response
 
-    async def forward(self, path: str, request: bytes, timeout: float | None) -> bytes:
-        """An unbatched call (metadata, status, classify, ...) to a healthy replica.
+    async def forward(self, path: str, request: bytes, timeout: float | None,
+                      model: str = "") -> bytes:
+        """An unbatched call (metadata, status, classify, ...) to a healthy replica that
+        serves `model` (any healthy one when the model is not known).
 
         These calls take no batch slot: they are small and must not wait behind batches.
         A replica failure is retried once on another replica."""
         tried: Replica | None = None
+        by_model = bool(model) and self.route(model) is Route.SERVED
         for _ in range(2):
             candidates = [r for r in self.replicas.values()
-                          if r.state is ReplicaState.HEALTHY and r is not tried]
+                          if r is not tried and (r.serves(model) if by_model
+                                                 else r.state is ReplicaState.HEALTHY)]
             if not candidates:
                 candidates = [r for r in self.replicas.values()
                               if r.state is not ReplicaState.DRAINING and r is not tried]

@@ -141,7 +141,8 @@ class SignatureCache:
             model_spec=model_spec(name, version, label), metadata_field=["signature_def"]
         )
         self.fetches += 1
-        data = await self.pool.forward(GET_MODEL_METADATA, request.SerializeToString(), None)
+        data = await self.pool.forward(GET_MODEL_METADATA, request.SerializeToString(), None,
+                                       model=name)
         entry = parse_metadata(data)
         entry.fetched_at = asyncio.get_running_loop().time()
         self._entries[key] = entry
