@@ -289,7 +289,11 @@ class Batcher:
         for _, queue in due:
             model = queue.key[0]
             while queue.rows > 0:
-                replica = self.pool.try_acquire(model)
+                # A replica already working on a batch gets a second one only when it is
+                # full: a partial batch waits here, where it keeps filling, until a replica
+                # is idle (a GPU runs one batch at a time; what waits at the replica is
+                # frozen at the size it had when sent).
+                replica = self.pool.try_acquire(model, idle_only=queue.rows < full)
                 if replica is None:
                     if self.pool.route(model) is Route.NOWHERE:
                         self._fail_queue(queue, ProxyError(

@@ -280,17 +280,19 @@ class ReplicaPool:
             return Route.MISSING
         return Route.NOWHERE
 
-    def try_acquire(self, model: str, exclude: Replica | None = None) -> Replica | None:
-        """Reserve a slot on a replica serving `model` (power of two choices), or None."""
+    def try_acquire(self, model: str, exclude: Replica | None = None,
+                    idle_only: bool = False) -> Replica | None:
+        """Reserve a slot on a replica serving `model` (power of two choices), or None.
+        `idle_only`: only a replica with no batch in flight will do."""
         route = self.route(model)
+        limit = 1 if idle_only else self.max_inflight
         if route is Route.SERVED:
             eligible = [r for r in self.replicas.values()
-                        if r.outstanding < self.max_inflight and r is not exclude
-                        and r.serves(model)]
+                        if r.outstanding < limit and r is not exclude and r.serves(model)]
         elif route is Route.MISSING:
             # No replica has the model: one of them answers with TFS's own NOT_FOUND.
             eligible = [r for r in self.replicas.values()
-                        if r.outstanding < self.max_inflight and r is not exclude
+                        if r.outstanding < limit and r is not exclude
                         and r.state is ReplicaState.HEALTHY]
         else:
             return None
