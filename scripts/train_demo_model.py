@@ -18,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from batchproxy.replica.models import (
     DEMO_SAMPLES,
     DEMO_WEIGHTS,
+    SERVING_DEFAULT,
     DemoModel,
     digits_split,
     upscale_digits,
@@ -47,7 +48,7 @@ def main() -> None:
     model = DemoModel(DEMO_WEIGHTS)
     images = x.reshape(-1, 28, 28)
     for name, rows in (("train", train), ("held-out", test)):
-        probs = model.predict({"flatten_input": images[rows]})["dense_1"]
+        probs = model.predict(SERVING_DEFAULT, {"flatten_input": images[rows]})["dense_1"]
         accuracy = float((probs.argmax(axis=1) == y[rows]).mean())
         print(f"{name} accuracy: {accuracy:.4f} ({len(rows)} images)")
     print(f"wrote {DEMO_WEIGHTS} ({DEMO_WEIGHTS.stat().st_size} bytes)")

@@ -15,7 +15,6 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from fake_replica import FakeReplica
 from grpc_client import batch_rows_histogram, predict_request, stub, to_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,12 +48,14 @@ def demo_fleet():
 
 @pytest.fixture(scope="module")
 def multi_fleet():
-    """The in-process fake replica (strings, several outputs, classify/regress) + a proxy."""
-    with FakeReplica() as fake:
-        proxy = start_proxy([fake.address])
-        warm(proxy, "multi", json.dumps({"signature_name": "lengths", "instances": ["a"]}))
-        yield proxy
-        proxy.stop()
+    """The replica's `multi` model (strings, several outputs and signatures, classify and
+    regress) as version 3, so versioned paths are tested against something other than 1."""
+    replica = start_replica("multi", model_name="multi", model_version=3)
+    proxy = start_proxy([replica])
+    warm(proxy, "multi", json.dumps({"signature_name": "lengths", "instances": ["a"]}))
+    yield proxy
+    proxy.stop()
+    replica.stop()
 
 
 def warm(proxy, model: str = "identity", body: str = '{"instances": [[1, 2]]}') -> None:

@@ -1,5 +1,6 @@
 """The reference replica as a real process, called with a real gRPC client: TFS's answers,
-encodings, status codes and messages, the demo model's accuracy, metrics and the cost model.
+encodings, status codes and messages, the demo model's accuracy, the multi model's strings,
+signatures, dtypes, Classify and Regress, metrics and the cost model.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from procs import Process, start_replica
 
 from batchproxy import dtypes
 from batchproxy.protos import (
+    example_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
     predict_pb2,
     services_pb2,
     services_pb2_grpc,
+    tensor_pb2,
 )
 from batchproxy.replica.models import demo_samples
 
@@ -472,3 +475,236 @@ def test_committed_demo_samples_match_sklearn(monkeypatch: pytest.MonkeyPatch) -
     np.testing.assert_array_equal(images[:64], from_sklearn[0])
     np.testing.assert_array_equal(labels[:64], from_sklearn[1])
     np.testing.assert_array_equal(labels[64:], labels[:6])  # repeated past 64
+
+
+# -- the multi model: strings, several outputs and signatures, Classify and Regress -------
+
+# TensorProto's typed field for each dtype the multi model takes.
+VALUE_FIELDS = {
+    dtypes.DT_STRING: "string_val",
+    dtypes.DT_FLOAT: "float_val",
+    dtypes.DT_DOUBLE: "double_val",
+    dtypes.DT_INT32: "int_val",
+    dtypes.DT_INT64: "int64_val",
+    dtypes.DT_BOOL: "bool_val",
+    dtypes.DT_UINT64: "uint64_val",
+}
+
+
+@pytest.fixture(scope="module", params=list(CORE_ENVS))
+def multi(request: pytest.FixtureRequest) -> Iterator[Process]:
+    if request.param == "cython" and not HAVE_CYTHON:
+        pytest.skip("compiled core not built")
+    with start_replica("multi", model_version=3, env=CORE_ENVS[request.param]) as proc:
+        yield proc
+
+
+def tensor(dtype: int, values: list[Any], shape: tuple[int, ...] | None = None) -> Any:
+    """A TensorProto in typed-field form, built with protobuf alone (not the core under
+    test)."""
+    proto = tensor_pb2.TensorProto(dtype=dtype)
+    for size in (len(values),) if shape is None else shape:
+        proto.tensor_shape.dim.add(size=size)
+    getattr(proto, VALUE_FIELDS[dtype]).extend(values)
+    return proto
+
+
+def multi_request(signature: str = "", **inputs: Any) -> predict_pb2.PredictRequest:
+    req = request(name="multi", signature_name=signature)
+    for alias, proto in inputs.items():
+        req.inputs[alias].CopyFrom(proto)
+    return req
+
+
+def values(proto: Any) -> tuple[int, list[int], list[Any]]:
+    """(dtype, shape, values) of an answer in typed-field form."""
+    return (proto.dtype, [d.size for d in proto.tensor_shape.dim],
+            list(getattr(proto, VALUE_FIELDS[proto.dtype])))
+
+
+def test_multi_serving_default_strings_and_several_outputs(multi: Process) -> None:
+    text = tensor(dtypes.DT_STRING, [b"\xff\x00hi", b"abc"])
+    x = tensor(dtypes.DT_FLOAT, [1, 2, 3, 0.5], (2, 2))
+    for signature in ("", "serving_default"):
+        resp = stub(multi).Predict(multi_request(signature, text=text, x=x))
+        assert sorted(resp.outputs) == ["count", "text_bytes", "upper", "x2"]
+        out = {alias: values(proto) for alias, proto in resp.outputs.items()}
+        assert out["text_bytes"] == (dtypes.DT_STRING, [2], [b"\xff\x00hi", b"abc"])
+        assert out["upper"] == (dtypes.DT_STRING, [2], [b"\xff\x00HI", b"ABC"])
+        assert out["count"] == (dtypes.DT_INT64, [2], [4, 3])
+        assert out["x2"] == (dtypes.DT_FLOAT, [2, 2], [2.0, 4.0, 6.0, 1.0])
+        assert resp.model_spec.name == "multi"
+        assert resp.model_spec.version.value == 3
+        assert resp.model_spec.signature_name == "serving_default"
+
+
+def test_multi_signature_name_selects_the_signature(multi: Process) -> None:
+    req = multi_request("lengths", text=tensor(dtypes.DT_STRING, [b"a", b"\x00\x00\x00"]))
+    req.model_spec.version.value = 3
+    resp = stub(multi).Predict(req)
+    assert list(resp.outputs) == ["count"]
+    assert values(resp.outputs["count"]) == (dtypes.DT_INT64, [2], [1, 3])
+    assert resp.model_spec.signature_name == "lengths"  # the signature used is echoed
+    req.output_filter.append("count")
+    assert stub(multi).Predict(req).outputs["count"].int64_val == [1, 3]
+
+
+def test_multi_types_signature_round_trips_each_dtype(multi: Process) -> None:
+    inputs = {
+        "b": tensor(dtypes.DT_BOOL, [True, False]),
+        "i": tensor(dtypes.DT_INT32, [-5, 2**31 - 1]),
+        "u": tensor(dtypes.DT_UINT64, [2**64 - 1, 0]),
+        "d": tensor(dtypes.DT_DOUBLE, [0.1, -2.0]),
+    }
+    resp = stub(multi).Predict(multi_request("types", **inputs))
+    assert {alias: values(proto) for alias, proto in resp.outputs.items()} == {
+        alias: values(proto) for alias, proto in inputs.items()
+    }
+
+
+def test_multi_takes_a_scalar_string_as_one_row(multi: Process) -> None:
+    req = multi_request("lengths", text=tensor(dtypes.DT_STRING, [b"abcd"], ()))
+    assert values(stub(multi).Predict(req).outputs["count"]) == (dtypes.DT_INT64, [1], [4])
+
+
+MULTI_ERRORS = {
+    "signature": (
+        multi_request("x", text=tensor(dtypes.DT_STRING, [b"a"])),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        'Serving signature key "x" not found.',
+    ),
+    "dtype": (
+        multi_request("", text=tensor(dtypes.DT_FLOAT, [1.0]),
+                      x=tensor(dtypes.DT_FLOAT, [1, 2], (1, 2))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Expects arg[0] to be string but float is provided",
+    ),
+    "input of another signature": (
+        multi_request("lengths", text=tensor(dtypes.DT_STRING, [b"a"]),
+                      x=tensor(dtypes.DT_FLOAT, [1, 2], (1, 2))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input size does not match signature: 2!=1 len({text,x}) != len({text}). "
+        "Sent extra: {x}. Missing but required: {}.",
+    ),
+    "output of another signature": (
+        multi_request("types", b=tensor(dtypes.DT_BOOL, [True]),
+                      i=tensor(dtypes.DT_INT32, [1]), u=tensor(dtypes.DT_UINT64, [1]),
+                      d=tensor(dtypes.DT_DOUBLE, [1.0])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "output tensor alias not found in signature: count Outputs expected to be in the "
+        "set {b,d,i,u}.",
+    ),
+}
+MULTI_ERRORS["output of another signature"][0].output_filter.append("count")
+
+
+@pytest.mark.parametrize("case", list(MULTI_ERRORS))
+def test_multi_predict_errors(multi: Process, case: str) -> None:
+    req, code, message = MULTI_ERRORS[case]
+    err = rpc_error(stub(multi).Predict, req)
+    assert (err.code(), err.details()) == (code, message)
+
+
+def test_multi_metadata_lists_every_signature(multi: Process) -> None:
+    resp = stub(multi).GetModelMetadata(metadata_request("multi", "signature_def"))
+    assert (resp.model_spec.name, resp.model_spec.version.value) == ("multi", 3)
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    assert resp.metadata["signature_def"].Unpack(sig_map)
+
+    def specs(side: Any) -> dict[str, tuple[int, list[int]]]:
+        return {alias: (info.dtype, [d.size for d in info.tensor_shape.dim])
+                for alias, info in side.items()}
+
+    sigs = sig_map.signature_def
+    assert sorted(sigs) == ["lengths", "serving_default", "types"]
+    string, vector = dtypes.DT_STRING, [-1]
+    assert specs(sigs["serving_default"].inputs) == {
+        "text": (string, vector), "x": (dtypes.DT_FLOAT, [-1, 2])}
+    assert specs(sigs["serving_default"].outputs) == {
+        "text_bytes": (string, vector), "upper": (string, vector),
+        "x2": (dtypes.DT_FLOAT, [-1, 2]), "count": (dtypes.DT_INT64, vector)}
+    assert specs(sigs["lengths"].inputs) == {"text": (string, vector)}
+    assert specs(sigs["lengths"].outputs) == {"count": (dtypes.DT_INT64, vector)}
+    types = {"b": (dtypes.DT_BOOL, vector), "i": (dtypes.DT_INT32, vector),
+             "u": (dtypes.DT_UINT64, vector), "d": (dtypes.DT_DOUBLE, vector)}
+    assert specs(sigs["types"].inputs) == specs(sigs["types"].outputs) == types
+    assert {sig.method_name for sig in sigs.values()} == {"tensorflow/serving/predict"}
+
+
+def example(**features: float) -> example_pb2.Example:
+    ex = example_pb2.Example()
+    for name, value in features.items():
+        ex.features.feature[name].float_list.value.append(value)
+    return ex
+
+
+def test_multi_classify(multi: Process) -> None:
+    req = inference_pb2.ClassificationRequest()
+    req.model_spec.name = "multi"
+    tagged = example(p=0.5)
+    tagged.features.feature["tag"].bytes_list.value.append(b"x")
+    req.input.example_list.examples.extend([example(p=0.25), tagged, example()])
+    resp = stub(multi).Classify(req)
+    assert [[(c.label, c.score) for c in result.classes]
+            for result in resp.result.classifications] == [
+        [("ex0", 0.25)], [("ex1", 0.5)], [("ex2", 0.0)]]
+    assert (resp.model_spec.name, resp.model_spec.version.value,
+            resp.model_spec.signature_name) == ("multi", 3, "serving_default")
+
+
+def test_multi_regress_with_and_without_context(multi: Process) -> None:
+    req = inference_pb2.RegressionRequest()
+    req.model_spec.name = "multi"
+    req.model_spec.version.value = 3
+    holder = req.input.example_list_with_context
+    holder.examples.extend([example(x=0.25), example(x=2.0)])
+    holder.context.CopyFrom(example(bias=1.5))
+    assert [r.value for r in stub(multi).Regress(req).result.regressions] == [1.75, 3.5]
+    req.input.example_list.examples.extend([example(x=0.25), example()])
+    assert [r.value for r in stub(multi).Regress(req).result.regressions] == [0.25, 0.0]
+
+
+@pytest.mark.parametrize("method", ["Classify", "Regress"])
+def test_multi_classify_and_regress_errors(multi: Process, method: str) -> None:
+    message = {"Classify": inference_pb2.ClassificationRequest,
+               "Regress": inference_pb2.RegressionRequest}[method]
+    call = getattr(stub(multi), method)
+
+    def req(**spec: Any) -> Any:
+        built = message()
+        built.model_spec.name = spec.pop("name", "multi")
+        for key, value in spec.items():
+            if key == "version":
+                built.model_spec.version.value = value
+            else:
+                setattr(built.model_spec, key, value)
+        built.input.example_list.examples.append(example(p=1.0, x=1.0))
+        return built
+
+    cases = [
+        (req(version=4), grpc.StatusCode.NOT_FOUND,
+         "Servable not found for request: Specific(multi, 4)"),
+        (req(name="nope"), grpc.StatusCode.NOT_FOUND,
+         "Servable not found for request: Latest(nope)"),
+        (req(signature_name="x"), grpc.StatusCode.INVALID_ARGUMENT,
+         "No signature was found with the name: x"),
+        (message(model_spec={"name": "multi"}), grpc.StatusCode.INVALID_ARGUMENT,
+         "Input is empty."),
+        (message(), grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec"),
+    ]
+    for built, code, text in cases:
+        err = rpc_error(call, built)
+        assert (err.code(), err.details()) == (code, text)
+
+
+def test_multi_under_tensor_content_strings_stay_string_val() -> None:
+    # Numbers switch to tensor_content; the core writes strings as string_val in either mode.
+    with start_replica("multi", enable_serialization_as_tensor_content=True) as proc:
+        text = tensor(dtypes.DT_STRING, [b"ab", b"c"])
+        x = tensor(dtypes.DT_FLOAT, [1, 2, 3, 4], (2, 2))
+        resp = stub(proc).Predict(multi_request(text=text, x=x))
+    upper, count = resp.outputs["upper"], resp.outputs["count"]
+    assert (list(upper.string_val), upper.tensor_content) == ([b"AB", b"C"], b"")
+    assert not count.int64_val
+    assert np.frombuffer(count.tensor_content, dtype="<i8").tolist() == [2, 1]
+    assert resp.model_spec.version.value == 1  # the default version

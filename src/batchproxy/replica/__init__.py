@@ -1,11 +1,13 @@
 """batchproxy's reference replica: a small TensorFlow Serving stand-in for development,
 tests and benchmarks, where no TFS can run. NOT for production traffic.
 
-It serves TFS's gRPC API (Predict, GetModelMetadata, GetModelStatus; the rest answer
-UNIMPLEMENTED) with TFS's status codes and messages, plus REST model status/metadata and
-Prometheus metrics on --rest_api_port. Models: `identity` (y = x) and `demo` (an MNIST-shaped
-digit classifier), either one optionally behind a cost model (batch_cost_ms + rows x
-row_cost_us per Predict, one Predict at a time, as a GPU runs batches).
+It serves TFS's gRPC API (Predict, GetModelMetadata, GetModelStatus, and Classify and
+Regress for models that define them; the rest answer UNIMPLEMENTED) with TFS's status codes
+and messages, plus REST model status/metadata and Prometheus metrics on --rest_api_port.
+Models: `identity` (y = x), `demo` (an MNIST-shaped digit classifier) and `multi` (strings,
+several outputs and signatures, other dtypes, Classify and Regress), any of them optionally
+behind a cost model (batch_cost_ms + rows x row_cost_us per Predict, one Predict at a time,
+as a GPU runs batches).
 
     python -m batchproxy.replica --port 8500 --rest_api_port 8501 --model demo
     batchproxy replica --model identity --batch_cost_ms 5 --row_cost_us 20

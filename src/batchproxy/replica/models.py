@@ -1,4 +1,5 @@
-"""Models the reference replica serves: `identity`, `demo` (a small digit classifier) and a
+"""Models the reference replica serves: `identity`, `demo` (a small digit classifier),
+`multi` (strings, several outputs and signatures, Classify and Regress; in multi.py) and a
 cost-model wrapper that makes any of them take time the way a GPU does.
 
 Development and test fixtures only: nothing here is meant for production traffic.
@@ -8,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import grpc
 import numpy as np
 
 from batchproxy import dtypes
+from batchproxy.protos import example_pb2
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -48,6 +51,15 @@ TF_TYPE_NAMES: dict[int, str] = {
 TensorSpec = tuple[int, tuple[int, ...]]
 
 
+@dataclass(frozen=True)
+class Signature:
+    """One SignatureDef of a model: input and output aliases with their specs."""
+
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    method_name: str = PREDICT_METHOD
+
+
 class ReplicaError(Exception):
     """A failure the replica answers with a gRPC status, as TFS would."""
 
@@ -59,16 +71,36 @@ class ReplicaError(Exception):
 
 class Model(Protocol):
     name: str
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
-    method_name: str
+    # Signature name -> signature; SERVING_DEFAULT is always one of them.
+    signatures: dict[str, Signature]
 
-    def validate(self, inputs: dict[str, TensorSpec]) -> None:
-        """Raise ReplicaError when inputs (dtype, concrete shape) do not fit the signature.
-        Takes specs, not arrays, so a request is refused before any tensor is converted."""
+    def validate(self, signature: str, inputs: dict[str, TensorSpec]) -> None:
+        """Raise ReplicaError when inputs (dtype, concrete shape) do not fit `signature`
+        (a key of `signatures`). Takes specs, not arrays, so a request is refused before
+        any tensor is converted."""
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on validated inputs; every output keeps dimension 0 of the inputs."""
+    def predict(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `signature` on validated inputs; every output keeps dimension 0 of the inputs.
+        DT_STRING tensors are object arrays of bytes, both ways."""
+
+
+# Classify and Regress are optional, as in TFS: the replica answers UNIMPLEMENTED for a
+# model without them (examples.py). `context` is the ExampleListWithContext's context, None
+# without one.
+@runtime_checkable
+class Classifier(Protocol):
+    def classify(
+        self, examples: list[example_pb2.Example], context: example_pb2.Example | None
+    ) -> list[list[tuple[str, float]]]:
+        """One list of (label, score) per example."""
+
+
+@runtime_checkable
+class Regressor(Protocol):
+    def regress(
+        self, examples: list[example_pb2.Example], context: example_pb2.Example | None
+    ) -> list[float]:
+        """One value per example."""
 
 
 def _type_name(dtype: int) -> str:
@@ -80,10 +112,11 @@ def _shape_text(shape: tuple[int, ...]) -> str:
 
 
 def validate_inputs(
-    expected: dict[str, TensorSpec], inputs: dict[str, TensorSpec]
+    expected: dict[str, TensorSpec], inputs: dict[str, TensorSpec], *, shapes: bool = True
 ) -> None:
     """TFS's checks and wording: names first (predict_util.cc), then dtype (the TF function
-    call: arg[i] counts inputs in sorted alias order), then shape."""
+    call: arg[i] counts inputs in sorted alias order), then shape unless `shapes` is False
+    (a model of element-wise ops that takes any rank)."""
     if set(inputs) != set(expected):
         got, want = sorted(inputs), sorted(expected)
         if len(got) != len(want):
@@ -111,9 +144,9 @@ def validate_inputs(
                 f"Expects arg[{index}] to be {_type_name(want_dtype)} but "
                 f"{_type_name(dtype)} is provided",
             )
-        if len(shape) != len(want_shape) or any(
+        if shapes and (len(shape) != len(want_shape) or any(
             w not in (-1, d) for w, d in zip(want_shape, shape, strict=True)
-        ):
+        )):
             raise ReplicaError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Input {name} must have shape {_shape_text(want_shape)} (-1: any size) "
@@ -125,14 +158,16 @@ class IdentityModel:
     """y = x for float matrices: an echo for isolating the proxy from any model."""
 
     name = "identity"
-    method_name = PREDICT_METHOD
-    inputs: dict[str, TensorSpec] = {"x": (dtypes.DT_FLOAT, (-1, -1))}
-    outputs: dict[str, TensorSpec] = {"y": (dtypes.DT_FLOAT, (-1, -1))}
+    signatures = {
+        SERVING_DEFAULT: Signature(
+            {"x": (dtypes.DT_FLOAT, (-1, -1))}, {"y": (dtypes.DT_FLOAT, (-1, -1))}
+        )
+    }
 
-    def validate(self, inputs: dict[str, TensorSpec]) -> None:
-        validate_inputs(self.inputs, inputs)
+    def validate(self, signature: str, inputs: dict[str, TensorSpec]) -> None:
+        validate_inputs(self.signatures[signature].inputs, inputs)
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"y": inputs["x"]}
 
 
@@ -163,19 +198,22 @@ class DemoModel:
     with a softmax regression trained on sklearn's digits by scripts/train_demo_model.py."""
 
     name = "demo"
-    method_name = PREDICT_METHOD
-    inputs: dict[str, TensorSpec] = {"flatten_input": (dtypes.DT_FLOAT, (-1, 28, 28))}
-    outputs: dict[str, TensorSpec] = {"dense_1": (dtypes.DT_FLOAT, (-1, 10))}
+    signatures = {
+        SERVING_DEFAULT: Signature(
+            {"flatten_input": (dtypes.DT_FLOAT, (-1, 28, 28))},
+            {"dense_1": (dtypes.DT_FLOAT, (-1, 10))},
+        )
+    }
 
     def __init__(self, weights: Path = DEMO_WEIGHTS) -> None:
         with np.load(weights) as data:
             self.kernel = np.ascontiguousarray(data["kernel"], dtype=np.float32)  # [784, 10]
             self.bias = np.ascontiguousarray(data["bias"], dtype=np.float32)  # [10]
 
-    def validate(self, inputs: dict[str, TensorSpec]) -> None:
-        validate_inputs(self.inputs, inputs)
+    def validate(self, signature: str, inputs: dict[str, TensorSpec]) -> None:
+        validate_inputs(self.signatures[signature].inputs, inputs)
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = inputs["flatten_input"].reshape(-1, 28 * 28)
         probs = _softmax(x @ self.kernel + self.bias)
         return {"dense_1": probs.astype(np.float32, copy=False)}
@@ -198,7 +236,19 @@ def demo_samples(n: int) -> tuple[np.ndarray, np.ndarray]:
     return upscale_digits(images8[index]), labels[index].astype(np.int64)
 
 
-MODELS = {"identity": IdentityModel, "demo": DemoModel}
+def _multi_model() -> Model:
+    # multi.py builds on this module's types: imported on use, not at the top, to avoid a
+    # cycle.
+    from batchproxy.replica.multi import MultiModel
+
+    return MultiModel()
+
+
+MODELS: dict[str, Callable[[], Model]] = {
+    "identity": IdentityModel,
+    "demo": DemoModel,
+    "multi": _multi_model,
+}
 
 
 def load_model(kind: str) -> Model:
@@ -232,15 +282,17 @@ class CostModel:
     def cost_s(self, rows: int) -> float:
         return self.batch_cost_ms / 1e3 + max(rows, 0) * self.row_cost_us / 1e6
 
-    async def run(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    async def run(
+        self, signature: str, inputs: dict[str, np.ndarray], rows: int
+    ) -> dict[str, np.ndarray]:
         cost = self.cost_s(rows)
         if cost <= 0:
-            return self.model.predict(inputs)
+            return self.model.predict(signature, inputs)
         arrived = time.perf_counter()
         async with self._lock:
             start = max(arrived, self._free_at)
             end = self._free_at = start + cost
-            outputs = self.model.predict(inputs)
+            outputs = self.model.predict(signature, inputs)
             if end > time.perf_counter():
                 # Event-loop timers tick in whole milliseconds (uvloop rounds to the nearest
                 # one): a sleeping thread keeps sub-millisecond costs exact, without spinning.

@@ -19,11 +19,12 @@ import grpc
 from aiohttp import web
 
 from batchproxy import core
-from batchproxy.protos import get_model_metadata_pb2, get_model_status_pb2
+from batchproxy.protos import get_model_metadata_pb2, get_model_status_pb2, inference_pb2
+from batchproxy.replica import examples
 from batchproxy.replica.metrics import ReplicaMetrics
 from batchproxy.replica.models import ReplicaError, load_model
 from batchproxy.replica.rest import make_app
-from batchproxy.replica.service import ReplicaService
+from batchproxy.replica.service import ReplicaService, not_implemented
 from batchproxy.tls import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,10 @@ GRPC_OPTIONS = [
     # an error. A taken port must fail loudly instead.
     ("grpc.so_reuseport", 0),
 ]
+# Classify and Regress are always registered: the service refuses them (UNIMPLEMENTED) for a
+# model that does not define them.
 UNIMPLEMENTED = {
-    "tensorflow.serving.PredictionService": ("Classify", "Regress", "MultiInference"),
+    "tensorflow.serving.PredictionService": ("MultiInference",),
     "tensorflow.serving.ModelService": ("HandleReloadConfigRequest",),
 }
 
@@ -85,19 +88,29 @@ class ReplicaRpcs:
     ) -> get_model_status_pb2.GetModelStatusResponse:
         return self.service.status(request)
 
+    async def classify(
+        self, request: inference_pb2.ClassificationRequest
+    ) -> inference_pb2.ClassificationResponse:
+        return examples.classify(self.service, request)
+
+    async def regress(
+        self, request: inference_pb2.RegressionRequest
+    ) -> inference_pb2.RegressionResponse:
+        return examples.regress(self.service, request)
+
     def unimplemented(self, service: str, method: str) -> Callable[[bytes], Awaitable[bytes]]:
         async def refuse(_: bytes) -> bytes:
             self.service.check_available()
-            raise ReplicaError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{service}/{method} is not implemented by the batchproxy reference replica "
-                "(it serves Predict, GetModelMetadata and GetModelStatus only)",
+            raise not_implemented(
+                f"{service}/{method}",
+                "it serves Predict, GetModelMetadata, GetModelStatus, and Classify and "
+                "Regress for models that define them",
             )
 
         return refuse
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
-        meta, status = get_model_metadata_pb2, get_model_status_pb2
+        meta, status, inference = get_model_metadata_pb2, get_model_status_pb2, inference_pb2
         prediction: dict[str, grpc.RpcMethodHandler] = {
             # Raw bytes both ways: no deserializer, no serializer.
             "Predict": grpc.unary_unary_rpc_method_handler(
@@ -107,6 +120,16 @@ class ReplicaRpcs:
                 self.wrap("GetModelMetadata", self.metadata),
                 request_deserializer=meta.GetModelMetadataRequest.FromString,
                 response_serializer=meta.GetModelMetadataResponse.SerializeToString,
+            ),
+            "Classify": grpc.unary_unary_rpc_method_handler(
+                self.wrap("Classify", self.classify),
+                request_deserializer=inference.ClassificationRequest.FromString,
+                response_serializer=inference.ClassificationResponse.SerializeToString,
+            ),
+            "Regress": grpc.unary_unary_rpc_method_handler(
+                self.wrap("Regress", self.regress),
+                request_deserializer=inference.RegressionRequest.FromString,
+                response_serializer=inference.RegressionResponse.SerializeToString,
             ),
         }
         model: dict[str, grpc.RpcMethodHandler] = {

@@ -1,6 +1,7 @@
 """TFS semantics of the reference replica, free of any transport: servable lookup, Predict,
-GetModelMetadata and GetModelStatus with TFS's status codes and messages. The gRPC server
-(server.py) and the REST app (rest.py) both call into it.
+GetModelMetadata and GetModelStatus with TFS's status codes and messages (Classify and
+Regress build on it in examples.py). The gRPC server (server.py) and the REST app (rest.py)
+both call into it.
 
 Development and test fixture only: not for production traffic.
 """
@@ -18,13 +19,28 @@ from batchproxy.protos import (
     signature_pb2,
 )
 from batchproxy.replica.metrics import ReplicaMetrics
-from batchproxy.replica.models import SERVING_DEFAULT, CostModel, Model, ReplicaError
+from batchproxy.replica.models import (
+    SERVING_DEFAULT,
+    CostModel,
+    Model,
+    ReplicaError,
+    Signature,
+)
 
 # ModelVersionStatus states the admin endpoint may set; "UNAVAILABLE" is not a model state
 # but a broken server: every RPC then fails with UNAVAILABLE (for retry and ejection tests).
 MODEL_STATES = ("START", "LOADING", "AVAILABLE", "UNLOADING", "END")
 ADMIN_STATES = (*MODEL_STATES, "UNAVAILABLE")
 _States = get_model_status_pb2.ModelVersionStatus.State
+
+
+def not_implemented(method: str, why: str) -> ReplicaError:
+    """UNIMPLEMENTED for `method` ("tensorflow.serving.PredictionService/Classify"), in the
+    words REST and gRPC tests look for."""
+    return ReplicaError(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"{method} is not implemented by the batchproxy reference replica ({why})",
+    )
 
 
 def _tensor_info(name: str, spec: tuple[int, tuple[int, ...]]) -> signature_pb2.TensorInfo:
@@ -34,14 +50,26 @@ def _tensor_info(name: str, spec: tuple[int, tuple[int, ...]]) -> signature_pb2.
     return info
 
 
-def signature_def(model: Model) -> signature_pb2.SignatureDef:
-    """The signature as a Keras SavedModel exports it (TFS shows these tensor names)."""
-    sig = signature_pb2.SignatureDef(method_name=model.method_name)
-    for alias, spec in model.inputs.items():
-        sig.inputs[alias].CopyFrom(_tensor_info(f"{SERVING_DEFAULT}_{alias}:0", spec))
-    for index, (alias, spec) in enumerate(sorted(model.outputs.items())):
-        sig.outputs[alias].CopyFrom(_tensor_info(f"StatefulPartitionedCall:{index}", spec))
+def signature_def(name: str, signature: Signature, call: str) -> signature_pb2.SignatureDef:
+    """A signature as a Keras SavedModel exports it (TFS shows these tensor names): inputs
+    NAME_ALIAS:0, outputs CALL:i with CALL the signature's call op."""
+    sig = signature_pb2.SignatureDef(method_name=signature.method_name)
+    for alias, spec in signature.inputs.items():
+        sig.inputs[alias].CopyFrom(_tensor_info(f"{name}_{alias}:0", spec))
+    for index, (alias, spec) in enumerate(sorted(signature.outputs.items())):
+        sig.outputs[alias].CopyFrom(_tensor_info(f"{call}:{index}", spec))
     return sig
+
+
+def signature_map(model: Model) -> get_model_metadata_pb2.SignatureDefMap:
+    """Every signature of `model`. Call ops are StatefulPartitionedCall, then _1, _2, ...:
+    serving_default first, so it keeps the plain name whatever the model's dict order."""
+    result = get_model_metadata_pb2.SignatureDefMap()
+    names = sorted(model.signatures, key=lambda name: name != SERVING_DEFAULT)
+    for index, name in enumerate(names):
+        call = "StatefulPartitionedCall" + (f"_{index}" if index else "")
+        result.signature_def[name].CopyFrom(signature_def(name, model.signatures[name], call))
+    return result
 
 
 def _as_bytes(array: np.ndarray) -> bytes:
@@ -53,6 +81,14 @@ def _as_bytes(array: np.ndarray) -> bytes:
     if isinstance(base, bytes) and array.flags.c_contiguous and array.nbytes == len(base):
         return base
     return array.tobytes()
+
+
+def _encode_output(dtype: int, array: np.ndarray, typed: bool) -> bytes:
+    if dtype == dtypes.DT_STRING:
+        # An object array of bytes; the core writes string_val whatever `typed` says.
+        return core.encode_tensor(dtype, array.shape, array.ravel().tolist(), typed)
+    array = np.ascontiguousarray(array, dtype=dtypes.NUMPY_DTYPES[dtype])
+    return core.encode_tensor(dtype, array.shape, _as_bytes(array), typed)
 
 
 class ReplicaService:
@@ -76,12 +112,16 @@ class ReplicaService:
         self.runner = CostModel(model, batch_cost_ms, row_cost_us)
         self.metrics = metrics or ReplicaMetrics()
         self.state = "AVAILABLE"
-        spec = model_pb2.ModelSpec(name=model_name, signature_name=SERVING_DEFAULT)
-        spec.version.value = version
-        # Every Predict answer echoes the same spec: serialize it once.
-        self.response_spec = spec.SerializeToString()
-        self.signature_map = get_model_metadata_pb2.SignatureDefMap()
-        self.signature_map.signature_def[SERVING_DEFAULT].CopyFrom(signature_def(model))
+        # An answer echoes name, version and the signature used: each serialized once.
+        self.response_specs = {
+            name: self.response_spec(name).SerializeToString() for name in model.signatures
+        }
+        self.signature_map = signature_map(model)
+
+    def response_spec(self, signature: str) -> model_pb2.ModelSpec:
+        spec = model_pb2.ModelSpec(name=self.model_name, signature_name=signature)
+        spec.version.value = self.version
+        return spec
 
     # -- servable lookup ------------------------------------------------------------------
 
@@ -108,13 +148,23 @@ class ReplicaService:
                 grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}"
             )
 
+    def signature(self, name: str) -> str:
+        """The signature a call names ("" is serving_default), or FAILED_PRECONDITION."""
+        name = name or SERVING_DEFAULT
+        if name not in self.model.signatures:
+            raise ReplicaError(
+                grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{name}" not found.'
+            )
+        return name
+
     # -- Predict --------------------------------------------------------------------------
 
-    def _output_aliases(self, output_filter: tuple[str, ...]) -> list[str]:
-        known = sorted(self.model.outputs)
+    @staticmethod
+    def _output_aliases(signature: Signature, output_filter: tuple[str, ...]) -> list[str]:
+        known = sorted(signature.outputs)
         seen: set[str] = set()
         for alias in output_filter:
-            if alias not in self.model.outputs:
+            if alias not in signature.outputs:
                 raise ReplicaError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"output tensor alias not found in signature: {alias} "
@@ -134,42 +184,41 @@ class ReplicaService:
         if not call.model_spec:
             raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         self.resolve(call.model_name, call.version, call.version_label)
-        if call.signature_name not in ("", SERVING_DEFAULT):
-            raise ReplicaError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f'Serving signature key "{call.signature_name}" not found.',
-            )
-        self.model.validate({name: (t.dtype, t.shape) for name, t in call.inputs.items()})
-        aliases = self._output_aliases(call.output_filter)
+        name = self.signature(call.signature_name)
+        signature = self.model.signatures[name]
+        self.model.validate(name, {alias: (t.dtype, t.shape) for alias, t in call.inputs.items()})
+        aliases = self._output_aliases(signature, call.output_filter)
         arrays = {
-            name: dtypes.to_numpy(t.dtype, t.shape, t.data) for name, t in call.inputs.items()
+            alias: dtypes.to_numpy(t.dtype, t.shape, t.data) for alias, t in call.inputs.items()
         }
         if self.check_numerics:
-            for name, array in arrays.items():
+            for alias, array in arrays.items():
                 if array.dtype.kind == "f" and not np.isfinite(array).all():
                     kind = "NaN" if np.isnan(array).any() else "Inf"
                     raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"input {name}: Tensor had {kind} values")
+                                       f"input {alias}: Tensor had {kind} values")
         # rows is -1 for a call the proxy could not batch; once the signature accepted its
-        # inputs they all have a dimension 0, which is what the model runs on.
-        rows = call.rows if call.rows >= 0 else max(a.shape[0] for a in arrays.values())
+        # inputs they have a dimension 0, which is what the model runs on. Only a model that
+        # checks no shapes takes a scalar: it runs as one row.
+        rows = call.rows if call.rows >= 0 else max(
+            (a.shape[0] if a.ndim else 1 for a in arrays.values()), default=0
+        )
         self.metrics.batch_rows.observe(rows)
         self.metrics.inflight.inc()
         try:
-            outputs = await self.runner.run(arrays, rows)
+            outputs = await self.runner.run(name, arrays, rows)
         finally:
             self.metrics.inflight.dec()
-        encoded = {}
-        for alias in aliases:
-            dtype = self.model.outputs[alias][0]
-            array = np.ascontiguousarray(outputs[alias], dtype=dtypes.NUMPY_DTYPES[dtype])
-            encoded[alias] = core.encode_tensor(dtype, array.shape, _as_bytes(array), self.typed)
-        return core.encode_predict_response(encoded, self.response_spec)
+        encoded = {
+            alias: _encode_output(signature.outputs[alias][0], outputs[alias], self.typed)
+            for alias in aliases
+        }
+        return core.encode_predict_response(encoded, self.response_specs[name])
 
     # -- metadata and status -------------------------------------------------------------
 
     @staticmethod
-    def _spec_version(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
+    def spec_version(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
         choice = spec.WhichOneof("version_choice")
         if choice == "version":
             return spec.version.value, None
@@ -194,7 +243,7 @@ class ReplicaService:
                 raise ReplicaError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported"
                 )
-        self.resolve(request.model_spec.name, *self._spec_version(request.model_spec))
+        self.resolve(request.model_spec.name, *self.spec_version(request.model_spec))
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = self.model_name
         response.model_spec.version.value = self.version
@@ -214,7 +263,7 @@ class ReplicaService:
             raise ReplicaError(
                 grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {spec.name}"
             )
-        version, _ = self._spec_version(spec)
+        version, _ = self.spec_version(spec)
         if version is not None and version != self.version:
             raise ReplicaError(
                 grpc.StatusCode.NOT_FOUND,
