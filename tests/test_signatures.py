@@ -111,14 +111,15 @@ async def test_a_caller_waits_no_longer_than_its_deadline():
     pool = ReplicaPool([replica.address])
     cache = SignatureCache(pool)
     try:
-        replica.signal(signal.SIGSTOP)  # connections are accepted, nothing is answered
+        await cache.get(("m", 1, None))  # the channel is connected before the replica stalls
+        replica.signal(signal.SIGSTOP)  # the connection stays open, nothing is answered
         with pytest.raises(ProxyError) as raised:
             await cache.get(KEY, timeout=0.2)
         assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         replica.signal(signal.SIGCONT)
         # The shared fetch went on and serves the next caller.
         assert (await cache.get(KEY, timeout=10)).version == 1
-        assert cache.fetches == 1
+        assert cache.fetches == 2
     finally:
         replica.signal(signal.SIGCONT)
         await pool.close()
