@@ -101,13 +101,13 @@ async def test_overload_refuses_fast_keeps_deadlines_and_recovers():
     other = {code for code, _ in outcomes} - {"OK", "UNAVAILABLE"}
     assert len(outcomes) == int(OFFERED * DURATION_S)
     # Admitted calls meet their deadlines. The deadline check at admission is an estimate,
-    # and client, proxy and replica share two saturated cores here: allow 1% late.
+    # and client, proxy and replica share two saturated cores here: allow 3% late.
     late_in_proxy = proxy_codes.get("DEADLINE_EXCEEDED", 0) + proxy_codes.get("CANCELLED", 0)
-    assert late_in_proxy <= 0.01 * proxy_codes["OK"], proxy_codes
+    assert late_in_proxy <= 0.03 * proxy_codes["OK"], proxy_codes
     assert set(proxy_codes) <= {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
     assert other <= {"DEADLINE_EXCEEDED"}, other
     late = sum(1 for code, _ in outcomes if code == "DEADLINE_EXCEEDED")
-    assert late <= 0.01 * len(ok), (late, len(ok))
+    assert late <= 0.03 * len(ok), (late, len(ok))
     assert len(ok) > 0.6 * CAPACITY * DURATION_S  # capacity stays in use
     assert len(refused) > 0.5 * len(outcomes)
     refusal_p99 = refused[int(0.99 * (len(refused) - 1))]
