@@ -30,7 +30,10 @@ class PredictCall:
     model_spec: bytes  # the ModelSpec exactly as the client serialized it
     inputs: dict[str, Tensor]
     # Shared dimension 0 of every input; -1 when the call cannot be batched (no inputs, a
-    # scalar input, inputs that disagree on dimension 0, a dtype the core does not batch).
+    # scalar input, inputs that disagree on dimension 0, a valid dtype the core does not
+    # batch such as DT_RESOURCE, DT_VARIANT, the float8/int4 types or a _REF type, or a
+    # fill-form tensor past the request's fill budget). Never -1 for malformed input:
+    # decode_predict_request refuses that.
     rows: int
     # (model_name, version, version_label, signature_name,
     #  ((input_name, dtype, inner_shape), ... sorted by name), output_filter)
@@ -54,7 +57,25 @@ def itemsize(dtype: int) -> int:
     """Bytes per element in tensor_content form; 0 for DT_STRING; -1 for unsupported dtypes."""
 
 def decode_predict_request(data: bytes) -> PredictCall:
-    """Parse a serialized PredictRequest. Raises CodecError("INVALID_ARGUMENT", ...)."""
+    """Parse a serialized PredictRequest. Raises CodecError("INVALID_ARGUMENT", message):
+
+    - "Could not parse PredictRequest: ..." when the bytes are not the wire format
+      (truncation, overlong varints, lengths past the end, bad UTF-8, bad groups); the
+      compiled core adds "input NAME: " when the damage is inside an input's tensor.
+    - "tensor parsing error: NAME: DETAIL" for an input that is no concrete tensor, checked
+      in this order: more than 254 dimensions; a dtype that is no tensorflow.DataType value
+      (valid: 1..33 and their _REF variants 101..133; DT_INVALID is not); unknown_rank set;
+      a negative dimension (-1 included); non-zero dimensions whose product exceeds
+      2**31 - 1 (this also bounds int64 overflow); tensor_content whose length is not the
+      element count times the item size; more typed values than elements; an odd number of
+      complex components; a string tensor_content that does not decode.
+    - "tensor parsing error: NAME: the inputs map holds this key more than once" for a
+      repeated key in the inputs map (protobuf would keep the last; the proxy refuses).
+
+    Wire errors come first, then a repeated key, then the first bad input in wire order.
+    Nothing is allocated from a size the client claimed before these checks, and TF's fill
+    rule (fewer typed values than elements) expands at most 256 MiB per request; a tensor
+    past that budget is kept as sent and the call gets rows = -1 (forwarded unbatched)."""
 
 def encode_predict_request(pieces: list[tuple[PredictCall, int, int]]) -> bytes:
     """One PredictRequest holding rows [start, stop) of each call, concatenated along
@@ -65,7 +86,10 @@ def split_predict_response(data: bytes, rows: list[int]) -> list[bytes]:
     """Cut a serialized PredictResponse along dimension 0 into len(rows) responses of
     rows[i] rows each, keeping the replica's encoding and echoing its model_spec.
     Raises CodecError("FAILED_PRECONDITION", ...) when an output's dimension 0 is not
-    sum(rows), CodecError("INTERNAL", ...) when the bytes do not parse."""
+    sum(rows) or it cannot be cut (no dimension 0, an unknown dimension, a dtype the core
+    does not batch), CodecError("INTERNAL", ...) when the bytes do not parse or an output is
+    malformed (payload against shape, more than 254 dimensions, a shape past 2**31 - 1
+    elements, a partial fill too large to expand)."""
 
 def concat_predict_responses(parts: list[bytes]) -> bytes:
     """Join responses for consecutive row ranges of one request back into one response,
@@ -82,4 +106,5 @@ def encode_predict_response(outputs: dict[str, bytes], model_spec: bytes) -> byt
     """A serialized PredictResponse from serialized TensorProtos and a serialized ModelSpec."""
 
 def decode_tensor(data: bytes) -> Tensor:
-    """Parse one serialized TensorProto into normalized form (either encoding)."""
+    """Parse one serialized TensorProto into normalized form (either encoding). Applies the
+    checks of decode_predict_request ("tensor parsing error: DETAIL")."""

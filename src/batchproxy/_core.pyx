@@ -52,10 +52,14 @@ cdef enum:
     VK_64 = 7
     VK_BOOL = 8
 
-# A few bytes on the wire (one value, a huge shape) must not make the proxy allocate
-# gigabytes: expansions past this are refused and the call is forwarded unbatched.
-# Strings count 8 bytes an element (one reference). Same limit in the pure-Python core.
-cdef int64_t MAX_FILL_BYTES = (<int64_t>1) << 31
+# TF's fill rule lets a few bytes on the wire (one value, a large shape) claim a large
+# tensor. One request may spend at most this much on expansions, over all its inputs
+# (strings count 8 bytes an element, one reference each); a tensor past the budget is not
+# expanded and the call is forwarded unbatched. Same budget in the pure-Python core.
+cdef int64_t MAX_FILL_BYTES = (<int64_t>1) << 28
+# The most elements a request tensor may claim (its non-zero dimensions multiplied): see
+# _core_py.MAX_ELEMENTS. Keeps every size computed from a checked shape far from overflow.
+cdef int64_t MAX_ELEMENTS = ((<int64_t>1) << 31) - 1
 # Element counts saturate here: larger shapes can never match a payload anyway.
 cdef int64_t SATURATED = (<int64_t>1) << 62
 
@@ -105,6 +109,11 @@ cdef inline int _itemsize(int64_t dtype) noexcept:
     if 0 <= dtype < NDTYPES:
         return ITEMSIZE[dtype]
     return -1
+
+
+cdef inline bint _valid_dtype(int64_t dtype) noexcept:
+    """A tensorflow.DataType value: 1..33 or a _REF variant (+100); not DT_INVALID."""
+    return 1 <= dtype <= 33 or 101 <= dtype <= 133
 
 
 # --- public classes -----------------------------------------------------------------------
@@ -283,13 +292,16 @@ cdef inline const uint8_t* rd_varint(const uint8_t* p, const uint8_t* end,
 cdef inline const uint8_t* rd_tag(const uint8_t* p, const uint8_t* end, uint32_t* field,
                                   int* wire) except NULL:
     cdef uint64_t v
+    cdef const uint8_t* start = p
     if p < end and p[0] < 0x80:
         v = p[0]
         p += 1
     else:
         p = rd_varint(p, end, &v)
-        if v > 0xFFFFFFFF:
-            return _fail("tag out of range")
+        # A tag is a varint32: protobuf (C++ and upb alike) refuses one of more than five
+        # bytes, padded or not, and upb one past 32 bits.
+        if p - start > 5 or v > 0xFFFFFFFF:
+            return _fail("malformed tag")
     if v < 8:
         return _fail("field number 0")
     field[0] = <uint32_t>(v >> 3)
@@ -712,28 +724,74 @@ cdef bytes typed_bytes(const uint8_t* p, const uint8_t* end, TInfo* t, int64_t c
     return out
 
 
-cdef Tensor normalize(const uint8_t* p, const uint8_t* end, TInfo* t, bint* batchable):
+cdef str shape_text(TInfo* t):
+    """The shape as messages quote it (the same text as _core_py._shape_text)."""
+    cdef Py_ssize_t i, shown = t.ndims if t.ndims <= 8 else 8
+    items = [str(t.dims[i]) for i in range(shown)]
+    if t.ndims > 8:
+        items.append("...")
+    return "[" + ",".join(items) + "]"
+
+
+cdef bint too_large(TInfo* t) noexcept:
+    """Whether the non-zero dimensions (all >= 0) multiply past MAX_ELEMENTS."""
+    cdef Py_ssize_t i
+    cdef int64_t product = 1, d
+    for i in range(t.ndims):
+        d = t.dims[i]
+        if d:
+            if product > MAX_ELEMENTS // d:
+                return True
+            product *= d
+    return False
+
+
+cdef str too_large_message(TInfo* t):
+    return (f"shape {shape_text(t)} is too large (the product of its non-zero dimensions "
+            f"exceeds {MAX_ELEMENTS})")
+
+
+cdef int64_t check_concrete(TInfo* t) except -1:
+    """The element count of a tensor that must be concrete, as a request's are; raises
+    _Mismatch otherwise. Same checks in the same order as _core_py._concrete_shape."""
+    cdef Py_ssize_t i
+    cdef int64_t n = 1
+    if t.too_many_dims:
+        raise _Mismatch("more than 254 dimensions")
+    if not _valid_dtype(t.dtype):
+        raise _Mismatch(f"invalid dtype {t.dtype}")
+    if t.unknown_rank:
+        raise _Mismatch("unknown rank")
+    for i in range(t.ndims):
+        if t.dims[i] < 0:
+            raise _Mismatch(f"negative dimension {t.dims[i]} at index {i}")
+    if too_large(t):
+        raise _Mismatch(too_large_message(t))
+    for i in range(t.ndims):
+        n *= t.dims[i]  # cannot overflow: checked above
+    return n
+
+
+cdef Tensor normalize(const uint8_t* p, const uint8_t* end, TInfo* t, bint* batchable,
+                      int64_t* budget):
     """The scanned TensorProto in normalized form (raises _Mismatch); batchable = whether a
-    batch may hold it. Mirrors _core_py._normalize."""
+    batch may hold it. `budget`: bytes fill expansions may still allocate for the request.
+    Mirrors _core_py._normalize."""
     cdef int dtype = t.dtype
-    cdef int size = _itemsize(dtype)
+    cdef int size
     cdef int field, per
-    cdef bint known
     cdef int64_t n, count
     cdef Py_ssize_t i
     cdef Span* spans
     batchable[0] = False
-    if t.too_many_dims:
-        raise _Mismatch("more than 254 dimensions")
+    n = check_concrete(t)
     shape = dims_tuple(t)
-    if size < 0:
+    size = _itemsize(dtype)
+    if size < 0:  # a valid dtype the core does not batch (resource, variant, float8, refs)
         return _tensor(dtype, shape, b"")
-    n = num_elements(t, &known)
     if dtype == DT_STRING:
         if t.content.n:
-            if not known:
-                return _tensor(dtype, shape, [])
-            if decode_string_spans(t.content, n, NULL) < 0:
+            if decode_string_spans(t.content, n, NULL) < 0:  # n <= content bytes if it passes
                 raise _Mismatch("bad string tensor_content")
             spans = <Span*>PyMem_Malloc(max(n, 1) * sizeof(Span))
             if spans == NULL:
@@ -748,20 +806,19 @@ cdef Tensor normalize(const uint8_t* p, const uint8_t* end, TInfo* t, bint* batc
             return _tensor(dtype, shape, strings)
         strings = string_values(p, end)
         count = len(strings)
-        if not known:
-            return _tensor(dtype, shape, strings)
         if count > n:
             raise _Mismatch(f"{count} values for {n} elements")
         if count < n:
-            if n > MAX_FILL_BYTES // 8:
+            if n * 8 > budget[0]:
                 return _tensor(dtype, shape, strings)
+            budget[0] -= n * 8
             strings.extend([strings[count - 1] if count else b""] * (n - count))
         batchable[0] = True
         return _tensor(dtype, shape, strings)
     if t.content.n:
-        if known and (t.content.n % size or t.content.n // size != n):
+        if t.content.n % size or t.content.n // size != n:
             raise _Mismatch(f"tensor_content of {t.content.n} bytes for {n} elements")
-        batchable[0] = known
+        batchable[0] = True
         return _tensor(dtype, shape,
                        PyBytes_FromStringAndSize(<const char*>t.content.p, t.content.n))
     field = FIELD[dtype]
@@ -769,10 +826,12 @@ cdef Tensor normalize(const uint8_t* p, const uint8_t* end, TInfo* t, bint* batc
     if t.comps[field] % per:
         raise _Mismatch("odd number of complex components")
     count = t.comps[field] // per
-    if not known or (count < n and n > MAX_FILL_BYTES // size):
-        return _tensor(dtype, shape, typed_bytes(p, end, t, count, count))
     if count > n:
         raise _Mismatch(f"{count} values for {n} elements")
+    if count < n:
+        if n * size > budget[0]:
+            return _tensor(dtype, shape, typed_bytes(p, end, t, count, count))
+        budget[0] -= n * size
     batchable[0] = True
     return _tensor(dtype, shape, typed_bytes(p, end, t, count, n))
 
@@ -1017,8 +1076,9 @@ def decode_tensor(data):
         scan_tensor(p, end, &t)
     except _WireError as exc:
         raise CodecError("INVALID_ARGUMENT", f"Could not parse TensorProto: {exc}") from None
+    cdef int64_t budget = MAX_FILL_BYTES
     try:
-        return normalize(p, end, &t, &ok)
+        return normalize(p, end, &t, &ok, &budget)
     except _Mismatch as exc:
         raise CodecError("INVALID_ARGUMENT", f"tensor parsing error: {exc}") from None
 
@@ -1127,24 +1187,28 @@ cdef bytes joined_spec(list spans):
     return b"".join(spans)
 
 
-cdef tuple parse_entry(const uint8_t* p, const uint8_t* end, bytes base):
+cdef tuple parse_entry(const uint8_t* p, const uint8_t* end, bytes base, str what):
     """A map<string, TensorProto> entry: (key, value). The value is a (bytes, start, stop)
-    view: into `base` for the usual single record, else the records joined (= merged)."""
+    view: into `base` for the usual single record, else the records joined (= merged).
+    `what` ("input", "output") names the entry in wire errors of its value."""
     cdef uint32_t f
     cdef int w
     cdef Py_ssize_t n
     cdef const uint8_t* start = <const uint8_t*>PyBytes_AS_STRING(base)
     cdef const uint8_t* key_p = p
     cdef Py_ssize_t key_n = 0
-    cdef Py_ssize_t nvalues = 0, vstart = 0, vn = 0
+    cdef Py_ssize_t nvalues = 0, vstart = 0, vn = 0, nkeys = 0
     parts = None
     while p < end:
         p = rd_tag(p, end, &f, &w)
         if w == 2 and (f == 1 or f == 2):
             p = rd_len(p, end, &n)
             if f == 1:
+                if nkeys:  # a key given twice: the last wins, but each must be UTF-8
+                    _utf8(key_p, key_n)
                 key_p = p
                 key_n = n
+                nkeys += 1
             else:
                 if nvalues == 1:
                     parts = [PyBytes_FromStringAndSize(<const char*>start + vstart, vn)]
@@ -1159,8 +1223,11 @@ cdef tuple parse_entry(const uint8_t* p, const uint8_t* end, bytes base):
     key = _utf8(key_p, key_n)
     if nvalues > 1:
         # Each record must parse on its own; merged, they are one message.
-        for part in parts:
-            validate_tensor(part)
+        try:
+            for part in parts:
+                validate_tensor(part)
+        except _WireError as exc:
+            raise _WireError(f"{what} {key}: {exc}") from None
         joined = b"".join(parts)
         return key, (joined, 0, PyBytes_GET_SIZE(joined))
     if nvalues == 0:
@@ -1168,7 +1235,7 @@ cdef tuple parse_entry(const uint8_t* p, const uint8_t* end, bytes base):
     return key, (base, vstart, vstart + vn)
 
 
-cdef PredictCall decode_request(bytes data):
+cdef PredictCall decode_request(bytes data, list where):
     cdef const uint8_t* base = <const uint8_t*>PyBytes_AS_STRING(data)
     cdef const uint8_t* p = base
     cdef const uint8_t* end = base + PyBytes_GET_SIZE(data)
@@ -1179,11 +1246,15 @@ cdef PredictCall decode_request(bytes data):
     cdef TInfo t
     cdef bint ok
     cdef bytes vbuf
+    cdef int64_t budget = MAX_FILL_BYTES
     cdef PredictCall call = PredictCall.__new__(PredictCall)
     specs = []
     filters = []
     inputs = {}
     results = {}  # name -> (Tensor, batchable) or the _Mismatch it raised
+    duplicate = None  # the first input name seen twice
+    # Wire errors anywhere win over a duplicate name, which wins over a bad tensor (the
+    # first in wire order): the order in which the pure-Python core finds them.
     while p < end:
         p = rd_tag(p, end, &f, &w)
         if w == 2 and 1 <= f <= 3:
@@ -1191,16 +1262,25 @@ cdef PredictCall decode_request(bytes data):
             if f == 1:
                 specs.append(PyBytes_FromStringAndSize(<const char*>p, n))
             elif f == 2:
-                key, (vbuf, vstart, vstop) = parse_entry(p, p + n, data)
+                key, (vbuf, vstart, vstop) = parse_entry(p, p + n, data, "input")
                 vp = <const uint8_t*>PyBytes_AS_STRING(vbuf)
+                where[0] = key  # named in a wire error (decode_predict_request)
                 scan_tensor(vp + <Py_ssize_t>vstart, vp + <Py_ssize_t>vstop, &t)
-                # A later entry of the same name replaces this one, so a payload that
-                # disagrees with its shape only counts if it is the last word.
-                try:
-                    tensor = normalize(vp + <Py_ssize_t>vstart, vp + <Py_ssize_t>vstop, &t, &ok)
-                    results[key] = (tensor, ok)
-                except _Mismatch as exc:
-                    results[key] = exc
+                where[0] = None
+                if key in results:
+                    # protobuf would keep the last entry; which one the client meant is
+                    # anyone's guess, so the request is refused (below).
+                    if duplicate is None:
+                        duplicate = key
+                elif duplicate is None:
+                    try:
+                        tensor = normalize(vp + <Py_ssize_t>vstart, vp + <Py_ssize_t>vstop,
+                                           &t, &ok, &budget)
+                        results[key] = (tensor, ok)
+                    except _Mismatch as exc:
+                        results[key] = exc
+                else:
+                    results[key] = None  # refused anyway: not worth normalizing
             else:
                 filters.append(_utf8(p, n))
             p += n
@@ -1209,10 +1289,13 @@ cdef PredictCall decode_request(bytes data):
     spec = joined_spec(specs) if specs else b""
     vp = <const uint8_t*>PyBytes_AS_STRING(spec)
     name, version, label, signature = parse_model_spec(vp, vp + PyBytes_GET_SIZE(spec))
+    if duplicate is not None:
+        raise CodecError("INVALID_ARGUMENT", f"tensor parsing error: {duplicate}: the "
+                                             f"inputs map holds this key more than once")
     batchable = True
     for key, result in results.items():
         if isinstance(result, _Mismatch):
-            raise CodecError("INVALID_ARGUMENT", f"tensor parsing error: {key}")
+            raise CodecError("INVALID_ARGUMENT", f"tensor parsing error: {key}: {result}")
         inputs[key] = result[0]
         batchable = batchable and result[1]
     call.model_name = name
@@ -1229,10 +1312,13 @@ cdef PredictCall decode_request(bytes data):
 
 def decode_predict_request(data):
     """Parse a serialized PredictRequest. Raises CodecError("INVALID_ARGUMENT", ...)."""
+    where = [None]  # the input whose tensor was being read
     try:
-        return decode_request(_as_bytes(data))
+        return decode_request(_as_bytes(data), where)
     except _WireError as exc:
-        raise CodecError("INVALID_ARGUMENT", f"Could not parse PredictRequest: {exc}") from None
+        name = "" if where[0] is None else f"input {where[0]}: "
+        raise CodecError("INVALID_ARGUMENT",
+                         f"Could not parse PredictRequest: {name}{exc}") from None
 
 
 def encode_predict_request(list pieces):
@@ -1359,9 +1445,12 @@ cdef tuple read_outputs(bytes data):
         if w == 2 and (f == 1 or f == 2):
             p = rd_len(p, end, &n)
             if f == 1:
-                key, (vbuf, vstart, vstop) = parse_entry(p, p + n, data)
+                key, (vbuf, vstart, vstop) = parse_entry(p, p + n, data, "output")
                 vp = <const uint8_t*>PyBytes_AS_STRING(vbuf)
-                scan_tensor(vp + <Py_ssize_t>vstart, vp + <Py_ssize_t>vstop, &t)
+                try:
+                    scan_tensor(vp + <Py_ssize_t>vstart, vp + <Py_ssize_t>vstop, &t)
+                except _WireError as exc:
+                    raise _WireError(f"output {key}: {exc}") from None
                 entries[key] = [key, key.encode("utf-8"), vbuf, vstart, vstop]
             else:
                 specs.append(PyBytes_FromStringAndSize(<const char*>p, n))
@@ -1614,6 +1703,8 @@ cdef int check_batch_dims(TInfo* t, str name) except -1:
     for i in range(t.ndims):
         if t.dims[i] < 0:
             raise CodecError("FAILED_PRECONDITION", f"output {name} has an unknown dimension")
+    if too_large(t):
+        raise CodecError("INTERNAL", f"output {name}: {too_large_message(t)}")
     if _itemsize(t.dtype) < 0:
         raise CodecError("FAILED_PRECONDITION",
                          f"output {name} has unbatchable dtype {t.dtype}")
@@ -1733,7 +1824,7 @@ cdef bytes concat_responses(list datas):
     cdef const uint8_t* vp
     cdef bytes vbuf, out, spec_b, kb, tb
     cdef bint ok, typed
-    cdef int64_t total
+    cdef int64_t total, budget
     cdef W w
     tables = [read_outputs(d) for d in datas]  # validates every part first
     maps = [{e[0]: e for e in entries} for entries, _ in tables]
@@ -1770,8 +1861,10 @@ cdef bytes concat_responses(list datas):
                 if not chosen and t.dims[0]:
                     typed = t.content.n == 0
                     chosen = True
+                budget = MAX_FILL_BYTES
                 try:
-                    tensor = normalize(vp + <Py_ssize_t>e[3], vp + <Py_ssize_t>e[4], t, &ok)
+                    tensor = normalize(vp + <Py_ssize_t>e[3], vp + <Py_ssize_t>e[4], t, &ok,
+                                       &budget)
                 except _Mismatch as exc:
                     raise CodecError("INTERNAL", f"output {name}: {exc}") from None
                 if not ok:

@@ -119,12 +119,36 @@ _FIELD_VALUES: dict[str, np.dtype] = {
     "uint64_val": np.dtype("<u8"),
 }
 
-# Expanding the one-value form of a tensor bigger than this is refused (the call is then
-# forwarded unbatched): a few bytes on the wire must not make the proxy allocate gigabytes.
-# Strings count 8 bytes an element (one reference each). Same limit in the compiled core.
-MAX_FILL_BYTES = 1 << 31
+# TF's fill rule (one value, or fewer values than the shape holds) lets a few bytes on the
+# wire claim a large tensor. Expanding costs the normalized size (strings: 8 bytes an element,
+# one reference each) and one request may spend at most this much on it, over all its
+# inputs; a tensor that would go past the budget is not expanded and the call is forwarded
+# unbatched (the replica expands it, as TFS would). The proxy's default message limit is
+# 256 MiB too, so a batch never holds more than a client could have sent in full. Same
+# budget in the compiled core.
+MAX_FILL_BYTES = 1 << 28
 # TensorShape::MaxDimensions().
 MAX_RANK = 254
+# The most elements a request tensor may claim: its shape's non-zero dimensions multiplied
+# (a dimension of 0 does not excuse the others: per-row sizes are computed from them). No
+# tensor this large fits in a gRPC message in full (INT32_MAX bytes), and the bound keeps
+# every size computed from a shape far from int64 overflow. TF's own limit is 2**63 - 1.
+MAX_ELEMENTS = (1 << 31) - 1
+# Shapes quoted in messages show at most this many dimensions.
+_SHAPE_TEXT_DIMS = 8
+
+
+def _valid_dtype(dtype: int) -> bool:
+    """A tensorflow.DataType value: 1..33 (DT_FLOAT .. the float8/int4/int2 types) or their
+    _REF variants (+100). DT_INVALID (0) and anything else is not."""
+    return 1 <= dtype <= 33 or 101 <= dtype <= 133
+
+
+def _shape_text(dims: tuple[int, ...]) -> str:
+    shown = [str(d) for d in dims[:_SHAPE_TEXT_DIMS]]
+    if len(dims) > _SHAPE_TEXT_DIMS:
+        shown.append("...")
+    return "[" + ",".join(shown) + "]"
 
 
 class CodecError(ValueError):
@@ -275,13 +299,16 @@ def _len_fields(buf: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-def _map_entries(buf: bytes, field: int) -> dict[str, tensor_pb2.TensorProto]:
+def _map_entries(
+    buf: bytes, field: int, unique: bool = False
+) -> dict[str, tensor_pb2.TensorProto]:
     """Map `field` of string -> TensorProto, in wire order.
 
     Read entry by entry rather than through the protobuf map: upb moves a map entry that
     carries unknown fields into the parent's unknown fields (the entry disappears), where
     the C++ runtime TFS uses skips the unknown fields and keeps the entry. A repeated key
-    keeps its first position and its last value; repeated key/value records inside one
+    keeps its first position and its last value, unless `unique`: then it is refused
+    (CodecError naming the first key seen twice). Repeated key/value records inside one
     entry follow protobuf's merge rules (last key wins, value messages merge).
     """
     out: dict[str, tensor_pb2.TensorProto] = {}
@@ -295,8 +322,15 @@ def _map_entries(buf: bytes, field: int) -> dict[str, tensor_pb2.TensorProto]:
                 key = payload
             elif ef == 2:
                 values.append(payload)
-        out[key.decode("utf-8")] = tensor_pb2.TensorProto.FromString(b"".join(values))
+        name = key.decode("utf-8")
+        if unique and name in out:
+            raise CodecError("INVALID_ARGUMENT", _duplicate_message(name))
+        out[name] = tensor_pb2.TensorProto.FromString(b"".join(values))
     return out
+
+
+def _duplicate_message(name: str) -> str:
+    return f"tensor parsing error: {name}: the inputs map holds this key more than once"
 
 
 def _submessage(buf: bytes, field: int) -> bytes | None:
@@ -406,44 +440,88 @@ def _fill(values: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([values, np.full(n - count, values[-1], dtype=values.dtype)])
 
 
-def _normalize(tp: tensor_pb2.TensorProto) -> tuple[Tensor, bool]:
-    """(normalized tensor, whether it can be batched). Raises _Mismatch."""
-    if len(tp.tensor_shape.dim) > MAX_RANK:
+def _too_large(dims: tuple[int, ...]) -> bool:
+    """Whether the non-zero dimensions multiply past MAX_ELEMENTS (dims are >= 0)."""
+    product = 1
+    for d in dims:
+        if d:
+            product *= d
+            if product > MAX_ELEMENTS:
+                return True
+    return False
+
+
+def _too_large_message(dims: tuple[int, ...]) -> str:
+    return (
+        f"shape {_shape_text(dims)} is too large (the product of its non-zero dimensions "
+        f"exceeds {MAX_ELEMENTS})"
+    )
+
+
+def _concrete_shape(tp: tensor_pb2.TensorProto) -> tuple[tuple[int, ...], int]:
+    """(dims, element count) of a tensor that must be concrete, as a request's are: a known
+    rank, no dimension below 0, a sane size and a DataType value. Raises _Mismatch; checks
+    in this order (the compiled core's check_concrete keeps it)."""
+    shape = tp.tensor_shape
+    if len(shape.dim) > MAX_RANK:
         raise _Mismatch(f"more than {MAX_RANK} dimensions")  # TF refuses such a shape
+    if not _valid_dtype(tp.dtype):
+        raise _Mismatch(f"invalid dtype {tp.dtype}")
+    if shape.unknown_rank:
+        raise _Mismatch("unknown rank")
+    dims = tuple(d.size for d in shape.dim)
+    for i, d in enumerate(dims):
+        if d < 0:
+            raise _Mismatch(f"negative dimension {d} at index {i}")
+    if _too_large(dims):
+        raise _Mismatch(_too_large_message(dims))
+    return dims, math.prod(dims)
+
+
+def _spend(budget: list[int], cost: int) -> bool:
+    """Take `cost` bytes from the request's fill budget, if it has them."""
+    if cost > budget[0]:
+        return False
+    budget[0] -= cost
+    return True
+
+
+def _normalize(
+    tp: tensor_pb2.TensorProto, budget: list[int] | None = None
+) -> tuple[Tensor, bool]:
+    """(normalized tensor, whether it can be batched). Raises _Mismatch. `budget` ([bytes])
+    is what fill expansions may still allocate for this request (MAX_FILL_BYTES)."""
+    dims, n = _concrete_shape(tp)
     dtype = tp.dtype
-    dims, known = _known_dims(tp)
     size = _ITEMSIZE.get(dtype, -1)
-    if size < 0:
+    if size < 0:  # a valid dtype the core does not batch (resource, variant, float8, refs)
         return Tensor(dtype, dims, b""), False
-    n = math.prod(dims) if known else -1
+    if budget is None:
+        budget = [MAX_FILL_BYTES]
     content = tp.tensor_content
     if dtype == DT_STRING:
         if content:
-            if not known:
-                return Tensor(dtype, dims, []), False
             strings = _decode_string_list(content, n)
             if strings is None:
                 raise _Mismatch("bad string tensor_content")
             return Tensor(dtype, dims, strings), True
         strings = list(tp.string_val)
         count = len(strings)
-        if not known:
-            return Tensor(dtype, dims, strings), False
         if count > n:
             raise _Mismatch(f"{count} values for {n} elements")
         if count < n:
-            if n * 8 > MAX_FILL_BYTES:
+            if not _spend(budget, n * 8):
                 return Tensor(dtype, dims, strings), False
             strings.extend([strings[-1] if strings else b""] * (n - count))
         return Tensor(dtype, dims, strings), True
     if content:
-        if known and len(content) != n * size:
+        if len(content) != n * size:
             raise _Mismatch(f"tensor_content of {len(content)} bytes for {n} elements")
-        return Tensor(dtype, dims, content), known
+        return Tensor(dtype, dims, content), True
     values = _typed_values(tp, dtype)
-    if not known:
-        return Tensor(dtype, dims, values.tobytes()), False
-    if len(values) < n and n * size > MAX_FILL_BYTES:
+    if len(values) > n:
+        raise _Mismatch(f"{len(values)} values for {n} elements")
+    if len(values) < n and not _spend(budget, n * size):
         return Tensor(dtype, dims, values.tobytes()), False
     return Tensor(dtype, dims, _fill(values, n).tobytes()), True
 
@@ -485,16 +563,21 @@ def decode_predict_request(data: bytes) -> PredictCall:
     try:
         req.ParseFromString(data)
     except DecodeError as exc:
-        raise CodecError("INVALID_ARGUMENT", f"Could not parse PredictRequest: {exc}") from None
+        name = _first_unparsable_input(data)
+        where = "" if name is None else f"input {name}: "
+        raise CodecError(
+            "INVALID_ARGUMENT", f"Could not parse PredictRequest: {where}{exc}"
+        ) from None
     spec = req.model_spec
     choice = spec.WhichOneof("version_choice")
     inputs: dict[str, Tensor] = {}
     batchable = True
-    for name, tp in _map_entries(data, 2).items():
+    budget = [MAX_FILL_BYTES]
+    for name, tp in _map_entries(data, 2, unique=True).items():
         try:
-            tensor, ok = _normalize(tp)
-        except _Mismatch:
-            raise CodecError("INVALID_ARGUMENT", f"tensor parsing error: {name}") from None
+            tensor, ok = _normalize(tp, budget)
+        except _Mismatch as exc:
+            raise CodecError("INVALID_ARGUMENT", f"tensor parsing error: {name}: {exc}") from None
         inputs[name] = tensor
         batchable = batchable and ok
     raw_spec = _submessage(data, 1)
@@ -611,6 +694,31 @@ def encode_predict_request(pieces: list[tuple[PredictCall, int, int]]) -> bytes:
     return b"".join(out)
 
 
+def _first_unparsable_input(data: bytes) -> str | None:
+    """Best effort, for the message only: the name of the first input whose value does not
+    parse on its own in a request protobuf refused. None when that cannot be told (the
+    scanner is meant for valid bytes, so anything it trips on ends the search)."""
+    try:
+        for f, entry in _len_fields(data):
+            if f != 2:
+                continue
+            key = b""
+            values = []
+            for ef, payload in _len_fields(entry):
+                if ef == 1:
+                    key = payload
+                elif ef == 2:
+                    values.append(payload)
+            for value in values:
+                try:
+                    tensor_pb2.TensorProto.FromString(value)
+                except DecodeError:
+                    return key.decode("utf-8", "replace")
+    except (IndexError, CodecError, RecursionError):
+        return None
+    return None
+
+
 def _parse_response(data: bytes) -> predict_pb2.PredictResponse:
     resp = predict_pb2.PredictResponse()
     try:
@@ -629,6 +737,8 @@ def _batch_dims(name: str, tp: tensor_pb2.TensorProto) -> tuple[int, int, int]:
         raise CodecError("FAILED_PRECONDITION", f"output {name} has no batch dimension")
     if not known:
         raise CodecError("FAILED_PRECONDITION", f"output {name} has an unknown dimension")
+    if _too_large(dims):
+        raise CodecError("INTERNAL", f"output {name}: {_too_large_message(dims)}")
     size = _ITEMSIZE.get(tp.dtype, -1)
     if size < 0:
         raise CodecError("FAILED_PRECONDITION", f"output {name} has unbatchable dtype {tp.dtype}")
