@@ -470,7 +470,12 @@ def test_model_spec_fields_and_key(core: ModuleType) -> None:
 
     call = core.decode_predict_request(request_bytes({"x": x}, name="m", label="stable"))
     assert (call.version, call.version_label, call.signature_name) == (None, "stable", "")
-    assert call.key[:4] == ("m", None, "stable", "")
+    # An empty signature name is serving_default's: gRPC callers that leave it out share
+    # batches with REST callers, whose signature name is always resolved.
+    assert call.key[:4] == ("m", None, "stable", "serving_default")
+    named = core.decode_predict_request(
+        request_bytes({"x": x}, name="m", label="stable", signature="serving_default"))
+    assert named.key == call.key
     # Version 0 is still a version.
     call = core.decode_predict_request(request_bytes({"x": x}, version=0))
     assert call.version == 0
@@ -1209,7 +1214,7 @@ def test_tensor_and_call_objects(core: ModuleType) -> None:
     assert (t.dtype, t.shape, t.data) == (FLOAT, (1,), b"\x00\x00\x80\x3f")
     call = core.PredictCall(model_name="m", inputs={"x": core.Tensor(FLOAT, (2,), bytes(8))})
     assert call.rows == 2
-    assert call.key == ("m", None, None, "", (("x", FLOAT, ()),), ())
+    assert call.key == ("m", None, None, "serving_default", (("x", FLOAT, ()),), ())
     merged = predict_pb2.PredictRequest.FromString(core.encode_predict_request([(call, 0, 2)]))
     assert merged.inputs["x"].tensor_content == bytes(8)
 

@@ -225,8 +225,9 @@ cdef tuple _make_key(PredictCall call):
             t = call.inputs[name]
             items.append((name, t.dtype, t.shape[1:]))
         sig = tuple(items)
-    return (call.model_name, call.version, call.version_label, call.signature_name,
-            sig, call.output_filter)
+    # TFS reads an empty signature name as "serving_default": one batch key for both.
+    return (call.model_name, call.version, call.version_label,
+            call.signature_name or "serving_default", sig, call.output_filter)
 
 
 cdef Py_ssize_t _batch_rows(dict inputs, bint batchable) except -2:

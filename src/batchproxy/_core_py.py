@@ -230,7 +230,8 @@ class PredictCall:
             self.model_name,
             self.version,
             self.version_label,
-            self.signature_name,
+            # TFS reads an empty signature name as "serving_default": one batch key for both.
+            self.signature_name or "serving_default",
             sig,
             self.output_filter,
         )
