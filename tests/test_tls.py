@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+import requests
 from certs import make_certs
 from grpc_client import predict_request, stub, to_array
 from procs import start_replica
@@ -80,4 +81,19 @@ async def test_mutual_tls_to_replicas(certs):
     finally:
         trusted.stop()
         untrusted.stop()
+        replica.stop()
+
+
+def test_tls_on_the_rest_port(certs):
+    made, paths, directory = certs
+    replica = start_replica("identity")
+    proxy = start_proxy([replica], ssl_config_file=made.ssl_config(directory / "rest.conf"))
+    try:
+        url = f"https://127.0.0.1:{proxy.rest_port}/healthz"
+        response = requests.get(url, verify=str(paths["ca"]), timeout=5)
+        assert response.status_code == 200
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"http://127.0.0.1:{proxy.rest_port}/healthz", timeout=5)
+    finally:
+        proxy.stop()
         replica.stop()

@@ -82,6 +82,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     lim.add_argument("--auth_token_file", default=None,
                      help="calls must carry 'authorization: Bearer <token>' with the token in "
                           "this file; health endpoints stay open")
+    lim.add_argument("--rest_header_timeout_s", type=float,
+                     default=defaults.rest_header_timeout_s,
+                     help="close a REST connection that has not sent a whole request (or "
+                          "stays idle) this long (default %(default)s)")
+    lim.add_argument("--rest_body_timeout_s", type=float, default=defaults.rest_body_timeout_s,
+                     help="answer 408 when a REST body takes longer than this to arrive "
+                          "(default %(default)s)")
     parser.add_argument("--drain_timeout_s", type=float, default=defaults.drain_timeout_s,
                         help="on SIGTERM, time to answer accepted calls before exiting "
                              "(default %(default)s)")
@@ -138,6 +145,8 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         replica_cert=args.replica_cert,
         replica_key=args.replica_key,
         auth_token_file=args.auth_token_file,
+        rest_header_timeout_s=args.rest_header_timeout_s,
+        rest_body_timeout_s=args.rest_body_timeout_s,
         batching=BatchingConfig(**settings),
     )
 

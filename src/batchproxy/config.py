@@ -61,6 +61,9 @@ class ProxyConfig:
     replica_cert: str | None = None
     replica_key: str | None = None
     auth_token_file: str | None = None
+    # A slow REST sender cannot hold a connection forever.
+    rest_header_timeout_s: float = 30.0
+    rest_body_timeout_s: float = 30.0
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import math
 import re
+import ssl
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -29,6 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf.message import DecodeError
 
 from batchproxy import core, rest_json
+from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
 from batchproxy.batching import Batcher
 from batchproxy.errors import ProxyError
 from batchproxy.metrics import ProxyMetrics
@@ -187,12 +189,15 @@ class _Call:
 class RestFrontend:
     def __init__(self, batcher: Batcher, pool: ReplicaPool, signatures: SignatureCache,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 metrics: ProxyMetrics | None = None) -> None:
+                 metrics: ProxyMetrics | None = None, *, auth: TokenAuth | None = None,
+                 body_timeout_s: float = 30.0) -> None:
         self.batcher = batcher
         self.pool = pool
         self.signatures = signatures
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics or batcher.metrics
+        self.auth = auth
+        self.body_timeout_s = body_timeout_s
 
     def make_app(self, extra_routes: Iterable[web.RouteDef] = ()) -> web.Application:
         # The body limit is enforced in _body() (after gunzip too); aiohttp's own check
@@ -209,13 +214,21 @@ class RestFrontend:
         call = _Call()
         code = "OK"
         try:
+            if self.auth is not None and not self.auth.accepts(
+                    request.headers.get("Authorization")):
+                self.metrics.reject("unauthenticated")
+                raise ProxyError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
             return json_response(await self._route(request, call))
         except ProxyError as err:
             code = err.code.name
             return error_response(http_status(err.code), err.message)
         except HttpError as err:
             code = f"HTTP_{err.status}"
-            return error_response(err.status, err.message)
+            response = error_response(err.status, err.message)
+            if err.status == 408:
+                # The unread rest of the body would be taken for the next request.
+                response.force_close()
+            return response
         except asyncio.CancelledError:  # the client hung up
             code = "CANCELLED"
             raise
@@ -261,7 +274,12 @@ class RestFrontend:
         if length is not None and length > self.max_body_bytes:
             raise self._too_large(f" of {length} bytes")
         try:
-            raw = await request.read()
+            # A slow sender must not hold a connection and its buffer forever.
+            async with asyncio.timeout(self.body_timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            raise HttpError(408, f"The request body was not received within "
+                                 f"{self.body_timeout_s:g} s") from None
         except web.HTTPRequestEntityTooLarge:
             raise self._too_large("") from None
         except (HttpProcessingError, ConnectionError) as err:  # e.g. the client hung up
@@ -378,11 +396,17 @@ class RestServer:
                  metrics: ProxyMetrics | None = None,
                  extra_routes: Iterable[web.RouteDef] = (),
                  reuse_port: bool = False,
-                 shutdown_timeout_s: float = 5.0) -> None:
+                 shutdown_timeout_s: float = 5.0,
+                 auth: TokenAuth | None = None,
+                 ssl_context: ssl.SSLContext | None = None,
+                 header_timeout_s: float = 30.0,
+                 body_timeout_s: float = 30.0) -> None:
         self.signatures = SignatureCache(pool)
-        self.frontend = RestFrontend(batcher, pool, self.signatures, max_body_bytes, metrics)
+        self.frontend = RestFrontend(batcher, pool, self.signatures, max_body_bytes, metrics,
+                                     auth=auth, body_timeout_s=body_timeout_s)
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self.reuse_port = reuse_port  # forked workers share the port
         self.runner = web.AppRunner(
             self.frontend.make_app(extra_routes),
@@ -390,12 +414,19 @@ class RestServer:
             handler_cancellation=True,  # a client that hangs up leaves the batch queue
             auto_decompress=False,  # _body() inflates gzip itself, under the size limit
             shutdown_timeout=shutdown_timeout_s,
+            # aiohttp arms this timer when a connection opens and closes it if no whole
+            # request has arrived by then: the bound on a slow sender's headers (and on idle
+            # keep-alive connections).
+            keepalive_timeout=header_timeout_s,
+            # After an answer that did not read the whole body (408, 413), aiohttp drains
+            # the rest before closing: not for long.
+            lingering_time=1.0,
         )
 
     async def start(self) -> None:
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, backlog=1024,
-                           reuse_port=self.reuse_port or None)
+                           reuse_port=self.reuse_port or None, ssl_context=self.ssl_context)
         await site.start()
         if self.port == 0:
             self.port = self.runner.addresses[0][1]

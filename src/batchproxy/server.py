@@ -85,8 +85,12 @@ class Proxy:
             self.rest = RestServer(
                 self.batcher, self.pool, config.host, config.rest_api_port,
                 max_body_bytes=config.rest_max_body_bytes, metrics=self.metrics,
-                extra_routes=self.metrics.routes(), reuse_port=config.workers > 1,
-                shutdown_timeout_s=config.drain_timeout_s)
+                extra_routes=self.metrics.routes() + self.readiness.routes(),
+                reuse_port=config.workers > 1, shutdown_timeout_s=config.drain_timeout_s,
+                auth=self.auth,
+                ssl_context=self.tls.ssl_context() if self.tls is not None else None,
+                header_timeout_s=config.rest_header_timeout_s,
+                body_timeout_s=config.rest_body_timeout_s)
 
     def _count_ejection(self, replica: Replica, old: ReplicaState, reason: str) -> None:
         if replica.state is ReplicaState.EJECTED:
