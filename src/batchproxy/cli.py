@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from batchproxy import __version__
 from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
+from batchproxy.logs import setup_logging
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,10 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batchproxy {__version__}")
     parser.add_argument("--log_level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log_format", default="text", choices=["text", "json"],
+                        help="plain lines, or one JSON object per line (also accepted after "
+                             "the subcommand)")
     parser.add_argument("--no_uvloop", action="store_true",
                         help="use asyncio's default event loop instead of uvloop")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--log_format", default=argparse.SUPPRESS, choices=["text", "json"],
+                       help="plain lines, or one JSON object per line")
     add_serve_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
     rep = commands.add_parser("replica", help="run a TFS-compatible reference replica "
@@ -189,6 +194,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level, args.log_format)
     args.handler(args)
