@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire import ld, tag, varint
 
 from batchproxy.protos import model_pb2, predict_pb2, tensor_pb2
 
@@ -82,24 +83,6 @@ FIXED = {"float_val": "<f4", "double_val": "<f8", "scomplex_val": "<f4", "dcompl
 
 
 # --- hand-written wire format (independent of both cores) -------------------------------
-
-
-def varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def tag(field: int, wire: int) -> bytes:
-    return varint((field << 3) | wire)
-
-
-def ld(field: int, payload: bytes) -> bytes:
-    return tag(field, 2) + varint(len(payload)) + payload
 
 
 def shape_bytes(dims: tuple[int, ...]) -> bytes:

@@ -28,6 +28,7 @@ from types import ModuleType
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire import varint
 
 from batchproxy.protos import predict_pb2
 
@@ -66,16 +67,6 @@ def test_the_corpus_is_there() -> None:
 
 
 # --- mutations ------------------------------------------------------------------------------
-
-
-def varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 # Byte strings that sit on the edges of what the decoder checks.

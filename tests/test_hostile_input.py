@@ -30,6 +30,7 @@ from grpc_client import batch_rows_histogram, predict_request, to_array
 from procs import start_replica
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_procs import start_proxy
+from wire import ld, tag, varint
 
 from batchproxy.protos import predict_pb2, tensor_pb2
 
@@ -39,24 +40,6 @@ MAX_ELEMENTS = 2**31 - 1
 TOO_LARGE = f"is too large (the product of its non-zero dimensions exceeds {MAX_ELEMENTS})"
 
 # --- hand-written wire format -----------------------------------------------------------
-
-
-def varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def tag(field: int, wire: int) -> bytes:
-    return varint((field << 3) | wire)
-
-
-def ld(field: int, payload: bytes) -> bytes:
-    return tag(field, 2) + varint(len(payload)) + payload
 
 
 def shape(dims: tuple[int, ...], unknown_rank: bool = False) -> bytes:

@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for wire.py
+
+from wire import ld, tag, varint
 
 from batchproxy.protos import model_pb2, predict_pb2, tensor_pb2
 
@@ -42,24 +45,6 @@ DTYPES = {
     22: ("<u4", "uint32_val"),
     23: ("<u8", "uint64_val"),
 }
-
-
-def varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def tag(field: int, wire: int) -> bytes:
-    return varint((field << 3) | wire)
-
-
-def ld(field: int, payload: bytes) -> bytes:
-    return tag(field, 2) + varint(len(payload)) + payload
 
 
 def tensor(dtype: int, shape: tuple[int, ...], values, typed: bool) -> tensor_pb2.TensorProto:
