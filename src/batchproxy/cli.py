@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--log_format", default=argparse.SUPPRESS, choices=["text", "json"],
                        help="plain lines, or one JSON object per line")
+    serve.add_argument("--no_uvloop", action="store_true", default=argparse.SUPPRESS,
+                       help="use asyncio's default event loop instead of uvloop")
     add_serve_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
     rep = commands.add_parser("replica", help="run a TFS-compatible reference replica "
