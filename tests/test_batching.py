@@ -169,3 +169,27 @@ async def test_a_call_whose_deadline_passes_in_the_queue_is_never_sent():
     finally:
         proxy.stop()
         replica.stop()
+
+
+async def test_a_tight_deadline_is_admitted_when_nothing_is_queued_ahead():
+    # The replica takes 80 ms; a 95 ms deadline is tight but can be met with an empty queue:
+    # admission must not refuse it on its estimate.
+    replica = start_replica("identity", batch_cost_ms=80)
+    proxy = start_proxy([replica], max_batch_size=4, batch_timeout_micros=0)
+    try:
+        async with grpc.aio.insecure_channel(proxy.address) as channel:
+            client = stub(channel)
+            request = predict_request("identity", {"x": np.ones((1, 2), np.float32)})
+            for _ in range(3):  # the proxy now knows the replica's batch time
+                await client.Predict(request, timeout=10)
+            answers = []
+            for _ in range(5):
+                try:
+                    await client.Predict(request, timeout=0.095)
+                    answers.append("OK")
+                except grpc.aio.AioRpcError as err:
+                    answers.append(err.code().name)
+    finally:
+        proxy.stop()
+        replica.stop()
+    assert "UNAVAILABLE" not in answers, answers

@@ -228,11 +228,15 @@ class Batcher:
 
     def expected_wait_s(self, rows: int) -> float:
         """A rough time to answer `rows` more rows: the batches ahead of them, served by all
-        the replica slots in parallel, then their own batch. 0 until a batch was timed."""
+        the replica slots in parallel, then their own batch. 0 until a batch was timed, and
+        0 with no full batch ahead: a call that would go out next is never refused on a
+        guess (its replica decides)."""
         if self.service_time_s is None:
             return 0.0
-        slots = max(self.pool.max_inflight * len(self.pool.replicas), 1)
         batches_ahead = (self.queued_rows + rows) // self.config.max_batch_size
+        if batches_ahead == 0:
+            return 0.0
+        slots = max(self.pool.max_inflight * len(self.pool.replicas), 1)
         return (batches_ahead / slots + 1) * self.service_time_s
 
     def _expire(self, entry: _Entry) -> None:
