@@ -153,12 +153,21 @@ def loads(body: bytes) -> JsonDoc:
         # orjson refuses the NaN/Infinity literals; Python's parser takes them. Only bodies
         # orjson refused pay for the slower parser.
         try:
-            value = json.loads(body)
+            value = json.loads(body, parse_float=_finite_float)
         except (ValueError, RecursionError) as err:
             raise invalid(f"JSON Parse error: {err}") from None
     if not isinstance(value, dict):
         raise invalid(f"JSON Value: {value_text(value)} Is not object")
     return JsonDoc(value, b"true" in body or b"false" in body)
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number literal; one too big for a double is an error, as in TFS's parser
+    (only the NaN/Infinity literals stand for those values)."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"Number too big to be stored in double: {text[:40]}")
+    return value
 
 
 def signature_name(doc: JsonDoc) -> str:
