@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from batchproxy import __version__
 from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
@@ -117,38 +118,12 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
     if "max_enqueued_rows" not in settings:
         batch = settings.get("max_batch_size", BatchingConfig.max_batch_size)
         settings["max_enqueued_rows"] = max(BatchingConfig.max_enqueued_rows, 100 * batch)
-    return ProxyConfig(
-        port=args.port,
-        rest_api_port=args.rest_api_port,
-        host=args.host,
-        replicas=tuple(args.replica),
-        local_replicas=args.local_replicas,
-        local_replica_model=args.local_replica_model,
-        model_name=args.model_name,
-        max_inflight_per_replica=args.max_inflight_per_replica,
-        replica_timeout_s=args.replica_timeout_s,
-        rest_max_body_bytes=args.rest_max_body_bytes,
-        replicas_dns=tuple(args.replicas_dns),
-        dns_refresh_s=args.dns_refresh_s,
-        dns_server=args.dns_server,
-        health_interval_ms=args.health_interval_ms,
-        health_check_models=tuple(args.health_check_model),
-        eject_after_failures=args.eject_after_failures,
-        drain_timeout_s=args.drain_timeout_s,
-        monitoring_port=args.monitoring_port,
-        monitoring_host=args.monitoring_host,
-        workers=args.workers,
-        max_message_bytes=args.max_message_bytes,
-        max_rows_per_request=args.max_rows_per_request,
-        ssl_config_file=args.ssl_config_file,
-        replica_ca=args.replica_ca,
-        replica_cert=args.replica_cert,
-        replica_key=args.replica_key,
-        auth_token_file=args.auth_token_file,
-        rest_header_timeout_s=args.rest_header_timeout_s,
-        rest_body_timeout_s=args.rest_body_timeout_s,
-        batching=BatchingConfig(**settings),
-    )
+    # Flags are named after ProxyConfig's fields, except the two repeatable ones.
+    flags = {f.name: getattr(args, f.name) for f in fields(ProxyConfig) if hasattr(args, f.name)}
+    flags.update(replicas=tuple(args.replica), replicas_dns=tuple(args.replicas_dns),
+                 health_check_models=tuple(args.health_check_model),
+                 batching=BatchingConfig(**settings))
+    return ProxyConfig(**flags)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
