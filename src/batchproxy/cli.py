@@ -71,6 +71,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     lim.add_argument("--max_rows_per_request", type=int,
                      default=defaults.max_rows_per_request,
                      help="rows (dimension 0) one call may carry (default %(default)s)")
+    lim.add_argument("--max_rank", type=int, default=defaults.max_rank,
+                     help="dimensions one input tensor may have (default %(default)s; TF "
+                          "itself stops at 254)")
     lim.add_argument("--ssl_config_file", default=None,
                      help="TFS-format SSLConfig text file (server_key, server_cert, custom_ca, "
                           "client_verify): TLS on the gRPC and REST ports")

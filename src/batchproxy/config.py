@@ -55,6 +55,7 @@ class ProxyConfig:
     # Limits on what one client may send.
     max_message_bytes: int = 256 << 20
     max_rows_per_request: int = 1 << 16
+    max_rank: int = 32
     # TLS: TFS's SSLConfig text file for the serving ports; CA/cert/key towards replicas.
     ssl_config_file: str | None = None
     replica_ca: str | None = None

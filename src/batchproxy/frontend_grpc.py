@@ -18,6 +18,7 @@ from batchproxy import core
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
 from batchproxy.batching import Batcher
 from batchproxy.errors import ProxyError
+from batchproxy.limits import RequestLimits
 from batchproxy.metrics import ProxyMetrics
 from batchproxy.pool import PREDICT, ReplicaPool
 from batchproxy.protos import model_spec_holder_pb2
@@ -37,12 +38,12 @@ Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 class PredictionHandlers:
     def __init__(self, batcher: Batcher, pool: ReplicaPool,
                  metrics: ProxyMetrics | None = None, *, auth: TokenAuth | None = None,
-                 max_rows_per_request: int = 1 << 20) -> None:
+                 limits: RequestLimits | None = None) -> None:
         self.batcher = batcher
         self.pool = pool
         self.metrics = metrics or batcher.metrics
         self.auth = auth
-        self.max_rows_per_request = max_rows_per_request
+        self.limits = limits or RequestLimits()
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         if self.auth is not None and not self.auth.accepts_metadata(
@@ -58,11 +59,11 @@ class PredictionHandlers:
             self._authenticate(context)
             call = core.decode_predict_request(request)
             model = call.model_name
-            if call.rows > self.max_rows_per_request:
+            try:
+                self.limits.check(call)
+            except ProxyError:
                 self.metrics.reject("too_large")
-                raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"the request has {call.rows} rows; the limit is "
-                                 f"{self.max_rows_per_request} (--max_rows_per_request)")
+                raise
             if call.rows <= 0:
                 # Not batchable (scalar inputs, disagreeing dimension 0, ...): the replica
                 # answers it alone, exactly as TFS without batching would.

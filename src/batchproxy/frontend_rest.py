@@ -33,6 +33,7 @@ from batchproxy import core, rest_json
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
 from batchproxy.batching import Batcher
 from batchproxy.errors import ProxyError
+from batchproxy.limits import RequestLimits
 from batchproxy.metrics import ProxyMetrics
 from batchproxy.pool import PREDICT, ReplicaPool
 from batchproxy.protos import (
@@ -190,7 +191,7 @@ class RestFrontend:
     def __init__(self, batcher: Batcher, pool: ReplicaPool, signatures: SignatureCache,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  metrics: ProxyMetrics | None = None, *, auth: TokenAuth | None = None,
-                 body_timeout_s: float = 30.0) -> None:
+                 body_timeout_s: float = 30.0, limits: RequestLimits | None = None) -> None:
         self.batcher = batcher
         self.pool = pool
         self.signatures = signatures
@@ -198,6 +199,7 @@ class RestFrontend:
         self.metrics = metrics or batcher.metrics
         self.auth = auth
         self.body_timeout_s = body_timeout_s
+        self.limits = limits or RequestLimits()
 
     def make_app(self, extra_routes: Iterable[web.RouteDef] = ()) -> web.Application:
         # The body limit is enforced in _body() (after gunzip too); aiohttp's own check
@@ -338,6 +340,11 @@ class RestFrontend:
             signature_name=signature.name, output_filter=(), model_spec=spec, inputs=inputs,
         )
         try:
+            self.limits.check(call)
+        except ProxyError:
+            self.metrics.reject("too_large")
+            raise
+        try:
             if call.rows <= 0:
                 # Not batchable (a scalar, no rows, ...): the replica answers it alone.
                 answer = await self.pool.forward(
@@ -400,10 +407,11 @@ class RestServer:
                  auth: TokenAuth | None = None,
                  ssl_context: ssl.SSLContext | None = None,
                  header_timeout_s: float = 30.0,
-                 body_timeout_s: float = 30.0) -> None:
+                 body_timeout_s: float = 30.0,
+                 limits: RequestLimits | None = None) -> None:
         self.signatures = SignatureCache(pool)
         self.frontend = RestFrontend(batcher, pool, self.signatures, max_body_bytes, metrics,
-                                     auth=auth, body_timeout_s=body_timeout_s)
+                                     auth=auth, body_timeout_s=body_timeout_s, limits=limits)
         self.host = host
         self.port = port
         self.ssl_context = ssl_context

@@ -20,6 +20,7 @@ from batchproxy.frontend_grpc import PredictionHandlers, generic_handlers
 from batchproxy.frontend_rest import RestServer
 from batchproxy.health import Readiness
 from batchproxy.health_checks import HealthChecker
+from batchproxy.limits import RequestLimits
 from batchproxy.local_replicas import LocalReplicas
 from batchproxy.metrics import GaugeSampler, ProxyMetrics
 from batchproxy.pool import Replica, ReplicaPool, ReplicaState
@@ -68,8 +69,9 @@ class Proxy:
         self.readiness = Readiness(self.pool)
         self.batcher = Batcher(config.batching, self.pool, self.metrics)
         self.grpc_server = grpc.aio.server(options=server_options(config))
+        limits = RequestLimits(config.max_rows_per_request, config.max_rank)
         handlers = PredictionHandlers(self.batcher, self.pool, self.metrics, auth=self.auth,
-                                      max_rows_per_request=config.max_rows_per_request)
+                                      limits=limits)
         self.grpc_server.add_generic_rpc_handlers(
             [*generic_handlers(handlers), self.readiness.grpc_handler()])
         address = f"{config.host}:{config.port}"
@@ -90,7 +92,7 @@ class Proxy:
                 auth=self.auth,
                 ssl_context=self.tls.ssl_context() if self.tls is not None else None,
                 header_timeout_s=config.rest_header_timeout_s,
-                body_timeout_s=config.rest_body_timeout_s)
+                body_timeout_s=config.rest_body_timeout_s, limits=limits)
 
     def _count_ejection(self, replica: Replica, old: ReplicaState, reason: str) -> None:
         if replica.state is ReplicaState.EJECTED:
