@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-CORES = {"cython": "batchproxy._core", "python": "batchproxy._core_py"}
+CORES = {"cython": "batchproxy._core", "python": "batchproxy.codec._core_py"}
 
 
 @pytest.fixture(scope="session", params=list(CORES))

@@ -40,7 +40,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from batchproxy import cli
 from batchproxy.config import ProxyConfig
-from batchproxy.health import Readiness
+from batchproxy.readiness import Readiness
 from batchproxy.metrics import ProxyMetrics
 
 ROOT = Path(__file__).resolve().parents[1]

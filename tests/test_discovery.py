@@ -14,7 +14,7 @@ from load import closed_loop
 from procs import free_port, start_replica
 from proxy_procs import start_proxy
 
-from batchproxy.discovery import query_dns_server, split_host_port
+from batchproxy.fleet.discovery import query_dns_server, split_host_port
 
 NAME = "replicas.batchproxy.test."
 

@@ -22,7 +22,7 @@ from hypothesis.extra import numpy as hnp
 from procs import start_replica
 from proxy_procs import start_proxy
 
-from batchproxy.frontend_rest import HTTP_STATUS, http_status
+from batchproxy.frontends.rest import HTTP_STATUS, http_status
 from batchproxy.replica.models import demo_samples
 
 

@@ -10,14 +10,14 @@ from grpc_client import predict_request, stub, to_array
 from procs import start_replica
 from proxy_procs import start_proxy
 
-from batchproxy import core
+from batchproxy import codec
 from batchproxy.errors import ProxyError
-from batchproxy.limits import RequestLimits
+from batchproxy.frontends.limits import RequestLimits
 
 
-def call(shape: tuple[int, ...]) -> core.PredictCall:
+def call(shape: tuple[int, ...]) -> codec.PredictCall:
     data = np.zeros(shape, np.float32).tobytes()
-    return core.PredictCall(model_name="m", inputs={"x": core.Tensor(1, shape, data)})
+    return codec.PredictCall(model_name="m", inputs={"x": codec.Tensor(1, shape, data)})
 
 
 def test_request_limits():

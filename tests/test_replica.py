@@ -19,7 +19,7 @@ import pytest
 import requests
 from procs import Process, start_replica
 
-from batchproxy import dtypes
+from batchproxy.codec import dtypes
 from batchproxy.protos import (
     example_pb2,
     get_model_metadata_pb2,

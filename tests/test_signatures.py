@@ -11,8 +11,8 @@ import pytest
 from procs import start_replica
 
 from batchproxy.errors import ProxyError
-from batchproxy.pool import ReplicaPool
-from batchproxy.signatures import SignatureCache
+from batchproxy.fleet.slots import ReplicaPool
+from batchproxy.frontends.signatures import SignatureCache
 
 KEY = ("m", None, None)
 

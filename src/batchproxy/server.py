@@ -12,18 +12,18 @@ from aiohttp import web
 
 from batchproxy import __version__, core, workers
 from batchproxy.auth import TokenAuth
-from batchproxy.batching import Batcher
+from batchproxy.engine.batching import Batcher
 from batchproxy.config import ProxyConfig
-from batchproxy.discovery import DnsDiscovery
+from batchproxy.fleet.discovery import DnsDiscovery
 from batchproxy.event_loop import run_loop
-from batchproxy.frontend_grpc import PredictionHandlers, generic_handlers
-from batchproxy.frontend_rest import RestServer
-from batchproxy.health import Readiness
-from batchproxy.health_checks import HealthChecker
-from batchproxy.limits import RequestLimits
+from batchproxy.frontends.grpc import PredictionHandlers, generic_handlers
+from batchproxy.frontends.rest import RestServer
+from batchproxy.readiness import Readiness
+from batchproxy.fleet.health_checks import HealthChecker
+from batchproxy.frontends.limits import RequestLimits
 from batchproxy.local_replicas import LocalReplicas
 from batchproxy.metrics import GaugeSampler, ProxyMetrics
-from batchproxy.pool import Replica, ReplicaPool, ReplicaState
+from batchproxy.fleet.slots import Replica, ReplicaPool, ReplicaState
 from batchproxy.tls import ServerTLS, replica_credentials
 
 log = logging.getLogger("batchproxy")

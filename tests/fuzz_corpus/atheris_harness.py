@@ -25,7 +25,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 with atheris.instrument_imports():
-    from batchproxy import _core_py as py
+    from batchproxy.codec import _core_py as py
 
 from batchproxy import _core as cy  # compiled: nothing to instrument
 

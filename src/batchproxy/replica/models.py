@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import grpc
 import numpy as np
 
-from batchproxy import dtypes
+from batchproxy.codec import dtypes
 from batchproxy.protos import example_pb2
 
 SERVING_DEFAULT = "serving_default"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchproxy import dtypes
+from batchproxy.codec import dtypes
 from batchproxy.protos import example_pb2
 from batchproxy.replica.models import (
     SERVING_DEFAULT,

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from batchproxy import core
+from batchproxy import codec
 from batchproxy.protos import get_model_metadata_pb2, get_model_status_pb2, inference_pb2
 from batchproxy.replica import examples
 from batchproxy.replica.metrics import ReplicaMetrics
@@ -61,7 +61,7 @@ class ReplicaRpcs:
                 response = await func(request)
             except ReplicaError as err:
                 code, message = err.code, err.message
-            except core.CodecError as err:
+            except codec.CodecError as err:
                 code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
                 message = err.message
             except asyncio.CancelledError:
@@ -218,7 +218,7 @@ class Replica:
             "traffic): model %s served as %r version %d, gRPC port %d, REST port %s, "
             "core %s, cost %.3f ms + %.3f us/row, outputs as %s",
             svc.model.name, svc.model_name, svc.version, self.port, self.rest_port or "off",
-            core.IMPLEMENTATION, runner.batch_cost_ms, runner.row_cost_us,
+            codec.IMPLEMENTATION, runner.batch_cost_ms, runner.row_cost_us,
             "typed fields" if svc.typed else "tensor_content",
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from batchproxy import core, dtypes
+from batchproxy import codec, dtypes
 from batchproxy.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -86,9 +86,9 @@ def _as_bytes(array: np.ndarray) -> bytes:
 def _encode_output(dtype: int, array: np.ndarray, typed: bool) -> bytes:
     if dtype == dtypes.DT_STRING:
         # An object array of bytes; the core writes string_val whatever `typed` says.
-        return core.encode_tensor(dtype, array.shape, array.ravel().tolist(), typed)
+        return codec.encode_tensor(dtype, array.shape, array.ravel().tolist(), typed)
     array = np.ascontiguousarray(array, dtype=dtypes.NUMPY_DTYPES[dtype])
-    return core.encode_tensor(dtype, array.shape, _as_bytes(array), typed)
+    return codec.encode_tensor(dtype, array.shape, _as_bytes(array), typed)
 
 
 class ReplicaService:
@@ -180,7 +180,7 @@ class ReplicaService:
     async def predict(self, data: bytes) -> bytes:
         """A serialized PredictRequest in, a serialized PredictResponse out."""
         self.check_available()
-        call = core.decode_predict_request(data)
+        call = codec.decode_predict_request(data)
         if not call.model_spec:
             raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         self.resolve(call.model_name, call.version, call.version_label)
@@ -213,7 +213,7 @@ class ReplicaService:
             alias: _encode_output(signature.outputs[alias][0], outputs[alias], self.typed)
             for alias in aliases
         }
-        return core.encode_predict_response(encoded, self.response_specs[name])
+        return codec.encode_predict_response(encoded, self.response_specs[name])
 
     # -- metadata and status -------------------------------------------------------------
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from batchproxy import core
+from batchproxy import codec
 from batchproxy.config import BatchingConfig
 from batchproxy.errors import ProxyError
 from batchproxy.metrics import ProxyMetrics
-from batchproxy.pool import Replica, ReplicaPool, Route, is_replica_failure
+from batchproxy.fleet.slots import Replica, ReplicaPool, Route, is_replica_failure
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class _Entry:
         "timer",
     )
 
-    def __init__(self, call: core.PredictCall, future: asyncio.Future[bytes],
+    def __init__(self, call: codec.PredictCall, future: asyncio.Future[bytes],
                  deadline: float | None, now: float, queue: _KeyQueue) -> None:
         self.call = call
         self.rows: int = call.rows
@@ -72,8 +72,8 @@ class _Entry:
         if self.rows_answered == self.rows:
             self.parts.sort(key=lambda part: part[0])
             try:
-                joined = core.concat_predict_responses([part for _, part in self.parts])
-            except core.CodecError as err:
+                joined = codec.concat_predict_responses([part for _, part in self.parts])
+            except codec.CodecError as err:
                 self.future.set_exception(ProxyError.from_codec_error(err))
                 return
             self.future.set_result(joined)
@@ -113,7 +113,7 @@ class Batch:
     @classmethod
     def of(cls, model: str, pieces: list[tuple[_Entry, int, int]]) -> Batch:
         deadlines = [entry.deadline for entry, _, _ in pieces if entry.deadline is not None]
-        request = core.encode_predict_request(
+        request = codec.encode_predict_request(
             [(entry.call, start, stop) for entry, start, stop in pieces])
         rows = sum(stop - start for _, start, stop in pieces)
         return cls(model, pieces, request, rows, min(deadlines) if deadlines else None)
@@ -167,7 +167,7 @@ class Batcher:
 
     # -- submitting ------------------------------------------------------------------------
 
-    async def submit(self, call: core.PredictCall, timeout: float | None = None) -> bytes:
+    async def submit(self, call: codec.PredictCall, timeout: float | None = None) -> bytes:
         """Queue a batchable call (call.rows >= 1) and wait for its own answer."""
         rows = call.rows
         model = call.model_name
@@ -397,9 +397,9 @@ class Batcher:
             self.pool.release(replica)
             break
         try:
-            parts = core.split_predict_response(
+            parts = codec.split_predict_response(
                 response, [stop - start for _, start, stop in batch.pieces])
-        except core.CodecError as err:
+        except codec.CodecError as err:
             error = ProxyError.from_codec_error(err)
             log.warning("replica %s answered a batch that cannot be split: %s",
                         replica.address, error.message)

@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from batchproxy.errors import ProxyError
-from batchproxy.pool import ReplicaPool
+from batchproxy.fleet.slots import ReplicaPool
 from batchproxy.protos import get_model_metadata_pb2, model_pb2
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import socket
 
-from batchproxy.pool import ReplicaPool
+from batchproxy.fleet.slots import ReplicaPool
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from batchproxy import core
+from batchproxy import codec
 from batchproxy.errors import ProxyError
 
 
@@ -17,7 +17,7 @@ class RequestLimits:
     # TF itself stops at 254 dimensions; real models use a handful.
     max_rank: int = 32
 
-    def check(self, call: core.PredictCall) -> None:
+    def check(self, call: codec.PredictCall) -> None:
         if call.rows > self.max_rows:
             raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT,
                              f"the request has {call.rows} rows; the limit is "

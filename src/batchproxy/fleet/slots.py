@@ -4,7 +4,7 @@ A batch goes to a healthy replica that serves its model, chosen by the power of 
 over outstanding batches, each replica holding at most `max_inflight` batches: a slow replica
 keeps its slots longer and so receives less work. Calls travel as raw bytes.
 
-Replica states: JOINING (found, not yet checked) -> HEALTHY <-> EJECTED (failing, out for a
+Endpoint states: JOINING (found, not yet checked) -> HEALTHY <-> EJECTED (failing, out for a
 back-off that grows with each ejection), and DRAINING (gone from discovery: in-flight batches
 finish, then it is dropped). Health itself is probed by `health_checks.py`; this module only
 keeps the state and decides."""
@@ -21,16 +21,10 @@ from collections.abc import Callable, Iterable
 import grpc
 
 from batchproxy.errors import ProxyError
+from batchproxy.fleet.transport import TransportFactory, grpc_transports
+from batchproxy.methods import PREDICT
 
 log = logging.getLogger(__name__)
-
-PREDICT = "/tensorflow.serving.PredictionService/Predict"
-
-# TFS allows INT32_MAX both ways; a merged batch can be far larger than any single call.
-UNLIMITED_MESSAGES = [
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-]
 
 # Model names come from clients: bound what is tracked per name.
 MAX_TRACKED_MODELS = 256
@@ -46,6 +40,15 @@ def is_replica_failure(error: ProxyError) -> bool:
     return error.code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and (
         "Stream removed" in error.message or "RST_STREAM" in error.message
     )
+
+
+def loop_time() -> float:
+    """The running loop's clock (virtual in the simulator); monotonic time outside a loop,
+    which is what asyncio's default clock reads anyway."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 class ReplicaState(enum.Enum):
@@ -68,26 +71,12 @@ class Route(enum.Enum):
     NOWHERE = "nowhere"  # nothing can serve it now: refuse at once with UNAVAILABLE
 
 
-def channel_options(reconnect_backoff_ms: int) -> list[tuple[str, int]]:
-    # gRPC's reconnect back-off grows to 120 s by default: a restarted replica would stay
-    # unreachable long after it is back. Cap it near the health-check period instead.
-    return [
-        *UNLIMITED_MESSAGES,
-        ("grpc.initial_reconnect_backoff_ms", min(100, reconnect_backoff_ms)),
-        ("grpc.min_reconnect_backoff_ms", min(100, reconnect_backoff_ms)),
-        ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms),
-    ]
+class Endpoint:
+    """One replica as the proxy sees it: its transport, state and in-flight batches."""
 
-
-class Replica:
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None,
-                 reconnect_backoff_ms: int = 1000) -> None:
+    def __init__(self, address: str, transport: Transport) -> None:
         self.address = address
-        options = channel_options(reconnect_backoff_ms)
-        if credentials is None:
-            self.channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self.transport = transport
         self.state = ReplicaState.JOINING
         self.outstanding = 0
         self.batches_sent = 0
@@ -97,32 +86,24 @@ class Replica:
         self.ejections = 0
         self.ejected_until = 0.0
         self.healthy_since = 0.0
-        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
-
-    def method(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable:
-        """A raw-bytes callable for `path` (no serializers: bytes in, bytes out)."""
-        call = self._calls.get(path)
-        if call is None:
-            call = self._calls[path] = self.channel.unary_unary(path)
-        return call
 
     def serves(self, model: str) -> bool:
         return self.state is ReplicaState.HEALTHY and self.models.get(
             model, ModelState.AVAILABLE) is ModelState.AVAILABLE
 
     def __repr__(self) -> str:
-        return f"Replica({self.address}, {self.state.value}, outstanding={self.outstanding})"
+        return f"Endpoint({self.address}, {self.state.value}, outstanding={self.outstanding})"
 
 
-StateListener = Callable[[Replica, ReplicaState, str], None]
+StateListener = Callable[[Endpoint, ReplicaState, str], None]
 
 
 class ReplicaPool:
     def __init__(self, addresses: Iterable[str] = (), max_inflight: int = 2,
                  default_timeout_s: float = 30.0, *, eject_after_failures: int = 2,
                  ejection_base_s: float = 1.0, ejection_max_s: float = 30.0,
-                 credentials: grpc.ChannelCredentials | None = None,
-                 reconnect_backoff_ms: int = 1000) -> None:
+                 transports: TransportFactory | None = None,
+                 seed: int | None = None) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self.max_inflight = max_inflight
@@ -130,9 +111,10 @@ class ReplicaPool:
         self.eject_after_failures = eject_after_failures
         self.ejection_base_s = ejection_base_s
         self.ejection_max_s = ejection_max_s
-        self.credentials = credentials
-        self.reconnect_backoff_ms = reconnect_backoff_ms
-        self.replicas: dict[str, Replica] = {}
+        self.transports = transports or grpc_transports()
+        # The choice of replica is random (power of two choices); seeded, it is repeatable.
+        self.random = random.Random(seed)
+        self.replicas: dict[str, Endpoint] = {}
         self._routes: dict[str, Route] = {}
         self.known_models: set[str] = set()
         # Called on every state change (replica, old state, reason): logs, metrics, waiters.
@@ -140,18 +122,18 @@ class ReplicaPool:
         # Called whenever a slot frees or a replica becomes usable: the batcher re-schedules.
         self.capacity_listeners: list[Callable[[], None]] = []
         self._waiters: list[asyncio.Future[None]] = []
-        self._closing: list[Replica] = []
+        self._closing: list[Endpoint] = []
         for address in addresses:
             self.add(address)
 
     # -- membership -------------------------------------------------------------------------
 
-    def add(self, address: str) -> Replica:
+    def add(self, address: str) -> Endpoint:
         replica = self.replicas.get(address)
         if replica is None:
             self._routes.clear()
-            replica = self.replicas[address] = Replica(address, self.credentials,
-                                                       self.reconnect_backoff_ms)
+            replica = self.replicas[address] = Endpoint(address,
+                                                        self.transports(address))
             log.info("replica %s joined", address)
         elif replica.state is ReplicaState.DRAINING:
             # It came back before it was dropped: it must pass a health check again.
@@ -168,7 +150,7 @@ class ReplicaPool:
                 self._set_state(replica, ReplicaState.DRAINING, "gone from discovery")
                 self._drop_if_drained(replica)
 
-    def _drop_if_drained(self, replica: Replica) -> None:
+    def _drop_if_drained(self, replica: Endpoint) -> None:
         if (replica.state is ReplicaState.DRAINING and replica.outstanding == 0
                 and self.replicas.get(replica.address) is replica):
             del self.replicas[replica.address]
@@ -176,22 +158,23 @@ class ReplicaPool:
             log.info("replica %s drained and dropped", replica.address)
             self._closing.append(replica)
 
-    def _set_state(self, replica: Replica, state: ReplicaState, reason: str) -> None:
+    def _set_state(self, replica: Endpoint, state: ReplicaState, reason: str) -> None:
         old = replica.state
         if old is state:
             return
         replica.state = state
         self._routes.clear()
         if state is ReplicaState.HEALTHY:
-            replica.healthy_since = time.monotonic()
+            replica.healthy_since = loop_time()
         for listener in self.listeners:
             listener(replica, old, reason)
-        if state is ReplicaState.HEALTHY:
-            self._notify_capacity()
+        # Every state change wakes whoever waits for a slot: a replica turning healthy may
+        # take the wait, one going away may leave it with nowhere to go.
+        self._notify_capacity()
 
     # -- health -----------------------------------------------------------------------------
 
-    def record_check(self, replica: Replica, passed: bool, reason: str = "",
+    def record_check(self, replica: Endpoint, passed: bool, reason: str = "",
                      models: dict[str, ModelState] | None = None) -> None:
         """The result of an active health check."""
         if models:
@@ -201,9 +184,10 @@ class ReplicaPool:
             if any(replica.models.get(name) is not state for name, state in models.items()):
                 self._routes.clear()
             replica.models.update(models)
-            if became_available:
+            if became_available or any(state is not ModelState.AVAILABLE
+                                       for state in models.values()):
                 self._notify_capacity()
-        now = time.monotonic()
+        now = loop_time()
         if replica.state is ReplicaState.DRAINING:
             return
         if not passed:
@@ -215,10 +199,10 @@ class ReplicaPool:
         replica.consecutive_failures = 0
         self._set_state(replica, ReplicaState.HEALTHY, reason or "health check passed")
 
-    def record_success(self, replica: Replica) -> None:
+    def record_success(self, replica: Endpoint) -> None:
         replica.consecutive_failures = 0
 
-    def record_failure(self, replica: Replica, error: ProxyError) -> None:
+    def record_failure(self, replica: Endpoint, error: ProxyError) -> None:
         """A call failed in a way that blames the replica (passive health)."""
         replica.consecutive_failures += 1
         if (replica.consecutive_failures >= self.eject_after_failures
@@ -226,8 +210,8 @@ class ReplicaPool:
             self._eject(replica, f"{replica.consecutive_failures} consecutive failures: "
                                  f"{error.code.name} {error.message}")
 
-    def _eject(self, replica: Replica, reason: str) -> None:
-        now = time.monotonic()
+    def _eject(self, replica: Endpoint, reason: str) -> None:
+        now = loop_time()
         # A replica healthy for a long while starts over at the base back-off.
         if replica.healthy_since and now - replica.healthy_since > self.ejection_max_s * 2:
             replica.ejections = 0
@@ -280,8 +264,8 @@ class ReplicaPool:
             return Route.MISSING
         return Route.NOWHERE
 
-    def try_acquire(self, model: str, exclude: Replica | None = None,
-                    idle_only: bool = False) -> Replica | None:
+    def try_acquire(self, model: str, exclude: Endpoint | None = None,
+                    idle_only: bool = False) -> Endpoint | None:
         """Reserve a slot on a replica serving `model` (power of two choices), or None.
         `idle_only`: only a replica with no batch in flight will do."""
         route = self.route(model)
@@ -299,37 +283,54 @@ class ReplicaPool:
         if not eligible:
             return None
         if len(eligible) > 2:
-            eligible = random.sample(eligible, 2)
+            eligible = self.random.sample(eligible, 2)
         replica = min(eligible, key=lambda r: r.outstanding)
         replica.outstanding += 1
         replica.batches_sent += 1
         return replica
 
-    async def acquire(self, model: str, exclude: Replica | None = None,
-                      timeout: float | None = None) -> Replica:
-        """Wait for a slot on a replica serving `model`."""
+    def can_serve(self, model: str, exclude: Endpoint | None = None) -> bool:
+        """Whether a replica other than `exclude` could take `model` now or soon (healthy and
+        serving it, or joining and not yet checked): what makes a retry worth waiting for."""
+        for replica in self.replicas.values():
+            if replica is exclude:
+                continue
+            if replica.serves(model):
+                return True
+            if replica.state is ReplicaState.JOINING:
+                return True
+        return False
+
+    async def acquire(self, model: str, exclude: Endpoint | None = None,
+                      timeout: float | None = None) -> Endpoint:
+        """Wait for a slot on a replica serving `model`. Gives up with UNAVAILABLE as soon as
+        no replica but `exclude` could serve it, and with DEADLINE_EXCEEDED after `timeout`
+        (the pool's default replica timeout when None: no wait is unbounded)."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        if timeout is None:
+            timeout = self.default_timeout_s
+        deadline = loop.time() + timeout
         while True:
             replica = self.try_acquire(model, exclude)
             if replica is not None:
                 return replica
-            if self.route(model) is Route.NOWHERE:
+            if self.route(model) is Route.NOWHERE or not (
+                    self.route(model) is Route.MISSING or self.can_serve(model, exclude)):
                 raise ProxyError(grpc.StatusCode.UNAVAILABLE,
                                  f"no healthy replica serves model '{model}'")
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                  "Deadline exceeded while waiting for a replica")
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            timer = loop.call_at(deadline, _wake_waiter, waiter)
             try:
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 "Deadline exceeded while waiting for a replica") from None
+                await waiter
+            finally:
+                timer.cancel()
 
-    def release(self, replica: Replica) -> None:
+    def release(self, replica: Endpoint) -> None:
         replica.outstanding -= 1
         self._drop_if_drained(replica)
         self._notify_capacity()
@@ -339,63 +340,58 @@ class ReplicaPool:
             listener()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+            _wake_waiter(waiter)
 
     def any_healthy(self) -> bool:
         return any(r.state is ReplicaState.HEALTHY for r in self.replicas.values())
 
+    def pick_unbatched(self, model: str, exclude: Endpoint | None = None) -> Endpoint | None:
+        """A replica for an unbatched call (metadata, status, classify, ...): the least busy
+        healthy one that serves `model` (any healthy one when the model is not known). These
+        calls take no batch slot: they are small and must not wait behind batches."""
+        by_model = bool(model) and self.route(model) is Route.SERVED
+        candidates = [r for r in self.replicas.values()
+                      if r is not exclude and (r.serves(model) if by_model
+                                               else r.state is ReplicaState.HEALTHY)]
+        if not candidates:
+            candidates = [r for r in self.replicas.values()
+                          if r.state is not ReplicaState.DRAINING and r is not exclude]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: r.outstanding)
+
     # -- calls ------------------------------------------------------------------------------
 
-    def _timeout(self, timeout: float | None) -> float:
+    def timeout_for(self, timeout: float | None) -> float:
         return self.default_timeout_s if timeout is None else timeout
 
-    async def predict(self, replica: Replica, request: bytes, timeout: float | None) -> bytes:
-        """One merged batch to `replica`; the caller holds a slot from acquire()."""
+    async def call(self, replica: Endpoint, path: str, request: bytes,
+                   timeout: float | None) -> bytes:
+        """One call to `replica`, its failure recorded against the replica when it is the
+        replica's fault (passive health)."""
         try:
-            response = await replica.method(PREDICT)(request, timeout=self._timeout(timeout))
-        except grpc.aio.AioRpcError as err:
-            error = ProxyError.from_rpc_error(err)
+            response = await replica.transport.call(path, request, self.timeout_for(timeout))
+        except ProxyError as error:
             if is_replica_failure(error):
                 self.record_failure(replica, error)
-            raise error from None
+            raise
         self.record_success(replica)
         return response
 
-    async def forward(self, path: str, request: bytes, timeout: float | None,
-                      model: str = "") -> bytes:
-        """An unbatched call (metadata, status, classify, ...) to a healthy replica that
-        serves `model` (any healthy one when the model is not known).
-
-        These calls take no batch slot: they are small and must not wait behind batches.
-        A replica failure is retried once on another replica."""
-        tried: Replica | None = None
-        by_model = bool(model) and self.route(model) is Route.SERVED
-        for _ in range(2):
-            candidates = [r for r in self.replicas.values()
-                          if r is not tried and (r.serves(model) if by_model
-                                                 else r.state is ReplicaState.HEALTHY)]
-            if not candidates:
-                candidates = [r for r in self.replicas.values()
-                              if r.state is not ReplicaState.DRAINING and r is not tried]
-            if not candidates:
-                raise ProxyError(grpc.StatusCode.UNAVAILABLE, "no healthy replica")
-            replica = min(candidates, key=lambda r: r.outstanding)
-            try:
-                return await replica.method(path)(request, timeout=self._timeout(timeout))
-            except grpc.aio.AioRpcError as err:
-                error = ProxyError.from_rpc_error(err)
-                if not is_replica_failure(error):
-                    raise error from None
-                self.record_failure(replica, error)
-                tried = replica
-        raise error
+    async def predict(self, replica: Endpoint, request: bytes, timeout: float | None) -> bytes:
+        """One merged batch to `replica`; the caller holds a slot from acquire()."""
+        return await self.call(replica, PREDICT, request, timeout)
 
     async def close(self) -> None:
         replicas = list(self.replicas.values()) + self._closing
-        await asyncio.gather(*(replica.channel.close() for replica in replicas))
+        await asyncio.gather(*(replica.transport.close() for replica in replicas))
 
     async def close_dropped(self) -> None:
-        """Close channels of replicas that drained; called by the health loop."""
+        """Close transports of replicas that drained; called by the health loop."""
         closing, self._closing = self._closing, []
-        await asyncio.gather(*(replica.channel.close() for replica in closing))
+        await asyncio.gather(*(replica.transport.close() for replica in closing))
+
+
+def _wake_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,7 +1,7 @@
 """The REST face of the proxy: TensorFlow Serving's HTTP/JSON API (port 8501) on aiohttp.
 
 A predict body is typed by the model's signature (signatures.SignatureCache), becomes a
-core.PredictCall and joins the same batcher as gRPC calls: a REST caller and a gRPC caller of
+codec.PredictCall and joins the same batcher as gRPC calls: a REST caller and a gRPC caller of
 one model can travel in one batch. Status, metadata, classify and regress are forwarded to a
 replica unbatched and their answers written as TFS writes them. Errors are
 {"error": message} under TFS's HTTP status for the gRPC code.
@@ -29,20 +29,20 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf.message import DecodeError
 
-from batchproxy import core, rest_json
+from batchproxy import codec, rest_json
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
-from batchproxy.batching import Batcher
+from batchproxy.engine.batching import Batcher
 from batchproxy.errors import ProxyError
-from batchproxy.limits import RequestLimits
+from batchproxy.frontends.limits import RequestLimits
 from batchproxy.metrics import ProxyMetrics
-from batchproxy.pool import PREDICT, ReplicaPool
+from batchproxy.fleet.slots import PREDICT, ReplicaPool
 from batchproxy.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
     predict_pb2,
 )
-from batchproxy.signatures import GET_MODEL_METADATA, ModelKey, SignatureCache, model_spec
+from batchproxy.frontends.signatures import GET_MODEL_METADATA, ModelKey, SignatureCache, model_spec
 
 log = logging.getLogger(__name__)
 
@@ -149,29 +149,29 @@ class _Deadline:
         return left
 
 
-def _predict_request(spec: bytes, inputs: Mapping[str, core.Tensor]) -> bytes:
+def _predict_request(spec: bytes, inputs: Mapping[str, codec.Tensor]) -> bytes:
     """A serialized PredictRequest for a call sent unbatched."""
     request = predict_pb2.PredictRequest()
     request.model_spec.ParseFromString(spec)
     for name, tensor in inputs.items():
         request.inputs[name].ParseFromString(
-            core.encode_tensor(tensor.dtype, tensor.shape, tensor.data, False)
+            codec.encode_tensor(tensor.dtype, tensor.shape, tensor.data, False)
         )
     return request.SerializeToString()
 
 
-def _response_outputs(data: bytes) -> tuple[dict[str, core.Tensor], int | None]:
+def _response_outputs(data: bytes) -> tuple[dict[str, codec.Tensor], int | None]:
     """(outputs by name, the version that answered) of a serialized PredictResponse."""
     try:
         response = predict_pb2.PredictResponse.FromString(data)
         outputs = {
-            name: core.decode_tensor(response.outputs[name].SerializeToString())
+            name: codec.decode_tensor(response.outputs[name].SerializeToString())
             for name in sorted(response.outputs)
         }
     except DecodeError as err:
         raise ProxyError(grpc.StatusCode.INTERNAL,
                          f"Could not parse the replica's PredictResponse: {err}") from None
-    except core.CodecError as err:
+    except codec.CodecError as err:
         raise ProxyError.from_codec_error(err) from None
     spec = response.model_spec
     return outputs, spec.version.value if spec.HasField("version") else None
@@ -334,8 +334,8 @@ class RestFrontend:
         # The resolved signature name ("serving_default" for ""): the batch key then matches
         # gRPC callers that name it.
         spec = model_spec(name, version, label, signature.name).SerializeToString()
-        inputs = {n: core.Tensor(t.dtype, t.shape, t.data) for n, t in tensors.items()}
-        call = core.PredictCall(
+        inputs = {n: codec.Tensor(t.dtype, t.shape, t.data) for n, t in tensors.items()}
+        call = codec.PredictCall(
             model_name=name, version=version, version_label=label,
             signature_name=signature.name, output_filter=(), model_spec=spec, inputs=inputs,
         )

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 from aiohttp import web
 
-from batchproxy.pool import ReplicaPool
+from batchproxy.fleet.slots import ReplicaPool
 from batchproxy.protos import health_pb2
 
 SERVICES = frozenset({"", "tensorflow.serving.PredictionService",

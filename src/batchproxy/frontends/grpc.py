@@ -14,13 +14,13 @@ from collections.abc import Awaitable, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from batchproxy import core
+from batchproxy import codec
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
-from batchproxy.batching import Batcher
+from batchproxy.engine.batching import Batcher
 from batchproxy.errors import ProxyError
-from batchproxy.limits import RequestLimits
+from batchproxy.frontends.limits import RequestLimits
 from batchproxy.metrics import ProxyMetrics
-from batchproxy.pool import PREDICT, ReplicaPool
+from batchproxy.fleet.slots import PREDICT, ReplicaPool
 from batchproxy.protos import model_spec_holder_pb2
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class PredictionHandlers:
         code = "OK"
         try:
             self._authenticate(context)
-            call = core.decode_predict_request(request)
+            call = codec.decode_predict_request(request)
             model = call.model_name
             try:
                 self.limits.check(call)
@@ -70,7 +70,7 @@ class PredictionHandlers:
                 return await self.pool.forward(PREDICT, request, context.time_remaining(),
                                                model=model)
             return await self.batcher.submit(call, context.time_remaining())
-        except core.CodecError as err:
+        except codec.CodecError as err:
             error = ProxyError.from_codec_error(err)
             self.metrics.reject("invalid")
             code = error.code.name

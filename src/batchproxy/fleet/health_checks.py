@@ -11,12 +11,13 @@ import logging
 
 import grpc
 
-from batchproxy.pool import ModelState, Replica, ReplicaPool, ReplicaState
+from batchproxy.fleet.slots import Endpoint, ModelState, ReplicaPool, ReplicaState
+from batchproxy.errors import ProxyError
+from batchproxy.methods import GET_MODEL_STATUS
 from batchproxy.protos import get_model_status_pb2
 
 log = logging.getLogger(__name__)
 
-GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 # Answers that show a replica is down rather than that it dislikes the question.
 DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -77,19 +78,19 @@ class HealthChecker:
                 await asyncio.wait_for(self._kick.wait(), self.interval_s)
             self._kick.clear()
 
-    async def check(self, replica: Replica) -> None:
+    async def check(self, replica: Endpoint) -> None:
         models = sorted(self.pool.known_models)
-        call = replica.method(GET_MODEL_STATUS)
         states: dict[str, ModelState] = {}
         for model in models or [""]:
             try:
-                response = await call(status_request(model), timeout=self.timeout_s)
-            except grpc.aio.AioRpcError as err:
-                if err.code() in DOWN:
+                response = await replica.transport.call(GET_MODEL_STATUS, status_request(model),
+                                                        self.timeout_s)
+            except ProxyError as err:
+                if err.code in DOWN:
                     self.pool.record_check(replica, False,
-                                           f"GetModelStatus: {err.code().name} {err.details()}")
+                                           f"GetModelStatus: {err.code.name} {err.message}")
                     return
-                if model and err.code() == grpc.StatusCode.NOT_FOUND:
+                if model and err.code == grpc.StatusCode.NOT_FOUND:
                     states[model] = ModelState.MISSING
                 continue  # UNIMPLEMENTED and the like: up, but says nothing of the model
             if model:

@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 from google.protobuf import json_format
 
-from batchproxy import dtypes
+from batchproxy.codec import dtypes
 from batchproxy.errors import ProxyError
 from batchproxy.protos import (
     example_pb2,
