@@ -10,9 +10,9 @@ scrape cover all of them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import (
@@ -24,6 +24,11 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from batchproxy.supervisor import cancel_and_wait
+
+if TYPE_CHECKING:
+    from batchproxy.supervisor import Supervisor
 
 # Sub-millisecond to seconds: a batch timeout is often 1-5 ms, a deadline seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -144,16 +149,20 @@ class GaugeSampler:
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Sample every interval: under `supervisor` when given (a sampling bug is then
+        logged and the loop restarted), else as a task of our own."""
+        if supervisor is not None:
+            supervisor.spawn("gauge_sampler", self.run)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self.run())
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             self.sample()
             await asyncio.sleep(self.interval_s)
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
+            self._task = None

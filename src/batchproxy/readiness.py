@@ -1,6 +1,7 @@
 """Is this proxy alive, and ready for traffic? Answered over grpc.health.v1 and over REST
-(`/healthz` live, `/readyz` ready). Ready means: not draining, and at least one replica
-healthy."""
+(`/healthz` live, `/readyz` ready). Ready means: not draining, every background task
+running (a dead health checker or scheduler would leave the proxy answering from stale
+state), and at least one replica healthy."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from batchproxy.fleet.slots import ReplicaPool
 from batchproxy.protos import health_pb2
+from batchproxy.supervisor import Supervisor
 
 SERVICES = frozenset({"", "tensorflow.serving.PredictionService",
                       "tensorflow.serving.ModelService"})
@@ -20,16 +22,19 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Readiness:
-    def __init__(self, pool: ReplicaPool) -> None:
+    def __init__(self, pool: ReplicaPool, supervisor: Supervisor | None = None) -> None:
         self.pool = pool
+        self.supervisor = supervisor
         self.draining = False
 
     def ready(self) -> bool:
-        return not self.draining and self.pool.any_healthy()
+        return self.reason() == "ready"
 
     def reason(self) -> str:
         if self.draining:
             return "draining"
+        if self.supervisor is not None and not self.supervisor.healthy:
+            return f"background task down: {self.supervisor.reason()}"
         return "ready" if self.pool.any_healthy() else "no healthy replica"
 
     # -- grpc.health.v1 ---------------------------------------------------------------------

@@ -7,11 +7,16 @@ them); without it the system resolver answers."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from batchproxy.fleet.slots import ReplicaPool
+from batchproxy.supervisor import cancel_and_wait
+
+if TYPE_CHECKING:
+    from batchproxy.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +92,7 @@ class DnsDiscovery:
         self.dns_server = split_host_port(dns_server) if dns_server else None
         self._task: asyncio.Task[None] | None = None
         self._last: dict[str, list[str]] = {}
-        self.on_change: list = []
+        self.on_change: list[Callable[[], None]] = []
 
     async def refresh(self) -> None:
         addresses = list(self.static)
@@ -109,10 +114,17 @@ class DnsDiscovery:
             for callback in self.on_change:
                 callback()
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Re-resolve every refresh_s: under `supervisor` when given, else as a task of our
+        own."""
+        if supervisor is not None:
+            supervisor.spawn("discovery", self.run)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self.run())
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """The loop: sleep, re-resolve. A failed round keeps the last answer and waits for
+        the next one (DNS outages are routine); only a bug escapes to the supervisor."""
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
@@ -122,6 +134,5 @@ class DnsDiscovery:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
+            self._task = None

@@ -8,13 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 
-from batchproxy.fleet.slots import Endpoint, ModelState, ReplicaPool, ReplicaState
 from batchproxy.errors import ProxyError
+from batchproxy.fleet.slots import Endpoint, ModelState, ReplicaPool, ReplicaState
 from batchproxy.methods import GET_MODEL_STATUS
 from batchproxy.protos import get_model_status_pb2
+from batchproxy.supervisor import cancel_and_wait
+
+if TYPE_CHECKING:
+    from batchproxy.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +53,18 @@ class HealthChecker:
         self._task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Check every interval: under `supervisor` when given (it restarts the loop should
+        it die, and cancels it on close), else as a task of our own."""
+        if supervisor is not None:
+            supervisor.spawn("health_checks", self.run)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
+            self._task = None
 
     def check_soon(self) -> None:
         """Run a round now (a replica joined, a model appeared)."""
@@ -68,7 +77,8 @@ class HealthChecker:
         self.pool.forget_missing_models(self.configured)
         await self.pool.close_dropped()
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """The loop: a round of checks, then wait for the interval or a kick."""
         while True:
             try:
                 await self.check_all()
