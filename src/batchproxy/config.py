@@ -13,6 +13,12 @@ class BatchingConfig:
     batch_timeout_micros: int = 2000
     # Bound on rows waiting in all queues together; beyond it callers get UNAVAILABLE at once.
     max_enqueued_rows: int = 3200
+    # Bound on the bytes those rows hold (one row may be 256 MiB); the first call always fits.
+    max_enqueued_bytes: int = 1 << 30
+    # Bound on unbatched calls (metadata, status, classify, ...) in flight at once.
+    max_forwarded_calls: int = 1024
+    # The flush policy (engine/policy.py): "fixed" is TFS's rule.
+    policy: str = "fixed"
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -21,6 +27,8 @@ class BatchingConfig:
             raise ValueError("batch_timeout_micros must not be negative")
         if self.max_enqueued_rows < self.max_batch_size:
             raise ValueError("max_enqueued_rows must be at least max_batch_size")
+        if self.max_enqueued_bytes < 1 or self.max_forwarded_calls < 1:
+            raise ValueError("max_enqueued_bytes and max_forwarded_calls must be positive")
 
     @property
     def batch_timeout_s(self) -> float:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import grpc
 
 from batchproxy.errors import ProxyError
-from batchproxy.fleet.transport import TransportFactory, grpc_transports
+from batchproxy.fleet.transport import Transport, TransportFactory, grpc_transports
 from batchproxy.methods import PREDICT
 
 log = logging.getLogger(__name__)

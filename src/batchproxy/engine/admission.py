@@ -1,0 +1,74 @@
+"""Admission: what the engine refuses at once rather than hold. Queued rows and bytes are
+bounded, unbatched (forwarded) calls in flight are bounded, and a deadline the queue ahead
+cannot meet is refused while the caller can still go elsewhere. Every refusal is
+UNAVAILABLE, as TFS answers a full batch queue."""
+
+from __future__ import annotations
+
+import grpc
+
+from batchproxy.config import BatchingConfig
+from batchproxy.errors import ProxyError
+from batchproxy.metrics import ProxyMetrics
+
+
+class Admission:
+    def __init__(self, config: BatchingConfig, metrics: ProxyMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.queued_rows = 0
+        self.queued_bytes = 0
+        self.forwarded = 0  # unbatched calls in flight
+        self.service_time_s: float | None = None  # mean replica time per batch
+        self.slots = 1  # replica slots in the fleet, kept current by the engine
+
+    def note_service_time(self, seconds: float) -> None:
+        # An exponentially weighted mean: recent batches matter most (replicas slow down).
+        if self.service_time_s is None:
+            self.service_time_s = seconds
+        else:
+            self.service_time_s += 0.1 * (seconds - self.service_time_s)
+
+    def expected_wait_s(self, rows: int) -> float:
+        """A rough time to answer `rows` more rows: the full batches ahead of them, served by
+        all the replica slots in parallel, then their own batch. 0 until a batch was timed,
+        and 0 with no full batch ahead: a call that would go out next is never refused on a
+        guess (its replica decides)."""
+        if self.service_time_s is None:
+            return 0.0
+        batches_ahead = (self.queued_rows + rows) // self.config.max_batch_size
+        if batches_ahead == 0:
+            return 0.0
+        return (batches_ahead / max(self.slots, 1) + 1) * self.service_time_s
+
+    def admit_rows(self, rows: int, nbytes: int, timeout: float | None) -> None:
+        config = self.config
+        if self.queued_rows + rows > config.max_enqueued_rows:
+            self.metrics.reject("queue_full")
+            raise ProxyError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"The batch scheduling queue to which this task was submitted is full "
+                f"({self.queued_rows} rows queued, limit {config.max_enqueued_rows})")
+        # The first call always fits, however large: the bound is on what waits behind it.
+        if self.queued_bytes and self.queued_bytes + nbytes > config.max_enqueued_bytes:
+            self.metrics.reject("queue_full")
+            raise ProxyError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"The batch scheduling queue to which this task was submitted is full "
+                f"({self.queued_bytes} bytes queued, limit {config.max_enqueued_bytes})")
+        if timeout is not None:
+            wait = self.expected_wait_s(rows)
+            # 0.8: a margin for what the estimate leaves out (the way back, jitter).
+            if wait > 0 and wait > 0.8 * timeout:
+                self.metrics.reject("deadline_unreachable")
+                raise ProxyError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"The batch queue is too long for this call's deadline (expected wait "
+                    f"{wait * 1000:.0f} ms, deadline {timeout * 1000:.0f} ms)")
+
+    def admit_forwarded(self) -> None:
+        if self.forwarded >= self.config.max_forwarded_calls:
+            self.metrics.reject("queue_full")
+            raise ProxyError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"Too many unbatched calls in flight (limit {self.config.max_forwarded_calls})")

@@ -1,0 +1,231 @@
+"""The dispatcher: sends a batch to its replica, retries a replica failure elsewhere (the one
+retry policy, which forwarded calls use too), bisects a batch the replica refused for its
+content, then splits the answer and delivers each caller's rows.
+
+A call never fails because of another call's deadline: a batch waits for its answer as long
+as its most patient caller would; a caller whose own deadline passes is answered by its
+timer (scheduler.py) while the batch goes on for the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import grpc
+
+from batchproxy import codec
+from batchproxy.engine.admission import Admission
+from batchproxy.engine.queues import Batch, Entry
+from batchproxy.engine.retry import RetryPolicy
+from batchproxy.errors import ProxyError
+from batchproxy.fleet.slots import Endpoint, ReplicaPool
+from batchproxy.metrics import ProxyMetrics
+
+log = logging.getLogger(__name__)
+
+# A replica refusing a merged batch's content may be refusing just one call in it.
+POISON_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT,
+                          grpc.StatusCode.FAILED_PRECONDITION})
+# Extra replica calls one batch may cost while bisecting: 32 calls that are all bad must not
+# cost 63 calls. Bisection also stops as soon as both halves fail alike.
+MAX_BISECT_CALLS = 7
+# Below this a caller's remaining time counts as spent (timers and replies race by this much).
+SPENT_S = 1e-3
+
+SHUTTING_DOWN = ProxyError(grpc.StatusCode.UNAVAILABLE, "batchproxy is shutting down")
+
+
+def same_failure(a: ProxyError, b: ProxyError) -> bool:
+    return a.code is b.code and a.message == b.message
+
+
+class Dispatcher:
+    def __init__(self, pool: ReplicaPool, admission: Admission, metrics: ProxyMetrics,
+                 abandon: Callable[[Entry], None], retry: RetryPolicy | None = None) -> None:
+        self.pool = pool
+        self.admission = admission
+        self.metrics = metrics
+        self.abandon = abandon
+        self.retry = retry or RetryPolicy()
+        self.sending: set[asyncio.Task[None]] = set()
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def dispatch(self, replica: Endpoint, batch: Batch) -> None:
+        """Send `batch` on the slot the scheduler reserved on `replica`."""
+        self._spawn(self._run(replica, batch))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.sending.add(task)
+        task.add_done_callback(self.sending.discard)
+
+    async def _run(self, replica: Endpoint, batch: Batch) -> None:
+        try:
+            error, batch = await self._attempt(batch, replica)
+            if error is None:
+                return
+            if error.code in POISON_CODES and len(batch.pieces) > 1:
+                await self._bisect(batch, [MAX_BISECT_CALLS])
+            else:
+                self._fail(batch, error)
+        except asyncio.CancelledError:
+            self._fail(batch, SHUTTING_DOWN)
+            raise
+        except Exception:  # a bug must not leave callers waiting or a slot taken
+            log.exception("a batch for model '%s' failed inside the proxy", batch.model)
+            self._fail(batch, ProxyError(grpc.StatusCode.INTERNAL,
+                                         "batchproxy failed while sending the batch"))
+
+    async def _attempt(self, batch: Batch,
+                       replica: Endpoint | None) -> tuple[ProxyError | None, Batch]:
+        """Send `batch` (on `replica`'s reserved slot, or on one acquired here) and deliver
+        its answer; a replica failure is retried per the retry policy. Returns the error the
+        batch's callers are still owed, with the batch as last sent."""
+        loop = asyncio.get_running_loop()
+        pool = self.pool
+        held = replica
+        failed: Endpoint | None = None
+        retries = 0
+        try:
+            while True:
+                if not batch.waiting():
+                    return None, batch
+                patience = batch.patience(loop.time(), pool.default_timeout_s)
+                if held is None:
+                    try:
+                        held = await pool.acquire(batch.model, exclude=failed,
+                                                  timeout=patience)
+                    except ProxyError as err:
+                        return err, batch
+                    patience = batch.patience(loop.time(), pool.default_timeout_s)
+                sent_at = loop.time()
+                self.metrics.observe_batch(held.address, batch.rows, len(batch.pieces))
+                try:
+                    response = await pool.predict(held, batch.request, patience)
+                except ProxyError as err:
+                    used, held = held, None
+                    pool.release(used)
+                    # Someone can still wait: the timeout was the proxy's, not a caller's.
+                    ours = batch.patience(loop.time(), pool.default_timeout_s) > SPENT_S
+                    timed_out = err.code is grpc.StatusCode.DEADLINE_EXCEEDED and ours
+                    if timed_out:
+                        pool.record_failure(used, err)  # a hung replica is ejected too
+                    if (self.retry.should_retry(err, retries, timed_out)
+                            and pool.can_serve(batch.model, exclude=used)):
+                        retries += 1
+                        failed = used
+                        self.metrics.retries.inc()
+                        batch = batch.without_answered()
+                        continue
+                    if timed_out:
+                        err = ProxyError(grpc.StatusCode.UNAVAILABLE,
+                                         f"replica {used.address} did not answer within "
+                                         f"{patience:.3f}s")
+                    return err, batch
+                self.admission.note_service_time(loop.time() - sent_at)
+                address = held.address
+                pool.release(held)
+                held = None
+                self._deliver(batch, response, address)
+                return None, batch
+        finally:
+            if held is not None:
+                pool.release(held)
+
+    async def _bisect(self, batch: Batch, budget: list[int]) -> None:
+        """One call may have poisoned the batch: send each half on its own, recursively, so
+        that only the offending calls fail. Stops when both halves fail alike (the batch is
+        uniformly bad) or the budget of extra calls is spent."""
+        budget[0] -= 2
+        left, right = batch.halves()
+        (left_error, left), (right_error, right) = await asyncio.gather(
+            self._attempt(left, None), self._attempt(right, None))
+        if left_error and right_error and same_failure(left_error, right_error):
+            self._fail(left, left_error)
+            self._fail(right, right_error)
+            return
+        deeper = []
+        for half, error in ((left, left_error), (right, right_error)):
+            if error is None:
+                continue
+            if error.code in POISON_CODES and len(half.pieces) > 1 and budget[0] >= 2:
+                deeper.append(self._bisect(half, budget))
+            else:
+                self._fail(half, error)
+        if deeper:
+            await asyncio.gather(*deeper)
+
+    def _deliver(self, batch: Batch, response: bytes, address: str) -> None:
+        try:
+            parts = codec.split_predict_response(
+                response, [stop - start for _, start, stop in batch.pieces])
+        except codec.CodecError as err:
+            error = ProxyError.from_codec_error(err)
+            log.warning("replica %s answered a batch that cannot be split: %s",
+                        address, error.message)
+            self._fail(batch, error)
+            return
+        for (entry, start, stop), part in zip(batch.pieces, parts, strict=True):
+            entry.deliver(start, stop, part)
+
+    def _fail(self, batch: Batch, error: ProxyError) -> None:
+        # A call cut into pieces fails whole: its rows still queued are dropped too.
+        for entry, _, _ in batch.pieces:
+            entry.fail(error)
+            self.abandon(entry)
+
+    async def close(self, grace_s: float | None = None) -> None:
+        """Let in-flight batches finish within `grace_s`, then cancel them: their callers
+        are told the proxy is shutting down, and no hung replica holds the exit."""
+        if not self.sending:
+            return
+        _, pending = await asyncio.wait(set(self.sending), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    # -- unbatched calls -------------------------------------------------------------------
+
+    async def forward(self, path: str, request: bytes, timeout: float | None,
+                      model: str = "") -> bytes:
+        """An unbatched call (metadata, status, classify, an unbatchable Predict, ...) to a
+        healthy replica that serves `model`, under admission and the same retry policy."""
+        admission = self.admission
+        admission.admit_forwarded()
+        admission.forwarded += 1
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        failed: Endpoint | None = None
+        retries = 0
+        try:
+            while True:
+                replica = self.pool.pick_unbatched(model, exclude=failed)
+                if replica is None:
+                    raise ProxyError(grpc.StatusCode.UNAVAILABLE, "no healthy replica")
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     "Deadline exceeded before the call was sent")
+                try:
+                    return await self.pool.call(replica, path, request, remaining)
+                except ProxyError as err:
+                    timed_out = (deadline is None
+                                 and err.code is grpc.StatusCode.DEADLINE_EXCEEDED)
+                    if timed_out:
+                        self.pool.record_failure(replica, err)
+                    if not (self.retry.should_retry(err, retries, timed_out)
+                            and self.pool.pick_unbatched(model, exclude=replica)):
+                        if timed_out:
+                            raise ProxyError(grpc.StatusCode.UNAVAILABLE,
+                                             f"replica {replica.address} did not answer "
+                                             f"in time") from None
+                        raise
+                    retries += 1
+                    failed = replica
+                    self.metrics.retries.inc()
+        finally:
+            admission.forwarded -= 1

@@ -1,0 +1,155 @@
+"""What waits in the engine: one queued call (`Entry`), the calls of one batch key
+(`KeyQueue`) and a merged batch (`Batch`). Plain state; the scheduler and the dispatcher
+decide what happens to it."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+
+from batchproxy import codec
+from batchproxy.errors import ProxyError
+
+
+def call_bytes(call: codec.PredictCall) -> int:
+    """The bytes a queued call holds: what the queue bound in bytes counts."""
+    total = 0
+    for tensor in call.inputs.values():
+        data = tensor.data
+        if isinstance(data, bytes):
+            total += len(data)
+        else:
+            total += sum(len(item) for item in data)
+    return total
+
+
+class Entry:
+    """One queued call and the progress of its rows through batches."""
+
+    __slots__ = (
+        "call",
+        "dead",
+        "deadline",
+        "enqueued_at",
+        "future",
+        "nbytes",
+        "next_row",
+        "parts",
+        "queue",
+        "rows",
+        "rows_answered",
+        "timer",
+    )
+
+    def __init__(self, call: codec.PredictCall, future: asyncio.Future[bytes],
+                 deadline: float | None, now: float, queue: KeyQueue, nbytes: int) -> None:
+        self.call = call
+        self.rows: int = call.rows
+        self.nbytes = nbytes
+        self.future = future
+        self.deadline = deadline
+        self.enqueued_at = now
+        self.queue = queue
+        self.next_row = 0  # rows before this one are already in batches
+        self.rows_answered = 0
+        self.parts: list[tuple[int, bytes]] | None = None  # only for calls cut into pieces
+        self.dead = False  # answered with an error, cancelled or expired
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.future.done()
+
+    def deliver(self, start: int, stop: int, response: bytes) -> None:
+        if self.future.done():
+            return
+        if start == 0 and stop == self.rows:
+            self.future.set_result(response)
+            return
+        if self.parts is None:
+            self.parts = []
+        self.parts.append((start, response))
+        self.rows_answered += stop - start
+        if self.rows_answered == self.rows:
+            self.parts.sort(key=lambda part: part[0])
+            try:
+                joined = codec.concat_predict_responses([part for _, part in self.parts])
+            except codec.CodecError as err:
+                self.future.set_exception(ProxyError.from_codec_error(err))
+                return
+            self.future.set_result(joined)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class KeyQueue:
+    """The calls waiting for one batch key, oldest first."""
+
+    __slots__ = ("entries", "key", "model", "rows")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self.model: str = key[0]
+        self.entries: collections.deque[Entry] = collections.deque()
+        self.rows = 0  # rows of live entries not yet taken into a batch
+
+    def head(self) -> Entry | None:
+        """The oldest call with rows still to send (answered-early calls are skipped)."""
+        entries = self.entries
+        while entries and entries[0].dead:
+            entries.popleft()
+        return entries[0] if entries else None
+
+
+Piece = tuple[Entry, int, int]  # rows [start, stop) of one call
+
+
+@dataclass
+class Batch:
+    """Rows [start, stop) of each entry, in order; encoded once, sent to one replica."""
+
+    model: str
+    pieces: list[Piece]
+    request: bytes
+    rows: int
+
+    @classmethod
+    def of(cls, model: str, pieces: list[Piece]) -> Batch:
+        request = codec.encode_predict_request(
+            [(entry.call, start, stop) for entry, start, stop in pieces])
+        rows = sum(stop - start for _, start, stop in pieces)
+        return cls(model, pieces, request, rows)
+
+    def waiting(self) -> bool:
+        """Whether any of its callers still waits for an answer."""
+        return any(not entry.answered for entry, _, _ in self.pieces)
+
+    def patience(self, now: float, default_s: float) -> float:
+        """How long the batch's answer is still worth waiting for: until the LAST of its
+        waiting callers' deadlines (a caller with none waits up to `default_s`). One caller's
+        tight deadline never cuts the call short for the others; that caller is answered
+        by its own timer."""
+        longest = 0.0
+        for entry, _, _ in self.pieces:
+            if entry.answered:
+                continue
+            if entry.deadline is None:
+                return default_s
+            longest = max(longest, entry.deadline - now)
+        return longest
+
+    def without_answered(self) -> Batch:
+        """The same batch less the calls already answered (expired, cancelled): a retry
+        sends only rows someone still waits for."""
+        live = [piece for piece in self.pieces if not piece[0].answered]
+        if len(live) == len(self.pieces):
+            return self
+        return Batch.of(self.model, live)
+
+    def halves(self) -> tuple[Batch, Batch]:
+        middle = len(self.pieces) // 2
+        return (Batch.of(self.model, self.pieces[:middle]),
+                Batch.of(self.model, self.pieces[middle:]))

@@ -1,0 +1,213 @@
+"""The scheduler: per-key queues, admission, and the loop that hands batches to the
+dispatcher when the flush policy says so.
+
+Calls are queued per batch key (model, version or label, signature, input names, dtypes,
+inner dimensions, output_filter). Rows count, not calls: a call with more rows than the room
+left is cut into pieces that travel in consecutive batches; its answers are joined back in
+order. When rows leave is the policy's decision (engine/policy.py), asked again after every
+batch taken, so rows left over after a full batch keep their own due time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+
+from batchproxy import codec
+from batchproxy.config import BatchingConfig
+from batchproxy.engine.admission import Admission
+from batchproxy.engine.policy import FlushPolicy, Hold
+from batchproxy.engine.queues import Batch, Entry, KeyQueue, Piece, call_bytes
+from batchproxy.errors import ProxyError
+from batchproxy.fleet.slots import Endpoint, ReplicaPool, Route
+from batchproxy.metrics import ProxyMetrics
+
+Dispatch = Callable[[Endpoint, Batch], None]
+
+
+def no_replica(model: str) -> ProxyError:
+    return ProxyError(grpc.StatusCode.UNAVAILABLE, f"no healthy replica serves model '{model}'")
+
+
+def row_bytes(entry: Entry, rows: int) -> int:
+    """The bytes of an entry's first `rows` rows; exact in sum, so the byte count of the
+    queue returns to 0 whatever the pieces were."""
+    return entry.nbytes * rows // entry.rows
+
+
+class Scheduler:
+    def __init__(self, config: BatchingConfig, pool: ReplicaPool, policy: FlushPolicy,
+                 admission: Admission, dispatch: Dispatch, metrics: ProxyMetrics) -> None:
+        self.config = config
+        self.pool = pool
+        self.policy = policy
+        self.admission = admission
+        self.dispatch = dispatch
+        self.metrics = metrics
+        self.queues: dict[tuple, KeyQueue] = {}
+        self._waiter: asyncio.Future[None] | None = None
+        self._woken = False
+        pool.capacity_listeners.append(self.wake)
+
+    @property
+    def queued_rows(self) -> int:
+        return self.admission.queued_rows
+
+    # -- submitting ------------------------------------------------------------------------
+
+    async def submit(self, call: codec.PredictCall, timeout: float | None = None) -> bytes:
+        """Queue a batchable call (call.rows >= 1) and wait for its own answer."""
+        rows = call.rows
+        model = call.model_name
+        self.pool.note_model(model)
+        if self.pool.route(model) is Route.NOWHERE:
+            self.metrics.reject("no_replica")
+            raise no_replica(model)
+        nbytes = call_bytes(call)
+        admission = self.admission
+        admission.admit_rows(rows, nbytes, timeout)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        queue = self.queues.get(call.key)
+        if queue is None:
+            queue = self.queues[call.key] = KeyQueue(call.key)
+        deadline = None if timeout is None else now + timeout
+        entry = Entry(call, loop.create_future(), deadline, now, queue, nbytes)
+        rows_before = queue.rows
+        queue.entries.append(entry)
+        queue.rows += rows
+        admission.queued_rows += rows
+        admission.queued_bytes += nbytes
+        if deadline is not None:
+            entry.timer = loop.call_at(deadline, self._expire, entry)
+        if self.policy.wake_on_submit(queue, rows_before):
+            self.wake()
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            self.abandon(entry)
+            raise
+        finally:
+            if entry.timer is not None:
+                entry.timer.cancel()
+
+    def _expire(self, entry: Entry) -> None:
+        """A caller's own deadline passed: answer it, wherever its rows are. A batch that
+        holds some of them goes on for its other callers."""
+        if entry.future.done():
+            return
+        where = "in the queue" if entry.next_row < entry.rows else "at the replica"
+        self.metrics.reject("deadline")
+        entry.fail(ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"Deadline exceeded while waiting {where}"))
+        self.abandon(entry)
+
+    def abandon(self, entry: Entry) -> None:
+        """Take an answered-early call's untaken rows out of the counts; they are never sent."""
+        if entry.dead:
+            return
+        entry.dead = True
+        untaken = entry.rows - entry.next_row
+        self.admission.queued_bytes -= entry.nbytes - row_bytes(entry, entry.next_row)
+        entry.next_row = entry.rows
+        entry.queue.rows -= untaken
+        self.admission.queued_rows -= untaken
+
+    def fail_all(self, error: ProxyError) -> None:
+        for queue in self.queues.values():
+            self._fail_queue(queue, error)
+        self.queues.clear()
+
+    def _fail_queue(self, queue: KeyQueue, error: ProxyError) -> None:
+        for entry in list(queue.entries):
+            entry.fail(error)
+            self.abandon(entry)
+        queue.entries.clear()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._woken = False
+            next_due = self.dispatch_due(loop.time())
+            if not self._woken:  # a dispatch may itself have freed or changed something
+                await self._sleep_until(loop, next_due)
+
+    async def _sleep_until(self, loop: asyncio.AbstractEventLoop, when: float | None) -> None:
+        waiter = self._waiter = loop.create_future()
+        handle = None if when is None else loop.call_at(when, self.wake)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+    def dispatch_due(self, now: float) -> float | None:
+        """Hand every batch the policy releases now to the dispatcher, oldest queue first.
+        Returns the earliest time the policy asked to look again; queues waiting for a slot
+        are looked at again when the fleet reports capacity."""
+        live: list[tuple[float, KeyQueue]] = []
+        for key, queue in list(self.queues.items()):
+            head = queue.head() if queue.rows > 0 else None
+            if head is None:
+                del self.queues[key]
+                continue
+            live.append((head.enqueued_at, queue))
+        live.sort(key=lambda item: item[0])
+        next_due: float | None = None
+        for _, queue in live:
+            while queue.rows > 0:
+                decision = self.policy.decide(queue, now)
+                if isinstance(decision, Hold):
+                    if next_due is None or decision.until < next_due:
+                        next_due = decision.until
+                    break
+                replica = self.pool.try_acquire(queue.model, idle_only=decision.idle_only)
+                if replica is None:
+                    if self.pool.route(queue.model) is Route.NOWHERE:
+                        self._fail_queue(queue, no_replica(queue.model))
+                    break
+                batch = self.take_batch(queue, now)
+                if batch is None:
+                    self.pool.release(replica)
+                    break
+                self.dispatch(replica, batch)
+        return next_due
+
+    def take_batch(self, queue: KeyQueue, now: float) -> Batch | None:
+        room = self.config.max_batch_size
+        pieces: list[Piece] = []
+        entries = queue.entries
+        waited = self.metrics.queue_wait.observe
+        freed_bytes = 0
+        while room and entries:
+            entry = entries[0]
+            if entry.dead:
+                entries.popleft()
+                continue
+            start = entry.next_row
+            if start == 0:
+                waited(now - entry.enqueued_at)
+            take = min(room, entry.rows - start)
+            pieces.append((entry, start, start + take))
+            entry.next_row = start + take
+            freed_bytes += row_bytes(entry, start + take) - row_bytes(entry, start)
+            room -= take
+            if entry.next_row == entry.rows:
+                entries.popleft()
+        if not pieces:
+            return None
+        rows = self.config.max_batch_size - room
+        queue.rows -= rows
+        self.admission.queued_rows -= rows
+        self.admission.queued_bytes -= freed_bytes
+        return Batch.of(queue.model, pieces)

@@ -1,0 +1,137 @@
+"""Scripted replicas for virtual-time engine tests: a Transport (fleet/transport.py) whose
+cost, failures and hangs a test sets, answering Predict with an identity model. Everything
+runs on the virtual clock of batchproxy.sim.clock, so times in assertions are exact."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from batchproxy import codec
+from batchproxy.config import BatchingConfig
+from batchproxy.engine import Engine
+from batchproxy.errors import ProxyError
+from batchproxy.fleet.slots import ReplicaPool
+from batchproxy.methods import GET_MODEL_STATUS, PREDICT
+from batchproxy.protos import get_model_status_pb2, predict_pb2, tensor_pb2
+
+DT_FLOAT = 1
+
+
+@dataclass
+class Sent:
+    at: float
+    rows: int
+    timeout: float
+    values: list[float]
+
+
+@dataclass
+class ScriptedReplica:
+    cost_s: float = 0.1
+    hung: bool = False
+    error: Exception | None = None  # raised for every Predict
+    # Refuses a batch holding a negative value, as a model checking its input would.
+    refuse_negative: bool = True
+    sent: list[Sent] = field(default_factory=list)
+
+    async def call(self, path: str, request: bytes, timeout: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        if path == GET_MODEL_STATUS:
+            status = get_model_status_pb2.GetModelStatusResponse()
+            status.model_version_status.add(
+                version=1, state=get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+            return status.SerializeToString()
+        if path != PREDICT:  # forwarded calls: an empty answer after the cost
+            return await self._answer_unbatched(timeout)
+        call = codec.decode_predict_request(request)
+        data = call.inputs["x"].data
+        assert isinstance(data, bytes)
+        values = list(memoryview(data).cast("f"))
+        self.sent.append(Sent(loop.time(), call.rows, timeout, values))
+        if self.error is not None:
+            raise self.error
+        cost = math.inf if self.hung else self.cost_s
+        if cost > timeout:
+            await asyncio.sleep(timeout)
+            raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        await asyncio.sleep(cost)
+        if self.refuse_negative and any(v < 0 for v in values):
+            raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT, "x must not be negative")
+        outputs = {name: codec.encode_tensor(t.dtype, t.shape, t.data, False)
+                   for name, t in call.inputs.items()}
+        return codec.encode_predict_response(outputs, call.model_spec)
+
+    async def _answer_unbatched(self, timeout: float) -> bytes:
+        if self.error is not None:
+            raise self.error
+        cost = math.inf if self.hung else self.cost_s
+        if cost > timeout:
+            await asyncio.sleep(timeout)
+            raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        await asyncio.sleep(cost)
+        return b""
+
+    async def close(self) -> None:
+        pass
+
+
+def request_bytes(values: list[float], model: str = "m") -> bytes:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    tensor = tensor_pb2.TensorProto(dtype=DT_FLOAT)
+    tensor.tensor_shape.dim.add(size=len(values))
+    tensor.tensor_shape.dim.add(size=1)
+    tensor.float_val.extend(values)
+    request.inputs["x"].CopyFrom(tensor)
+    return request.SerializeToString()
+
+
+def make_call(values: list[float] | int, model: str = "m") -> codec.PredictCall:
+    if isinstance(values, int):
+        values = [float(i) for i in range(values)]
+    return codec.decode_predict_request(request_bytes(values, model))
+
+
+def answer_values(response: bytes) -> list[float]:
+    message = predict_pb2.PredictResponse.FromString(response)
+    tensor = message.outputs["x"]
+    if tensor.tensor_content:
+        return list(memoryview(tensor.tensor_content).cast("f"))
+    return list(tensor.float_val)
+
+
+def make_pool(replicas: dict[str, ScriptedReplica], max_inflight: int = 1,
+              default_timeout_s: float = 30.0, healthy: bool = True) -> ReplicaPool:
+    pool = ReplicaPool(list(replicas), max_inflight, default_timeout_s,
+                       transports=lambda address: replicas[address], seed=1)
+    if healthy:
+        for endpoint in pool.replicas.values():
+            pool.record_check(endpoint, True)
+    return pool
+
+
+def make_engine(replicas: dict[str, ScriptedReplica], *, max_batch_size: int = 4,
+                batch_timeout_micros: int = 2000, max_inflight: int = 1,
+                default_timeout_s: float = 30.0, **batching: int) -> Engine:
+    config = BatchingConfig(max_batch_size=max_batch_size,
+                            batch_timeout_micros=batch_timeout_micros,
+                            max_enqueued_rows=max(64, max_batch_size), **batching)
+    engine = Engine(config, make_pool(replicas, max_inflight, default_timeout_s))
+    engine.start()
+    return engine
+
+
+async def timed(coro_factory: Callable[[], object]) -> tuple[float, object]:
+    """(virtual seconds taken, result or the exception raised)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        result = await coro_factory()  # type: ignore[misc]
+    except Exception as err:  # the tests look at the error itself
+        result = err
+    return loop.time() - start, result

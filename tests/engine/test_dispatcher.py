@@ -1,0 +1,241 @@
+"""The dispatcher in virtual time: retries, deadlines that belong to one caller only,
+bisection and its bound, failures inside the proxy, unbatched calls and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from scripted import ScriptedReplica, answer_values, make_call, make_engine
+
+from batchproxy.errors import ProxyError
+from batchproxy.fleet.slots import ReplicaState
+from batchproxy.methods import GET_MODEL_METADATA
+
+UNAVAILABLE = ProxyError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+
+
+async def outcome(coro):
+    try:
+        return await coro
+    except ProxyError as err:
+        return err
+
+
+def test_a_retry_with_nowhere_to_go_answers_instead_of_waiting_forever(vrun):
+    # The only other replica is ejected: no retry is worth waiting for. The caller (no
+    # deadline) is answered with the replica's error, and close() does not hang.
+    failing = ScriptedReplica(error=UNAVAILABLE)
+    ejected = ScriptedReplica()
+
+    async def main():
+        engine = make_engine({"a": failing, "b": ejected})
+        pool = engine.pool
+        pool._eject(pool.replicas["b"], "test")
+        loop = asyncio.get_running_loop()
+        result = await outcome(engine.submit(make_call(1)))
+        answered_at = loop.time()
+        await engine.close()
+        return result, answered_at, pool.replicas["a"].outstanding
+
+    result, answered_at, outstanding = vrun(main())
+    assert isinstance(result, ProxyError) and result.code is grpc.StatusCode.UNAVAILABLE
+    assert answered_at == 0.002
+    assert outstanding == 0
+    assert not ejected.sent
+
+
+def test_a_replica_failure_is_retried_on_another_replica(vrun):
+    failing = ScriptedReplica(error=UNAVAILABLE)
+    healthy = ScriptedReplica(cost_s=0.1)
+
+    async def main():
+        engine = make_engine({"a": failing, "b": healthy})
+        engine.pool.replicas["b"].outstanding = 1  # busy: the first batch goes to "a"
+        first = asyncio.ensure_future(engine.submit(make_call(1)))
+        await asyncio.sleep(0.01)
+        engine.pool.release(engine.pool.replicas["b"])
+        answer = await first
+        await engine.close()
+        return answer
+
+    assert answer_values(vrun(main())) == [0.0]
+    assert len(failing.sent) == 1 and len(healthy.sent) == 1
+
+
+def test_the_retry_gets_the_time_left_not_the_time_before_the_failure(vrun):
+    slow_failure = ScriptedReplica(cost_s=0.6)
+    healthy = ScriptedReplica(cost_s=0.1)
+
+    async def main():
+        engine = make_engine({"a": slow_failure, "b": healthy})
+        engine.pool.replicas["b"].outstanding = 1  # the first attempt goes to "a"
+
+        async def fail_after_cost(path, request, timeout):
+            await asyncio.sleep(0.6)
+            slow_failure.sent.append(None)  # type: ignore[arg-type]
+            engine.pool.release(engine.pool.replicas["b"])
+            raise UNAVAILABLE
+
+        slow_failure.call = fail_after_cost  # type: ignore[method-assign]
+        answer = await engine.submit(make_call(1), timeout=1.0)
+        await engine.close()
+        return answer
+
+    assert answer_values(vrun(main())) == [0.0]
+    (retry,) = healthy.sent
+    assert abs(retry.at - 0.602) < 1e-9
+    assert abs(retry.timeout - (1.0 - 0.602)) < 1e-9
+
+
+def test_no_caller_fails_with_another_callers_deadline(vrun):
+    # A hung replica holds a batch of a 2 s-deadline call and a call with no deadline: the
+    # first gets DEADLINE_EXCEEDED at 2 s; the second waits on, and when the replica is given
+    # up on (the replica timeout, 5 s here) its rows are retried on the healthy replica.
+    hung = ScriptedReplica(hung=True)
+    healthy = ScriptedReplica(cost_s=0.1)
+
+    async def main():
+        engine = make_engine({"a": hung, "b": healthy}, max_batch_size=2,
+                             default_timeout_s=5.0)
+        engine.pool.replicas["b"].outstanding = 1  # the batch goes to the hung replica
+        loop = asyncio.get_running_loop()
+        tight = asyncio.ensure_future(outcome(engine.submit(make_call([1.0]), timeout=2.0)))
+        patient = asyncio.ensure_future(outcome(engine.submit(make_call([2.0]))))
+        await asyncio.sleep(0.01)
+        engine.pool.release(engine.pool.replicas["b"])
+        tight_result = await tight
+        tight_at = loop.time()
+        patient_result = await patient
+        patient_at = loop.time()
+        await engine.close()
+        return tight_result, tight_at, patient_result, patient_at, engine.pool
+
+    tight, tight_at, patient, patient_at, pool = vrun(main())
+    assert isinstance(tight, ProxyError) and tight.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert tight_at == 2.0
+    assert answer_values(patient) == [2.0]
+    assert abs(patient_at - 5.1) < 1e-9
+    assert [s.values for s in healthy.sent] == [[2.0]]  # only the rows someone waits for
+    assert pool.replicas["a"].consecutive_failures == 1
+
+
+def test_without_a_retry_a_patient_caller_hears_unavailable_not_a_deadline(vrun):
+    hung = ScriptedReplica(hung=True)
+
+    async def main():
+        engine = make_engine({"a": hung}, default_timeout_s=5.0)
+        result = await outcome(engine.submit(make_call(1)))
+        await engine.close()
+        return result
+
+    result = vrun(main())
+    assert isinstance(result, ProxyError) and result.code is grpc.StatusCode.UNAVAILABLE
+    assert "did not answer" in result.message
+
+
+def test_thirty_two_uniformly_invalid_calls_cost_at_most_eight_replica_calls(vrun):
+    replica = ScriptedReplica(cost_s=0.01)
+
+    async def main():
+        engine = make_engine({"a": replica}, max_batch_size=32, max_inflight=4,
+                             batch_timeout_micros=50_000)
+        results = await asyncio.gather(
+            *(outcome(engine.submit(make_call([-1.0 - i]))) for i in range(32)))
+        await engine.close()
+        return results
+
+    results = vrun(main())
+    assert all(isinstance(r, ProxyError) and r.code is grpc.StatusCode.INVALID_ARGUMENT
+               for r in results)
+    assert len(replica.sent) <= 8
+
+
+def test_one_bad_call_fails_alone_and_its_batch_mates_are_answered(vrun):
+    replica = ScriptedReplica(cost_s=0.01)
+
+    async def main():
+        engine = make_engine({"a": replica}, max_batch_size=8, max_inflight=4,
+                             batch_timeout_micros=50_000)
+        values = [1.0, 2.0, 3.0, -4.0, 5.0, 6.0, 7.0, 8.0]
+        results = await asyncio.gather(*(outcome(engine.submit(make_call([v])))
+                                         for v in values))
+        await engine.close()
+        return values, results
+
+    values, results = vrun(main())
+    for value, result in zip(values, results, strict=True):
+        if value < 0:
+            assert isinstance(result, ProxyError)
+            assert result.code is grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            assert answer_values(result) == [value]
+    assert len(replica.sent) <= 1 + 7
+
+
+def test_an_unexpected_failure_answers_the_callers_and_frees_the_slot(vrun):
+    broken = ScriptedReplica(error=RuntimeError("a bug"))
+
+    async def main():
+        engine = make_engine({"a": broken})
+        result = await outcome(engine.submit(make_call(1)))
+        outstanding = engine.pool.replicas["a"].outstanding
+        await engine.close()
+        return result, outstanding
+
+    result, outstanding = vrun(main())
+    assert isinstance(result, ProxyError) and result.code is grpc.StatusCode.INTERNAL
+    assert outstanding == 0
+
+
+def test_close_with_a_hung_replica_answers_everyone_within_the_grace(vrun):
+    hung = ScriptedReplica(hung=True)
+
+    async def main():
+        engine = make_engine({"a": hung})
+        loop = asyncio.get_running_loop()
+        in_flight = asyncio.ensure_future(outcome(engine.submit(make_call(4))))
+        await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(outcome(engine.submit(make_call(1))))
+        await asyncio.sleep(0.01)
+        await engine.close(grace_s=1.0)
+        return await in_flight, await queued, loop.time()
+
+    in_flight, queued, closed_at = vrun(main())
+    assert isinstance(in_flight, ProxyError)
+    assert in_flight.code is grpc.StatusCode.UNAVAILABLE
+    assert isinstance(queued, ProxyError) and queued.code is grpc.StatusCode.UNAVAILABLE
+    assert abs(closed_at - 1.02) < 1e-9
+
+
+def test_forwarded_calls_are_admitted_under_a_bound_and_retried(vrun):
+    hung = ScriptedReplica(hung=True)
+
+    async def main():
+        engine = make_engine({"a": hung}, max_forwarded_calls=1)
+        first = asyncio.ensure_future(outcome(engine.forward(GET_MODEL_METADATA, b"", 1.0)))
+        await asyncio.sleep(0)
+        second = await outcome(engine.forward(GET_MODEL_METADATA, b"", 1.0))
+        first_result = await first
+        await engine.close()
+        return first_result, second
+
+    first, second = vrun(main())
+    assert isinstance(second, ProxyError) and second.code is grpc.StatusCode.UNAVAILABLE
+    assert "unbatched calls" in second.message
+    assert isinstance(first, ProxyError)
+
+
+def test_a_crashed_replica_is_ejected_after_repeated_failures(vrun):
+    failing = ScriptedReplica(error=UNAVAILABLE)
+    healthy = ScriptedReplica(cost_s=0.01)
+
+    async def main():
+        engine = make_engine({"a": failing, "b": healthy}, max_inflight=4)
+        for _ in range(6):
+            await outcome(engine.submit(make_call(1)))
+        state = engine.pool.replicas["a"].state
+        await engine.close()
+        return state
+
+    assert vrun(main()) is ReplicaState.EJECTED
