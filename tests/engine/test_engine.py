@@ -1,0 +1,50 @@
+"""The engine as a whole: its scheduler loop under the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+
+from scripted import ScriptedReplica, answer_values, make_call, make_engine
+
+from batchproxy.engine.policy import FixedTimeoutPolicy, Flush, Hold
+from batchproxy.engine.queues import KeyQueue
+from batchproxy.supervisor import Supervisor
+
+
+class FailsOnce(FixedTimeoutPolicy):
+    """Today's policy with one bug: its first decision raises."""
+
+    failed = False
+
+    def decide(self, queue: KeyQueue, now: float) -> Flush | Hold:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("policy bug")
+        return super().decide(queue, now)
+
+
+def test_a_scheduler_that_dies_is_restarted_and_readiness_follows(vrun, caplog):
+    replica = ScriptedReplica(cost_s=0.1)
+
+    async def main():
+        engine = make_engine({"a": replica})
+        await engine.close()  # make_engine started it alone; run it supervised instead
+        engine.scheduler.policy = FailsOnce(engine.config)
+        seen: list[bool] = []
+        supervisor = Supervisor(restart_delay_s=0.05)
+        supervisor.on_change = lambda: seen.append(supervisor.healthy)
+        engine.start(supervisor)
+        loop = asyncio.get_running_loop()
+        answer = await engine.submit(make_call(1))
+        answered_at = loop.time()
+        await supervisor.close()
+        await engine.close()
+        return answer, answered_at, seen
+
+    answer, answered_at, seen = vrun(main())
+    assert answer_values(answer) == [0.0]
+    assert seen == [False, True]
+    # The restart came 50 ms after the failure at t=0; the call was due by then and left
+    # at once.
+    assert abs(answered_at - (0.05 + 0.1)) < 1e-9
+    assert "background task scheduler failed" in caplog.text
