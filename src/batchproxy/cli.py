@@ -8,6 +8,7 @@ from dataclasses import fields
 
 from batchproxy import __version__
 from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
+from batchproxy.engine.policy import POLICIES
 from batchproxy.logs import setup_logging
 
 
@@ -105,6 +106,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     bat.add_argument("--max_enqueued_rows", type=int, default=None,
                      help="rows queued in all batches together before calls get "
                           f"UNAVAILABLE (default {batching.max_enqueued_rows})")
+    bat.add_argument("--max_enqueued_bytes", type=int, default=None,
+                     help="bytes those queued rows may hold before calls get UNAVAILABLE "
+                          f"(default {batching.max_enqueued_bytes}); one call always fits")
+    bat.add_argument("--max_forwarded_calls", type=int, default=None,
+                     help="unbatched calls (metadata, status, classify, ...) in flight at once "
+                          f"before calls get UNAVAILABLE (default {batching.max_forwarded_calls})")
+    bat.add_argument("--batching_policy", default=None, choices=sorted(POLICIES),
+                     help="when a queue's rows leave: 'fixed' is TFS's rule (a full batch at "
+                          "once, a partial one when a replica is idle and its oldest call "
+                          f"waited the timeout; default {batching.policy})")
     bat.add_argument("--batching_parameters_file", default=None,
                      help="TFS batching parameters (text proto): max_batch_size, "
                           "batch_timeout_micros, max_enqueued_batches; flags override it")
@@ -114,10 +125,12 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
     settings: dict[str, int] = {}
     if args.batching_parameters_file:
         settings.update(parse_batching_parameters(args.batching_parameters_file))
-    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows"):
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows",
+                 "max_enqueued_bytes", "max_forwarded_calls"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
+    policy = args.batching_policy or BatchingConfig.policy
     if "max_enqueued_rows" not in settings:
         batch = settings.get("max_batch_size", BatchingConfig.max_batch_size)
         settings["max_enqueued_rows"] = max(BatchingConfig.max_enqueued_rows, 100 * batch)
@@ -125,7 +138,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
     flags = {f.name: getattr(args, f.name) for f in fields(ProxyConfig) if hasattr(args, f.name)}
     flags.update(replicas=tuple(args.replica), replicas_dns=tuple(args.replicas_dns),
                  health_check_models=tuple(args.health_check_model),
-                 batching=BatchingConfig(**settings))
+                 batching=BatchingConfig(**settings, policy=policy))
     return ProxyConfig(**flags)
 
 
