@@ -40,8 +40,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from batchproxy import cli
 from batchproxy.config import ProxyConfig
-from batchproxy.readiness import Readiness
 from batchproxy.metrics import ProxyMetrics
+from batchproxy.readiness import Readiness
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

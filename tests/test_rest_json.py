@@ -14,15 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from batchproxy.codec import dtypes, rest_json
+from batchproxy.codec import dtypes
 from batchproxy.errors import ProxyError
+from batchproxy.frontends import rest_json
+from batchproxy.frontends.rest_json import COLUMNAR, ROW, JsonTensor
 from batchproxy.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
     signature_pb2,
 )
-from batchproxy.frontends.rest_json import COLUMNAR, ROW, JsonTensor
 
 F32, F64, I32, I64, STR, BOOL = (dtypes.DT_FLOAT, dtypes.DT_DOUBLE, dtypes.DT_INT32,
                                  dtypes.DT_INT64, dtypes.DT_STRING, dtypes.DT_BOOL)

@@ -1,5 +1,6 @@
 """SignatureCache: one GetModelMetadata per model key, refreshed when it may be out of date.
-Real replica processes answer; the cache talks to them through a real ReplicaPool."""
+Real replica processes answer; the cache talks to them as the proxy's does, through the
+engine's forward over a real ReplicaPool."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ import grpc
 import pytest
 from procs import start_replica
 
+from batchproxy.config import BatchingConfig
+from batchproxy.engine import Engine
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.slots import ReplicaPool
 from batchproxy.frontends.signatures import SignatureCache
 
 KEY = ("m", None, None)
+
+
+def cache_over(pool: ReplicaPool, **kwargs) -> SignatureCache:
+    return SignatureCache(Engine(BatchingConfig(), pool).forward, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +37,7 @@ def replicas():
 
 async def test_concurrent_misses_share_one_fetch_and_hits_fetch_nothing(replicas):
     pool = ReplicaPool([replicas[0].address])
-    cache = SignatureCache(pool)
+    cache = cache_over(pool)
     entries = await asyncio.gather(*(cache.get(KEY) for _ in range(20)))
     assert all(entry is entries[0] for entry in entries)
     assert entries[0].version == 1
@@ -45,7 +52,7 @@ async def test_concurrent_misses_share_one_fetch_and_hits_fetch_nothing(replicas
 
 async def test_unknown_signatures_and_errors_are_not_cached(replicas):
     pool = ReplicaPool([replicas[0].address])
-    cache = SignatureCache(pool)
+    cache = cache_over(pool)
     with pytest.raises(ProxyError) as raised:
         (await cache.get(KEY)).signature("nope")
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -61,7 +68,7 @@ async def test_unknown_signatures_and_errors_are_not_cached(replicas):
 async def test_an_expired_entry_is_served_while_it_is_refreshed(replicas):
     first, second = replicas
     pool = ReplicaPool([first.address])
-    cache = SignatureCache(pool, ttl_s=0.0)
+    cache = cache_over(pool, ttl_s=0.0)
     assert (await cache.get(KEY)).version == 1
     pool.set_addresses([second.address])  # the fleet moved on to version 2
     assert (await cache.get(KEY)).version == 1  # stale, but no caller waits for the refresh
@@ -78,7 +85,7 @@ async def test_an_expired_entry_is_served_while_it_is_refreshed(replicas):
 async def test_a_new_served_version_triggers_a_refresh(replicas):
     first, second = replicas
     pool = ReplicaPool([first.address])
-    cache = SignatureCache(pool)
+    cache = cache_over(pool)
     await cache.get(KEY)
     cache.saw_version(KEY, 1)  # nothing new
     await cache.get(KEY)
@@ -98,7 +105,7 @@ async def test_a_new_served_version_triggers_a_refresh(replicas):
 async def test_a_model_gone_is_forgotten(replicas):
     first, _ = replicas
     pool = ReplicaPool([first.address])
-    cache = SignatureCache(pool)
+    cache = cache_over(pool)
     await cache.get(("m", 1, None))
     cache.forget(("m", 1, None))
     await cache.get(("m", 1, None))
@@ -109,7 +116,7 @@ async def test_a_model_gone_is_forgotten(replicas):
 async def test_a_caller_waits_no_longer_than_its_deadline():
     replica = start_replica("identity", model_name="m")
     pool = ReplicaPool([replica.address])
-    cache = SignatureCache(pool)
+    cache = cache_over(pool)
     try:
         await cache.get(("m", 1, None))  # the channel is connected before the replica stalls
         replica.signal(signal.SIGSTOP)  # the connection stays open, nothing is answered

@@ -1,4 +1,5 @@
-"""Assembles a proxy process: replica pool, batcher and frontends, and its orderly stop."""
+"""Assembles a proxy process: replica pool, engine, predict service and frontends, the
+supervised background tasks, and its orderly stop."""
 
 from __future__ import annotations
 
@@ -6,30 +7,45 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
+from collections.abc import Awaitable, Callable
 
 import grpc
 from aiohttp import web
 
-from batchproxy import __version__, core, workers
+from batchproxy import __version__, codec, workers
 from batchproxy.auth import TokenAuth
-from batchproxy.engine.batching import Batcher
 from batchproxy.config import ProxyConfig
-from batchproxy.fleet.discovery import DnsDiscovery
+from batchproxy.engine import Engine
 from batchproxy.event_loop import run_loop
-from batchproxy.frontends.grpc import PredictionHandlers, generic_handlers
-from batchproxy.frontends.rest import RestServer
-from batchproxy.readiness import Readiness
+from batchproxy.fleet.discovery import DnsDiscovery
 from batchproxy.fleet.health_checks import HealthChecker
+from batchproxy.fleet.slots import Endpoint, ReplicaPool, ReplicaState
+from batchproxy.fleet.transport import grpc_transports
+from batchproxy.frontends.grpc import PredictionHandlers, generic_handlers
 from batchproxy.frontends.limits import RequestLimits
+from batchproxy.frontends.predict_service import PredictService
+from batchproxy.frontends.rest import RestServer
 from batchproxy.local_replicas import LocalReplicas
 from batchproxy.metrics import GaugeSampler, ProxyMetrics
-from batchproxy.fleet.slots import Replica, ReplicaPool, ReplicaState
+from batchproxy.readiness import Readiness
+from batchproxy.supervisor import Supervisor
 from batchproxy.tls import ServerTLS, replica_credentials
 
 log = logging.getLogger("batchproxy")
 
+# After the drain, in-flight batches get this long to finish before they are cancelled (a
+# hung replica must not hold the exit: SIGTERM exits within drain_timeout_s plus a little).
+CLOSE_GRACE_S = 0.5
+# The bound on each closing step after the drain: closing channels and servers.
+CLOSE_STEP_S = 1.0
 
-def log_state_change(replica: Replica, old: ReplicaState, reason: str) -> None:
+
+class SupervisionFailed(RuntimeError):
+    """A background task kept failing: the process exits non-zero so it is restarted."""
+
+
+def log_state_change(replica: Endpoint, old: ReplicaState, reason: str) -> None:
     log.info("replica %s: %s -> %s (%s)", replica.address, old.value, replica.state.value,
              reason)
 
@@ -40,20 +56,22 @@ def server_options(config: ProxyConfig) -> list[tuple[str, int]]:
 
 
 class Proxy:
-    def __init__(self, config: ProxyConfig, replicas: list[str]) -> None:
+    def __init__(self, config: ProxyConfig, replicas: list[str],
+                 on_give_up: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.tls = ServerTLS.from_tfs_file(config.ssl_config_file) \
             if config.ssl_config_file else None
         self.auth = TokenAuth.from_file(config.auth_token_file) \
             if config.auth_token_file else None
+        self.supervisor = Supervisor(on_give_up=on_give_up)
+        transports = grpc_transports(
+            replica_credentials(config.replica_ca, config.replica_cert, config.replica_key),
+            reconnect_backoff_ms=max(config.health_interval_ms, 100))
         self.pool = ReplicaPool(replicas, config.max_inflight_per_replica,
                                 config.replica_timeout_s,
                                 eject_after_failures=config.eject_after_failures,
                                 ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
-                                reconnect_backoff_ms=max(config.health_interval_ms, 100),
-                                credentials=replica_credentials(
-                                    config.replica_ca, config.replica_cert,
-                                    config.replica_key))
+                                transports=transports)
         self.pool.listeners.append(log_state_change)
         self.metrics = ProxyMetrics()
         self.pool.listeners.append(self._count_ejection)
@@ -66,12 +84,13 @@ class Proxy:
             self.discovery = DnsDiscovery(self.pool, list(config.replicas_dns), replicas,
                                           config.dns_refresh_s, config.dns_server)
             self.discovery.on_change.append(self.health_checker.check_soon)
-        self.readiness = Readiness(self.pool)
-        self.batcher = Batcher(config.batching, self.pool, self.metrics)
+        self.readiness = Readiness(self.pool, self.supervisor)
+        self.engine = Engine(config.batching, self.pool, self.metrics)
+        self.service = PredictService(
+            self.engine, self.metrics, RequestLimits(config.max_rows_per_request,
+                                                     config.max_rank))
         self.grpc_server = grpc.aio.server(options=server_options(config))
-        limits = RequestLimits(config.max_rows_per_request, config.max_rank)
-        handlers = PredictionHandlers(self.batcher, self.pool, self.metrics, auth=self.auth,
-                                      limits=limits)
+        handlers = PredictionHandlers(self.service, auth=self.auth)
         self.grpc_server.add_generic_rpc_handlers(
             [*generic_handlers(handlers), self.readiness.grpc_handler()])
         address = f"{config.host}:{config.port}"
@@ -80,26 +99,26 @@ class Proxy:
                                                               self.tls.grpc_credentials())
         else:
             self.grpc_port = self.grpc_server.add_insecure_port(address)
-        # TFS's REST API on the same batcher (rest_api_port 0 turns it off, as in TFS), with
+        # TFS's REST API on the same engine (rest_api_port 0 turns it off, as in TFS), with
         # the metrics routes TFS serves on its REST port.
         self.rest: RestServer | None = None
         if config.rest_api_port:
             self.rest = RestServer(
-                self.batcher, self.pool, config.host, config.rest_api_port,
-                max_body_bytes=config.rest_max_body_bytes, metrics=self.metrics,
+                self.service, config.host, config.rest_api_port,
+                max_body_bytes=config.rest_max_body_bytes,
                 extra_routes=self.metrics.routes() + self.readiness.routes(),
                 reuse_port=config.workers > 1, shutdown_timeout_s=config.drain_timeout_s,
                 auth=self.auth,
                 ssl_context=self.tls.ssl_context() if self.tls is not None else None,
                 header_timeout_s=config.rest_header_timeout_s,
-                body_timeout_s=config.rest_body_timeout_s, limits=limits)
+                body_timeout_s=config.rest_body_timeout_s)
 
-    def _count_ejection(self, replica: Replica, old: ReplicaState, reason: str) -> None:
+    def _count_ejection(self, replica: Endpoint, old: ReplicaState, reason: str) -> None:
         if replica.state is ReplicaState.EJECTED:
             self.metrics.ejections.labels(replica.address).inc()
 
     def _sample_gauges(self) -> None:
-        self.metrics.queued_rows.set(self.batcher.queued_rows)
+        self.metrics.queued_rows.set(self.engine.queued_rows)
         self.metrics.worker_calls.set(self.metrics.calls_handled)
         for replica in self.pool.replicas.values():
             self.metrics.outstanding.labels(replica.address).set(replica.outstanding)
@@ -118,44 +137,100 @@ class Proxy:
         await site.start()
 
     async def start(self) -> None:
-        self.sampler.start()
+        supervisor = self.supervisor
+        self.sampler.start(supervisor)
         if self.config.monitoring_port:
             await self._start_monitoring()
         if self.discovery is not None:
             await self.discovery.refresh()
-            self.discovery.start()
-        self.health_checker.start()
-        self.batcher.start()
+            self.discovery.start(supervisor)
+        self.health_checker.start(supervisor)
+        self.engine.start(supervisor)
         await self.grpc_server.start()
         if self.rest is not None:
+            self.rest.signatures.start(supervisor)
             await self.rest.start()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new calls, answer every accepted one (queued batches are flushed and
-        in-flight batches finish), then close; all within `grace_s`."""
+        in-flight batches finish), then close; all within `grace_s` plus a few bounded
+        closing steps. Every step runs even when an earlier one fails (the first failure is
+        raised at the end): a failing step must not leave ports or channels open."""
         grace_s = self.config.drain_timeout_s if grace_s is None else grace_s
         self.readiness.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         stopping = asyncio.ensure_future(self.grpc_server.stop(grace_s))
         rest_stopping = asyncio.ensure_future(self.rest.stop()) if self.rest else None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.batcher.drain(), grace_s)
-        await stopping
-        if rest_stopping is not None:
-            await rest_stopping
-        await self.batcher.close()
-        if self.discovery is not None:
-            await self.discovery.close()
-        await self.health_checker.close()
-        await self.sampler.close()
-        if self.monitoring_runner is not None:
-            await self.monitoring_runner.cleanup()
-        await self.pool.close()
+
+        async def drain() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.engine.drain(), grace_s)
+
+        async def close_engine() -> None:
+            # Whatever is still in flight after the drain (a hung replica) is cancelled and
+            # its callers told the proxy is shutting down.
+            grace = max(min(deadline - loop.time(), CLOSE_GRACE_S), 0.0)
+            await bounded(self.engine.close(grace), grace + CLOSE_STEP_S, "engine")
+
+        async def stop_frontends() -> None:
+            try:
+                await bounded(stopping, max(deadline - loop.time(), 0) + CLOSE_STEP_S,
+                              "gRPC server")
+            finally:
+                if rest_stopping is not None:
+                    await bounded(rest_stopping, max(deadline - loop.time(), 0)
+                                  + CLOSE_STEP_S, "REST server")
+
+        async def close_monitoring() -> None:
+            if self.monitoring_runner is not None:
+                await self.monitoring_runner.cleanup()
+
+        async def close_discovery() -> None:
+            if self.discovery is not None:
+                await self.discovery.close()
+
+        await run_all([
+            drain,
+            close_engine,
+            stop_frontends,
+            self.supervisor.close,  # every supervised loop: scheduler, checks, samplers
+            close_discovery,
+            self.health_checker.close,
+            self.sampler.close,
+            close_monitoring,
+            lambda: bounded(self.pool.close(), CLOSE_STEP_S, "replica channels"),
+        ])
+
+
+async def bounded(step: Awaitable[None], timeout_s: float, what: str) -> None:
+    """Await `step` for at most `timeout_s`; past that it is cancelled and the stop goes on."""
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except TimeoutError:
+        log.warning("stopping: %s did not close within %.1f s; going on", what, timeout_s)
+
+
+async def run_all(steps: list[Callable[[], Awaitable[object]]]) -> None:
+    """Run `steps` in order, each as if in the `finally` of the one before: a step that
+    raises is logged and the rest still run; the first failure is raised at the end."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            await step()
+        except Exception as err:
+            log.exception("stopping: a step failed")
+            first = first or err
+        except BaseException as err:  # cancelled: finish closing, then propagate it
+            first = first or err
+    if first is not None:
+        raise first
 
 
 def banner(config: ProxyConfig, replicas: list[str], grpc_port: int) -> str:
     batching = config.batching
     return (
-        f"batchproxy {__version__} core={core.IMPLEMENTATION} grpc_port={grpc_port} "
+        f"batchproxy {__version__} core={codec.IMPLEMENTATION} grpc_port={grpc_port} "
         f"rest_api_port={config.rest_api_port} "
         f"replicas=[{', '.join(replicas)}] max_batch_size={batching.max_batch_size} "
         f"batch_timeout_micros={batching.batch_timeout_micros} "
@@ -165,17 +240,28 @@ def banner(config: ProxyConfig, replicas: list[str], grpc_port: int) -> str:
 
 
 async def run(config: ProxyConfig, replicas: list[str]) -> None:
-    """One proxy on this process's event loop until SIGTERM or SIGINT, then drain and exit."""
-    proxy = Proxy(config, replicas)
+    """One proxy on this process's event loop until SIGTERM or SIGINT, then drain and exit.
+    A background task that keeps failing stops it too, and raises SupervisionFailed."""
+    stop = asyncio.Event()
+    gave_up: list[str] = []
+
+    def give_up(name: str) -> None:
+        gave_up.append(name)
+        stop.set()
+
+    proxy = Proxy(config, replicas, on_give_up=give_up)
     await proxy.start()
     log.info(banner(config, replicas, proxy.grpc_port))
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if gave_up:
+        log.error("stopping: background task %s kept failing", ", ".join(gave_up))
     log.info("stopping: draining queued and in-flight batches")
     await proxy.stop()
+    if gave_up:
+        raise SupervisionFailed(f"background task {', '.join(gave_up)} kept failing")
 
 
 def serve(config: ProxyConfig, use_uvloop: bool = True) -> None:
@@ -187,12 +273,20 @@ def serve(config: ProxyConfig, use_uvloop: bool = True) -> None:
         local = LocalReplicas(config.local_replicas, config.local_replica_model,
                               config.model_name)
         replicas = local.start()
+    code = 0
     try:
         if config.workers <= 1:
-            run_loop(run(config, replicas), use_uvloop)
+            try:
+                run_loop(run(config, replicas), use_uvloop)
+            except SupervisionFailed as err:
+                log.error("batchproxy exits: %s", err)
+                code = 1
         else:
-            workers.run_workers(config.workers,
-                                lambda: run_loop(run(config, replicas), use_uvloop))
+            # A worker that gave up exits 1 (workers.py); the parent exits with it.
+            code = workers.run_workers(config.workers,
+                                       lambda: run_loop(run(config, replicas), use_uvloop))
     finally:
         if local is not None:
             local.stop()
+    if code:
+        sys.exit(code)

@@ -4,7 +4,8 @@ connections), one event loop each.
 Workers fork before any gRPC server, channel or event loop exists (gRPC does not survive a
 fork once started). Metrics switch to prometheus-client's multiprocess mode first, so that a
 scrape answered by any worker covers all of them. The parent only forwards SIGTERM/SIGINT
-and waits."""
+and waits; it exits non-zero when a worker did (e.g. one whose background task kept
+failing), so that whatever runs the proxy restarts it."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def enable_multiprocess_metrics() -> str:
     return directory
 
 
-def run_workers(count: int, serve: Callable[[], None]) -> None:
+def run_workers(count: int, serve: Callable[[], None]) -> int:
+    """Fork `count` workers running `serve`; returns 0 when all exited cleanly, else 1."""
     directory = enable_multiprocess_metrics()
     children: list[int] = []
+    failed = False
     try:
         for index in range(count):
             pid = os.fork()
@@ -56,22 +59,27 @@ def run_workers(count: int, serve: Callable[[], None]) -> None:
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
-        _wait_all(children)
+        failed = _wait_all(children)
     finally:
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
-        _wait_all(children)
+        failed = _wait_all(children) or failed
         shutil.rmtree(directory, ignore_errors=True)
+    return 1 if failed else 0
 
 
-def _wait_all(children: list[int]) -> None:
+def _wait_all(children: list[int]) -> bool:
+    """Wait for every worker; True when any exited non-zero."""
     # waitpid on each worker, not wait(): local replicas are this process's children too.
     from prometheus_client import multiprocess
 
+    failed = False
     while children:
         pid = children[0]
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+            _, status = os.waitpid(pid, 0)
+            failed = failed or os.waitstatus_to_exitcode(status) != 0
         children.remove(pid)
         multiprocess.mark_process_dead(pid)
+    return failed

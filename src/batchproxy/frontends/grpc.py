@@ -1,107 +1,82 @@
 """The gRPC face of the proxy: tensorflow.serving.PredictionService and ModelService.
 
 Handlers are generic and take raw bytes (no Python protobuf objects on the hot path):
-Predict goes through the core decoder into the batcher; everything else is forwarded to a
-replica untouched, and its status code and message come back unchanged."""
+Predict goes to the predict service (core decoder, then the engine's batch queues);
+everything else is forwarded to a replica untouched, and its status code and message come
+back unchanged."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from batchproxy import codec
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
-from batchproxy.engine.batching import Batcher
 from batchproxy.errors import ProxyError
-from batchproxy.frontends.limits import RequestLimits
-from batchproxy.metrics import ProxyMetrics
-from batchproxy.fleet.slots import PREDICT, ReplicaPool
+from batchproxy.frontends.predict_service import PredictService
+from batchproxy.methods import (
+    CLASSIFY,
+    GET_MODEL_METADATA,
+    GET_MODEL_STATUS,
+    HANDLE_RELOAD_CONFIG,
+    MULTI_INFERENCE,
+    PREDICT,
+    PREDICTION_SERVICE,
+    REGRESS,
+)
 from batchproxy.protos import model_spec_holder_pb2
 
 log = logging.getLogger(__name__)
 
-PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
-MODEL_SERVICE = "tensorflow.serving.ModelService"
-FORWARDED = {
-    PREDICTION_SERVICE: ("Classify", "Regress", "MultiInference", "GetModelMetadata"),
-    MODEL_SERVICE: ("GetModelStatus", "HandleReloadConfigRequest"),
-}
+# Forwarded to a replica unchanged. MultiInference's tasks may name several models, so it
+# is not routed by model.
+FORWARDED = (CLASSIFY, REGRESS, MULTI_INFERENCE, GET_MODEL_METADATA, GET_MODEL_STATUS,
+             HANDLE_RELOAD_CONFIG)
+UNROUTED = frozenset({MULTI_INFERENCE})
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
 class PredictionHandlers:
-    def __init__(self, batcher: Batcher, pool: ReplicaPool,
-                 metrics: ProxyMetrics | None = None, *, auth: TokenAuth | None = None,
-                 limits: RequestLimits | None = None) -> None:
-        self.batcher = batcher
-        self.pool = pool
-        self.metrics = metrics or batcher.metrics
+    """gRPC transport only: authentication, deadlines and status codes. What a call means
+    is the predict service's business."""
+
+    def __init__(self, service: PredictService, *, auth: TokenAuth | None = None) -> None:
+        self.service = service
         self.auth = auth
-        self.limits = limits or RequestLimits()
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         if self.auth is not None and not self.auth.accepts_metadata(
                 context.invocation_metadata()):
-            self.metrics.reject("unauthenticated")
+            self.service.metrics.reject("unauthenticated")
             raise ProxyError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
     async def predict(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        started = time.perf_counter()
-        model = ""
-        code = "OK"
-        try:
-            self._authenticate(context)
-            call = codec.decode_predict_request(request)
-            model = call.model_name
+        with self.service.observe("grpc", "Predict") as record:
             try:
-                self.limits.check(call)
-            except ProxyError:
-                self.metrics.reject("too_large")
-                raise
-            if call.rows <= 0:
-                # Not batchable (scalar inputs, disagreeing dimension 0, ...): the replica
-                # answers it alone, exactly as TFS without batching would.
-                return await self.pool.forward(PREDICT, request, context.time_remaining(),
-                                               model=model)
-            return await self.batcher.submit(call, context.time_remaining())
-        except codec.CodecError as err:
-            error = ProxyError.from_codec_error(err)
-            self.metrics.reject("invalid")
-            code = error.code.name
-            await context.abort(error.code, error.message)
-        except ProxyError as err:
-            code = err.code.name
-            await context.abort(err.code, err.message)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            self.metrics.observe_call("grpc", "Predict", model, code,
-                                      time.perf_counter() - started)
+                self._authenticate(context)
+                return await self.service.predict_bytes(request, context.time_remaining(),
+                                                        record)
+            except ProxyError as err:
+                record.code = err.code.name
+                await context.abort(err.code, err.message)
 
     def forwarder(self, path: str) -> Handler:
         method = path.rsplit("/", 1)[1]
-        routed = method != "MultiInference"  # its tasks may name several models
+        routed = path not in UNROUTED
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            started = time.perf_counter()
-            code = "OK"
-            try:
-                self._authenticate(context)
-                return await self.pool.forward(path, request, context.time_remaining(),
-                                               model=model_of(request) if routed else "")
-            except ProxyError as err:
-                code = err.code.name
-                await context.abort(err.code, err.message)
-            finally:
-                self.metrics.observe_call("grpc", method, "", code,
-                                          time.perf_counter() - started)
+            with self.service.observe("grpc", method) as record:
+                try:
+                    self._authenticate(context)
+                    return await self.service.forward(
+                        path, request, context.time_remaining(),
+                        model=model_of(request) if routed else "")
+                except ProxyError as err:
+                    record.code = err.code.name
+                    await context.abort(err.code, err.message)
 
         return forward
 
@@ -121,10 +96,10 @@ def _raw(handler: Handler) -> grpc.RpcMethodHandler:
 
 
 def generic_handlers(handlers: PredictionHandlers) -> list[grpc.GenericRpcHandler]:
-    services = []
-    for service, methods in FORWARDED.items():
-        table = {name: _raw(handlers.forwarder(f"/{service}/{name}")) for name in methods}
-        if service == PREDICTION_SERVICE:
-            table["Predict"] = _raw(handlers.predict)
-        services.append(grpc.method_handlers_generic_handler(service, table))
-    return services
+    tables: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    for path in FORWARDED:
+        service, method = path.strip("/").split("/")
+        tables.setdefault(service, {})[method] = _raw(handlers.forwarder(path))
+    tables[PREDICTION_SERVICE][PREDICT.rsplit("/", 1)[1]] = _raw(handlers.predict)
+    return [grpc.method_handlers_generic_handler(service, table)
+            for service, table in tables.items()]

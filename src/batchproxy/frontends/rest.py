@@ -1,9 +1,9 @@
 """The REST face of the proxy: TensorFlow Serving's HTTP/JSON API (port 8501) on aiohttp.
 
 A predict body is typed by the model's signature (signatures.SignatureCache), becomes a
-codec.PredictCall and joins the same batcher as gRPC calls: a REST caller and a gRPC caller of
-one model can travel in one batch. Status, metadata, classify and regress are forwarded to a
-replica unbatched and their answers written as TFS writes them. Errors are
+codec.PredictCall and goes to the same predict service as gRPC calls: a REST caller and a
+gRPC caller of one model can travel in one batch. Status, metadata, classify and regress are
+forwarded to a replica unbatched and their answers written as TFS writes them. Errors are
 {"error": message} under TFS's HTTP status for the gRPC code.
 
     POST /v1/models/{name}[/versions/{n}|/labels/{l}]:(predict|classify|regress)
@@ -20,7 +20,6 @@ import logging
 import math
 import re
 import ssl
-import time
 import zlib
 from collections.abc import Iterable, Mapping
 
@@ -29,28 +28,24 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf.message import DecodeError
 
-from batchproxy import codec, rest_json
+from batchproxy import codec
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
-from batchproxy.engine.batching import Batcher
 from batchproxy.errors import ProxyError
-from batchproxy.frontends.limits import RequestLimits
-from batchproxy.metrics import ProxyMetrics
-from batchproxy.fleet.slots import PREDICT, ReplicaPool
+from batchproxy.frontends import rest_json
+from batchproxy.frontends.predict_service import CallRecord, PredictService
+from batchproxy.frontends.signatures import ModelKey, SignatureCache, model_spec
+from batchproxy.methods import CLASSIFY, GET_MODEL_METADATA, GET_MODEL_STATUS, REGRESS
 from batchproxy.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
     predict_pb2,
 )
-from batchproxy.frontends.signatures import GET_MODEL_METADATA, ModelKey, SignatureCache, model_spec
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 DEFAULT_MAX_BODY_BYTES = 64 << 20
-CLASSIFY = "/tensorflow.serving.PredictionService/Classify"
-REGRESS = "/tensorflow.serving.PredictionService/Regress"
-GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
 
 # TFS's own route patterns (http_rest_api_util.cc), matched whole and case-insensitively.
 PREDICT_PATH = re.compile(
@@ -149,17 +144,6 @@ class _Deadline:
         return left
 
 
-def _predict_request(spec: bytes, inputs: Mapping[str, codec.Tensor]) -> bytes:
-    """A serialized PredictRequest for a call sent unbatched."""
-    request = predict_pb2.PredictRequest()
-    request.model_spec.ParseFromString(spec)
-    for name, tensor in inputs.items():
-        request.inputs[name].ParseFromString(
-            codec.encode_tensor(tensor.dtype, tensor.shape, tensor.data, False)
-        )
-    return request.SerializeToString()
-
-
 def _response_outputs(data: bytes) -> tuple[dict[str, codec.Tensor], int | None]:
     """(outputs by name, the version that answered) of a serialized PredictResponse."""
     try:
@@ -177,29 +161,18 @@ def _response_outputs(data: bytes) -> tuple[dict[str, codec.Tensor], int | None]
     return outputs, spec.version.value if spec.HasField("version") else None
 
 
-class _Call:
-    """What the metrics say about one REST call (method and model are known after routing)."""
-
-    __slots__ = ("method", "model")
-
-    def __init__(self) -> None:
-        self.method = "unknown"
-        self.model = ""
-
-
 class RestFrontend:
-    def __init__(self, batcher: Batcher, pool: ReplicaPool, signatures: SignatureCache,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 metrics: ProxyMetrics | None = None, *, auth: TokenAuth | None = None,
-                 body_timeout_s: float = 30.0, limits: RequestLimits | None = None) -> None:
-        self.batcher = batcher
-        self.pool = pool
+    """HTTP transport only: routes, bodies, JSON and HTTP codes; calls go to the predict
+    service."""
+
+    def __init__(self, service: PredictService, signatures: SignatureCache,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, *,
+                 auth: TokenAuth | None = None, body_timeout_s: float = 30.0) -> None:
+        self.service = service
         self.signatures = signatures
         self.max_body_bytes = max_body_bytes
-        self.metrics = metrics or batcher.metrics
         self.auth = auth
         self.body_timeout_s = body_timeout_s
-        self.limits = limits or RequestLimits()
 
     def make_app(self, extra_routes: Iterable[web.RouteDef] = ()) -> web.Application:
         # The body limit is enforced in _body() (after gunzip too); aiohttp's own check
@@ -212,37 +185,29 @@ class RestFrontend:
         return app
 
     async def handle(self, request: web.Request) -> web.Response:
-        started = time.perf_counter()
-        call = _Call()
-        code = "OK"
-        try:
-            if self.auth is not None and not self.auth.accepts(
-                    request.headers.get("Authorization")):
-                self.metrics.reject("unauthenticated")
-                raise ProxyError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-            return json_response(await self._route(request, call))
-        except ProxyError as err:
-            code = err.code.name
-            return error_response(http_status(err.code), err.message)
-        except HttpError as err:
-            code = f"HTTP_{err.status}"
-            response = error_response(err.status, err.message)
-            if err.status == 408:
-                # The unread rest of the body would be taken for the next request.
-                response.force_close()
-            return response
-        except asyncio.CancelledError:  # the client hung up
-            code = "CANCELLED"
-            raise
-        except Exception as err:  # a bug: answer in TFS's shape rather than drop the call
-            code = "INTERNAL"
-            log.exception("REST %s %s failed", request.method, request.path)
-            return error_response(500, f"batchproxy internal error: {err!r}")
-        finally:
-            self.metrics.observe_call("rest", call.method, call.model, code,
-                                      time.perf_counter() - started)
+        with self.service.observe("rest", "unknown") as call:
+            try:
+                if self.auth is not None and not self.auth.accepts(
+                        request.headers.get("Authorization")):
+                    self.service.metrics.reject("unauthenticated")
+                    raise ProxyError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+                return json_response(await self._route(request, call))
+            except ProxyError as err:
+                call.code = err.code.name
+                return error_response(http_status(err.code), err.message)
+            except HttpError as err:
+                call.code = f"HTTP_{err.status}"
+                response = error_response(err.status, err.message)
+                if err.status == 408:
+                    # The unread rest of the body would be taken for the next request.
+                    response.force_close()
+                return response
+            except Exception as err:  # a bug: answer in TFS's shape rather than drop the call
+                call.code = "INTERNAL"
+                log.exception("REST %s %s failed", request.method, request.path)
+                return error_response(500, f"batchproxy internal error: {err!r}")
 
-    async def _route(self, request: web.Request, call: _Call) -> bytes:
+    async def _route(self, request: web.Request, call: CallRecord) -> bytes:
         deadline = _Deadline(request.headers)
         method, path = request.method, request.path
         if not path.lower().startswith("/v1/"):
@@ -317,19 +282,13 @@ class RestFrontend:
     # -- predict -----------------------------------------------------------------------------
 
     async def _predict(self, request: web.Request, key: ModelKey, deadline: _Deadline) -> bytes:
-        try:
+        with self.service.validating():
             doc = rest_json.loads(await self._body(request))
             signature_name = rest_json.signature_name(doc)
-        except ProxyError:
-            self.metrics.reject("invalid")
-            raise
         models = await self.signatures.get(key, deadline.remaining())
         signature = models.signature(signature_name)
-        try:
+        with self.service.validating():
             fmt, tensors = rest_json.parse_predict(doc, signature.inputs, signature_name)
-        except ProxyError:
-            self.metrics.reject("invalid")
-            raise
         name, version, label = key
         # The resolved signature name ("serving_default" for ""): the batch key then matches
         # gRPC callers that name it.
@@ -340,18 +299,7 @@ class RestFrontend:
             signature_name=signature.name, output_filter=(), model_spec=spec, inputs=inputs,
         )
         try:
-            self.limits.check(call)
-        except ProxyError:
-            self.metrics.reject("too_large")
-            raise
-        try:
-            if call.rows <= 0:
-                # Not batchable (a scalar, no rows, ...): the replica answers it alone.
-                answer = await self.pool.forward(
-                    PREDICT, _predict_request(spec, inputs), deadline.remaining(), model=name
-                )
-            else:
-                answer = await self.batcher.submit(call, deadline.remaining())
+            answer = await self.service.predict(call, deadline.remaining())
         except ProxyError as err:
             if err.code == grpc.StatusCode.NOT_FOUND:
                 self.signatures.forget(key)  # unloaded: the next call asks afresh
@@ -373,8 +321,8 @@ class RestFrontend:
             message, path = inference_pb2.RegressionRequest(), REGRESS
         message.model_spec.CopyFrom(model_spec(*key, signature_name))
         rest_json.fill_inference_request(doc, message)
-        answer = await self.pool.forward(path, message.SerializeToString(),
-                                         deadline.remaining(), model=key[0])
+        answer = await self.service.forward(path, message.SerializeToString(),
+                                            deadline.remaining(), model=key[0])
         if verb == "classify":
             return rest_json.classification_response(answer)
         return rest_json.regression_response(answer)
@@ -385,12 +333,12 @@ class RestFrontend:
             request = get_model_metadata_pb2.GetModelMetadataRequest(
                 model_spec=spec, metadata_field=["signature_def"]
             )
-            answer = await self.pool.forward(
+            answer = await self.service.forward(
                 GET_MODEL_METADATA, request.SerializeToString(), deadline.remaining(),
                 model=key[0])
             return rest_json.metadata_response(answer)
         status = get_model_status_pb2.GetModelStatusRequest(model_spec=spec)
-        answer = await self.pool.forward(
+        answer = await self.service.forward(
             GET_MODEL_STATUS, status.SerializeToString(), deadline.remaining(), model=key[0])
         return rest_json.status_response(answer)
 
@@ -398,20 +346,19 @@ class RestFrontend:
 class RestServer:
     """The REST frontend's listening socket and lifecycle, for server.Proxy."""
 
-    def __init__(self, batcher: Batcher, pool: ReplicaPool, host: str, port: int, *,
+    def __init__(self, service: PredictService, host: str, port: int, *,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 metrics: ProxyMetrics | None = None,
                  extra_routes: Iterable[web.RouteDef] = (),
                  reuse_port: bool = False,
                  shutdown_timeout_s: float = 5.0,
                  auth: TokenAuth | None = None,
                  ssl_context: ssl.SSLContext | None = None,
                  header_timeout_s: float = 30.0,
-                 body_timeout_s: float = 30.0,
-                 limits: RequestLimits | None = None) -> None:
-        self.signatures = SignatureCache(pool)
-        self.frontend = RestFrontend(batcher, pool, self.signatures, max_body_bytes, metrics,
-                                     auth=auth, body_timeout_s=body_timeout_s, limits=limits)
+                 body_timeout_s: float = 30.0) -> None:
+        # Metadata fetches are forwarded calls like any other: same admission, same retries.
+        self.signatures = SignatureCache(service.forward)
+        self.frontend = RestFrontend(service, self.signatures, max_body_bytes, auth=auth,
+                                     body_timeout_s=body_timeout_s)
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
@@ -441,5 +388,7 @@ class RestServer:
 
     async def stop(self) -> None:
         """Stop listening, let calls in flight finish (up to the shutdown timeout)."""
-        await self.runner.cleanup()
-        await self.signatures.close()
+        try:
+            await self.runner.cleanup()
+        finally:
+            await self.signatures.close()

@@ -1,8 +1,9 @@
 """Model signatures for the REST frontend: JSON numbers are typed by them.
 
 A signature comes from GetModelMetadata on a replica and is cached per (model, version,
-label). Entries live `ttl_s`; an expired entry is still served while one background fetch
-refreshes it, so callers never wait on a refresh. An entry is refreshed sooner when a Predict
+label). Entries live `ttl_s`; an expired entry is still served while a background fetch
+refreshes it, so callers never wait on a refresh (the refresh loop, `run()`, is a supervised
+background task in the proxy). An entry is refreshed sooner when a Predict
 answer names a version other than the cached one (a new version was loaded), and dropped when
 the model is not found any more. Concurrent misses for one key share one fetch.
 """
@@ -10,20 +11,24 @@ the model is not found any more. Concurrent misses for one key share one fetch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from batchproxy.errors import ProxyError
-from batchproxy.fleet.slots import ReplicaPool
+from batchproxy.frontends.predict_service import Forward
+from batchproxy.methods import GET_MODEL_METADATA
 from batchproxy.protos import get_model_metadata_pb2, model_pb2
+from batchproxy.supervisor import cancel_and_wait
+
+if TYPE_CHECKING:
+    from batchproxy.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-GET_MODEL_METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
 DEFAULT_SIGNATURE = "serving_default"  # what TFS uses for an empty signature_name
 DEFAULT_TTL_S = 10.0
 
@@ -99,13 +104,35 @@ def parse_metadata(data: bytes) -> ModelSignatures:
 
 
 class SignatureCache:
-    def __init__(self, pool: ReplicaPool, ttl_s: float = DEFAULT_TTL_S) -> None:
-        self.pool = pool
+    """`forward` sends GetModelMetadata to a replica (the engine's forward in the proxy)."""
+
+    def __init__(self, forward: Forward, ttl_s: float = DEFAULT_TTL_S) -> None:
+        self.forward = forward
         self.ttl_s = ttl_s
         self._entries: dict[ModelKey, ModelSignatures] = {}
         self._fetching: dict[ModelKey, asyncio.Future[ModelSignatures]] = {}
-        self._refreshing: set[asyncio.Task[None]] = set()
+        self._stale: asyncio.Queue[ModelKey] = asyncio.Queue()
+        self._queued: set[ModelKey] = set()
+        self._started = False
+        self._task: asyncio.Task[None] | None = None
         self.fetches = 0  # GetModelMetadata calls made (tests and logs read it)
+
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Run the refresh loop: under `supervisor` when given, else as a task of our own
+        (started on the first refresh if nobody started it)."""
+        self._started = True
+        if supervisor is not None:
+            supervisor.spawn("signature_refresh", self.run)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def run(self) -> None:
+        """The refresh loop: one fetch per stale key, several keys at once. A refresh that
+        fails keeps the old entry; a bug escapes and the loop is restarted."""
+        async with asyncio.TaskGroup() as refreshes:
+            while True:
+                key = await self._stale.get()
+                refreshes.create_task(self._refresh(key))
 
     async def get(self, key: ModelKey, timeout: float | None = None) -> ModelSignatures:
         entry = self._entries.get(key)
@@ -119,7 +146,7 @@ class SignatureCache:
         pending = self._fetching.get(key)
         if pending is None:
             pending = self._start_fetch(key)
-        # The fetch is shared: it runs under the pool's own limit, each caller waits under
+        # The fetch is shared: it runs under the replica timeout, each caller waits under
         # its own deadline, and shield() keeps one caller's leaving from cancelling it.
         try:
             return await asyncio.wait_for(asyncio.shield(pending), timeout)
@@ -141,28 +168,33 @@ class SignatureCache:
             model_spec=model_spec(name, version, label), metadata_field=["signature_def"]
         )
         self.fetches += 1
-        data = await self.pool.forward(GET_MODEL_METADATA, request.SerializeToString(), None,
-                                       model=name)
+        data = await self.forward(GET_MODEL_METADATA, request.SerializeToString(), None,
+                                  model=name)
         entry = parse_metadata(data)
         entry.fetched_at = asyncio.get_running_loop().time()
         self._entries[key] = entry
         return entry
 
     def _refresh_later(self, key: ModelKey) -> None:
-        future = self._start_fetch(key)
+        if key in self._queued:
+            return
+        if not self._started:
+            self.start()
+        self._queued.add(key)
+        self._stale.put_nowait(key)
 
-        async def refresh() -> None:
-            try:
-                await future
-            except ProxyError as err:
-                if err.code == grpc.StatusCode.NOT_FOUND:
-                    self._entries.pop(key, None)  # the next caller sees NOT_FOUND itself
-                else:  # keep serving the old entry; the next call tries again
-                    log.warning("refreshing the signatures of %s failed: %s", key, err.message)
-
-        task = asyncio.get_running_loop().create_task(refresh())
-        self._refreshing.add(task)
-        task.add_done_callback(self._refreshing.discard)
+    async def _refresh(self, key: ModelKey) -> None:
+        self._queued.discard(key)
+        future = self._fetching.get(key) or self._start_fetch(key)
+        try:
+            # Shielded: a caller that missed meanwhile may share this fetch; stopping the
+            # refresh loop must not cancel it under that caller.
+            await asyncio.shield(future)
+        except ProxyError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                self._entries.pop(key, None)  # the next caller sees NOT_FOUND itself
+            else:  # keep serving the old entry; the next call tries again
+                log.warning("refreshing the signatures of %s failed: %s", key, err.message)
 
     def saw_version(self, key: ModelKey, version: int | None) -> None:
         """A Predict for `key` was answered by `version`: refresh if that is news."""
@@ -175,10 +207,10 @@ class SignatureCache:
         self._entries.pop(key, None)
 
     async def close(self) -> None:
-        for task in list(self._refreshing):
-            task.cancel()
-        for future in list(self._fetching.values()):
-            future.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._refreshing, *self._fetching.values(),
-                                 return_exceptions=True)
+        """Stop our own refresh loop (a supervised one stops with its supervisor) and every
+        fetch in flight."""
+        tasks: list[asyncio.Future[object]] = list(self._fetching.values())
+        if self._task is not None:
+            tasks.append(self._task)
+            self._task = None
+        await cancel_and_wait(tasks)

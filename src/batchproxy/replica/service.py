@@ -11,7 +11,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from batchproxy import codec, dtypes
+from batchproxy import codec
+from batchproxy.codec import dtypes
 from batchproxy.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,

@@ -1,0 +1,146 @@
+"""What both frontends do with a call once their transport has delivered it, so that gRPC
+and REST differ only in how bytes and JSON arrive and leave.
+
+- Validation: a call that cannot be decoded, or breaks the request limits, is refused alone
+  (INVALID_ARGUMENT) and counted once, under its reason.
+- Routing: a batchable Predict (rows >= 1) is submitted to the engine's batch queues; an
+  unbatchable one (scalars, disagreeing dimension 0, no rows) and every other method
+  (metadata, status, classify, regress, multi-inference) are forwarded by the engine, under
+  the same admission and retry policy.
+- Metrics: each call is observed once, with the transport, method, model and final code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Protocol
+
+from batchproxy import codec
+from batchproxy.errors import ProxyError
+from batchproxy.frontends.limits import RequestLimits
+from batchproxy.methods import PREDICT
+from batchproxy.metrics import ProxyMetrics
+from batchproxy.protos import predict_pb2
+
+
+class Forward(Protocol):
+    """Sends one unbatched call to a replica and returns its serialized answer."""
+
+    async def __call__(self, path: str, request: bytes, timeout: float | None,
+                       model: str = "") -> bytes: ...
+
+
+class Engine(Protocol):
+    """What the service needs of batchproxy.engine.Engine (a fake will do in tests)."""
+
+    async def submit(self, call: codec.PredictCall, timeout: float | None = None) -> bytes: ...
+
+    async def forward(self, path: str, request: bytes, timeout: float | None,
+                      model: str = "") -> bytes: ...
+
+
+class CallRecord:
+    """What the metrics say of one call. Frontends fill in what only they know (the method
+    after routing, a transport-specific code such as HTTP_413)."""
+
+    __slots__ = ("code", "method", "model", "transport")
+
+    def __init__(self, transport: str, method: str, model: str = "") -> None:
+        self.transport = transport
+        self.method = method
+        self.model = model
+        self.code = "OK"
+
+
+def unbatched_request(call: codec.PredictCall) -> bytes:
+    """A serialized PredictRequest for a call that did not arrive as one (REST)."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.ParseFromString(call.model_spec)
+    request.output_filter.extend(call.output_filter)
+    for name, tensor in call.inputs.items():
+        request.inputs[name].ParseFromString(
+            codec.encode_tensor(tensor.dtype, tensor.shape, tensor.data, False))
+    return request.SerializeToString()
+
+
+class PredictService:
+    def __init__(self, engine: Engine, metrics: ProxyMetrics | None = None,
+                 limits: RequestLimits | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics if metrics is not None else ProxyMetrics()
+        self.limits = limits or RequestLimits()
+
+    # -- metrics and errors ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def observe(self, transport: str, method: str, model: str = "") -> Iterator[CallRecord]:
+        """Observe one call: its latency and final code, once, whichever way it ends. A code
+        the frontend set before raising (e.g. before a gRPC abort) is kept."""
+        record = CallRecord(transport, method, model)
+        started = time.perf_counter()
+        try:
+            yield record
+        except ProxyError as err:
+            record.code = err.code.name
+            raise
+        except asyncio.CancelledError:  # the client went away
+            record.code = "CANCELLED"
+            raise
+        except Exception:
+            if record.code == "OK":
+                record.code = "INTERNAL"
+            raise
+        finally:
+            self.metrics.observe_call(record.transport, record.method, record.model,
+                                      record.code, time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def validating(self) -> Iterator[None]:
+        """A refusal of the call's own content: codec errors become ProxyErrors, and every
+        refusal is counted as `invalid`."""
+        try:
+            yield
+        except codec.CodecError as err:
+            self.metrics.reject("invalid")
+            raise ProxyError.from_codec_error(err) from None
+        except ProxyError:
+            self.metrics.reject("invalid")
+            raise
+
+    def check_limits(self, call: codec.PredictCall) -> None:
+        try:
+            self.limits.check(call)
+        except ProxyError:
+            self.metrics.reject("too_large")
+            raise
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def predict_bytes(self, request: bytes, timeout: float | None,
+                            record: CallRecord | None = None) -> bytes:
+        """A serialized PredictRequest (gRPC): decoded, validated and answered."""
+        with self.validating():
+            call = codec.decode_predict_request(request)
+        if record is not None:
+            record.model = call.model_name
+        return await self.predict(call, timeout, request)
+
+    async def predict(self, call: codec.PredictCall, timeout: float | None,
+                      request: bytes | None = None) -> bytes:
+        """A decoded Predict: batched when it has rows, else forwarded alone, exactly as TFS
+        without batching would answer it. `request` is its serialized form when the caller
+        has it (else it is encoded from the call, only if needed)."""
+        self.check_limits(call)
+        if call.rows <= 0:
+            if request is None:
+                request = unbatched_request(call)
+            return await self.engine.forward(PREDICT, request, timeout, model=call.model_name)
+        return await self.engine.submit(call, timeout)
+
+    async def forward(self, path: str, request: bytes, timeout: float | None,
+                      model: str = "") -> bytes:
+        """Any other method, forwarded unchanged; the replica's code and message come back."""
+        return await self.engine.forward(path, request, timeout, model=model)
