@@ -1,4 +1,4 @@
-"""`batchproxy serve | replica | bench`: the command line."""
+"""`batchproxy serve | replica | bench | simulate`: the command line."""
 
 from __future__ import annotations
 
@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "endpoint, and a bare echo server")
     bench.add_bench_arguments(load)
     load.set_defaults(handler=bench.run_bench)
+    from batchproxy.sim import cli as sim_cli
+
+    sim = commands.add_parser("simulate", help="the real engine in virtual time against "
+                                               "simulated replicas, beside baselines")
+    sim_cli.add_simulate_arguments(sim)
+    sim.set_defaults(handler=sim_cli.run_simulate)
     return parser
 
 

@@ -1,0 +1,170 @@
+"""`batchproxy simulate`: the flags, and what runs them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
+from batchproxy.sim.faults import parse_fault
+from batchproxy.sim.simulate import SimConfig, simulate
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected numbers separated by commas") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive numbers")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    proxy = ProxyConfig()
+    batching = BatchingConfig()
+    sim = SimConfig()
+    bat = parser.add_argument_group("batching (as `serve`)")
+    bat.add_argument("--max_batch_size", type=int, default=None,
+                     help=f"rows in one batch at most (default {batching.max_batch_size})")
+    bat.add_argument("--batch_timeout_micros", type=int, default=None,
+                     help="how long the oldest call of a batch may wait before the batch "
+                          f"closes (default {batching.batch_timeout_micros})")
+    bat.add_argument("--max_enqueued_rows", type=int, default=None,
+                     help="rows queued in all batches together before calls get "
+                          "UNAVAILABLE (default max(3200, 100 x max_batch_size), as serve)")
+    bat.add_argument("--batching_parameters_file", default=None,
+                     help="TFS batching parameters (text proto): max_batch_size, "
+                          "batch_timeout_micros, max_enqueued_batches; flags override it")
+    bat.add_argument("--max_inflight_per_replica", type=int,
+                     default=proxy.max_inflight_per_replica,
+                     help="batches one replica may hold at once (default %(default)s)")
+    bat.add_argument("--replica_timeout_s", type=float, default=proxy.replica_timeout_s,
+                     help="limit on a replica call when the caller set no deadline "
+                          "(default %(default)s)")
+    bat.add_argument("--health_interval_ms", type=int, default=proxy.health_interval_ms,
+                     help="GetModelStatus health check period per replica "
+                          "(default %(default)s)")
+    bat.add_argument("--eject_after_failures", type=int, default=proxy.eject_after_failures,
+                     help="consecutive failed calls that eject a replica (default %(default)s)")
+    bat.add_argument("--policy", default=None,
+                     help="the proxy's flush policy; a comma-separated list compares several "
+                          "(default: the engine's)")
+    fleet = parser.add_argument_group("simulated replicas")
+    fleet.add_argument("--replicas", type=int, default=sim.replicas,
+                       help="replicas (default %(default)s)")
+    fleet.add_argument("--batch_cost_ms", type=float, default=sim.batch_cost_ms,
+                       help="fixed cost of one batch (default %(default)s)")
+    fleet.add_argument("--row_cost_us", type=float, default=sim.row_cost_us,
+                       help="cost of each row of a batch (default %(default)s)")
+    fleet.add_argument("--concurrency", type=int, default=sim.concurrency,
+                       help="batches a replica runs at once (default %(default)s)")
+    fleet.add_argument("--jitter", type=float, default=sim.jitter,
+                       help="spread of each batch's cost: a log-normal factor of mean 1 and "
+                            "this shape (default %(default)s)")
+    fleet.add_argument("--slow_replica", type=float, default=sim.slow_replica,
+                       metavar="FACTOR", help="the last replica's costs are FACTOR times "
+                                              "the others' (default %(default)s)")
+    fleet.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                       help="KIND:REPLICA:START-END[:VALUE], KIND one of crash, hang, "
+                            "slow (VALUE: factor), errors (VALUE: probability); REPLICA an "
+                            "index or *; repeatable")
+    load = parser.add_argument_group("workload")
+    load.add_argument("--workload", default=sim.workload,
+                      choices=["poisson", "bursts", "trace"],
+                      help="arrival process (default %(default)s)")
+    rate = load.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=_numbers, default=None,
+                      help="offered calls/s; several, comma-separated, make a sweep")
+    rate.add_argument("--load", type=_numbers, default=None,
+                      help="offered load as fractions of capacity, e.g. 0.3,0.6,0.9; "
+                           "capacity = replicas x concurrency x max_batch_size / "
+                           "(batch_cost + max_batch_size x row_cost) rows/s "
+                           f"(default {','.join(str(x) for x in sim.loads)})")
+    load.add_argument("--duration", type=float, default=None,
+                      help="virtual seconds of arrivals (default 10; a trace's own span)")
+    load.add_argument("--models", default=sim.models,
+                      help="model names, with weights: a:3,b:1 (default %(default)s)")
+    load.add_argument("--rows", default=sim.rows,
+                      help="rows per call, with weights: 1:4,8 or a range 1-8 "
+                           "(default %(default)s)")
+    load.add_argument("--deadline_ms", type=float, default=sim.deadline_ms,
+                      help="every call's deadline; 0: none (default %(default)s)")
+    load.add_argument("--trace", default=None, metavar="FILE",
+                      help="CSV with time_s, rows, model, deadline_ms (--workload trace)")
+    load.add_argument("--burst_on_s", type=float, default=sim.burst_on_s,
+                      help="bursts: seconds on (default %(default)s)")
+    load.add_argument("--burst_off_s", type=float, default=sim.burst_off_s,
+                      help="bursts: seconds off (default %(default)s)")
+    out = parser.add_argument_group("measures and output")
+    out.add_argument("--seed", type=int, default=sim.seed,
+                     help="same seed, same numbers (default %(default)s)")
+    out.add_argument("--slo_ms", type=float, default=sim.slo_ms,
+                     help="goodput counts calls answered OK within this (default %(default)s)")
+    out.add_argument("--baselines", type=_names, default=sim.systems,
+                     help="systems to run side by side: direct, tfs, proxy "
+                          f"(default {','.join(sim.systems)})")
+    out.add_argument("--json", default=None, metavar="FILE",
+                     help="write every figure as JSON (sorted keys, rounded floats)")
+    out.add_argument("--plot", default=None, metavar="FILE.png",
+                     help="p50 and p99 against offered load, one line per system")
+
+
+def sim_config(args: argparse.Namespace) -> SimConfig:
+    settings: dict[str, int] = {}
+    if args.batching_parameters_file:
+        settings.update(parse_batching_parameters(args.batching_parameters_file))
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows"):
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    systems: list[str] = []
+    for system in args.baselines:
+        if system == "proxy" and args.policy:
+            systems.extend(f"proxy:{policy}" for policy in _names(args.policy))
+        else:
+            systems.append(system)
+    workload = args.workload
+    if args.trace and workload == "poisson":
+        workload = "trace"  # a trace given means replay it
+    rates: tuple[float, ...] = args.rate or ()
+    return SimConfig(
+        replicas=args.replicas, concurrency=args.concurrency,
+        batch_cost_ms=args.batch_cost_ms, row_cost_us=args.row_cost_us, jitter=args.jitter,
+        slow_replica=args.slow_replica,
+        faults=tuple(parse_fault(spec) for spec in args.fault),
+        max_batch_size=settings.get("max_batch_size", BatchingConfig.max_batch_size),
+        batch_timeout_micros=settings.get("batch_timeout_micros",
+                                          BatchingConfig.batch_timeout_micros),
+        max_enqueued_rows=settings.get("max_enqueued_rows"),
+        max_inflight_per_replica=args.max_inflight_per_replica,
+        replica_timeout_s=args.replica_timeout_s, health_interval_ms=args.health_interval_ms,
+        eject_after_failures=args.eject_after_failures,
+        workload=workload, rates=rates, loads=args.load or SimConfig.loads,
+        duration_s=args.duration, models=args.models, rows=args.rows,
+        deadline_ms=args.deadline_ms, trace=args.trace, burst_on_s=args.burst_on_s,
+        burst_off_s=args.burst_off_s, slo_ms=args.slo_ms, seed=args.seed,
+        systems=tuple(systems))
+
+
+def run_simulate(args: argparse.Namespace) -> None:
+    try:
+        config = sim_config(args)
+        report = simulate(config)
+    except (ValueError, OSError) as err:
+        sys.exit(f"batchproxy simulate: {err}")
+    print(report.table())
+    if args.json:
+        report.write_json(args.json)
+    if args.plot:
+        from batchproxy.sim.plot import plot_sweep
+
+        try:
+            plot_sweep(report.runs, args.plot)
+        except RuntimeError as err:
+            sys.exit(f"batchproxy simulate: {err}")
