@@ -117,10 +117,12 @@ def make_pool(replicas: dict[str, ScriptedReplica], max_inflight: int = 1,
 
 def make_engine(replicas: dict[str, ScriptedReplica], *, max_batch_size: int = 4,
                 batch_timeout_micros: int = 2000, max_inflight: int = 1,
-                default_timeout_s: float = 30.0, **batching: int) -> Engine:
+                default_timeout_s: float = 30.0, max_enqueued_rows: int = 64,
+                **batching: int) -> Engine:
     config = BatchingConfig(max_batch_size=max_batch_size,
                             batch_timeout_micros=batch_timeout_micros,
-                            max_enqueued_rows=max(64, max_batch_size), **batching)
+                            max_enqueued_rows=max(max_enqueued_rows, max_batch_size),
+                            **batching)
     engine = Engine(config, make_pool(replicas, max_inflight, default_timeout_s))
     engine.start()
     return engine

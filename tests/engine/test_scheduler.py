@@ -151,3 +151,31 @@ def test_an_expired_call_leaves_the_queue_and_its_rows_are_never_sent(vrun):
     assert expired.code is grpc.StatusCode.DEADLINE_EXCEEDED
     assert queued == 0
     assert [s.rows for s in replica.sent] == [4]
+
+
+def test_a_full_queue_answers_unavailable_at_once(vrun):
+    # One batch in flight, two batches' worth of rows queued (max_enqueued_rows 4): the
+    # next calls are refused at the moment they arrive, not after waiting.
+    replica = ScriptedReplica(cost_s=0.4)
+
+    async def main():
+        engine = make_engine({"a": replica}, max_batch_size=2, batch_timeout_micros=0,
+                             max_enqueued_rows=4)
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(engine.submit(make_call(2)))
+        await asyncio.sleep(0.1)  # the first batch is now at the replica
+        queued = [asyncio.ensure_future(engine.submit(make_call(2))) for _ in range(2)]
+        await asyncio.sleep(0)
+        refused_at = []
+        for _ in range(4):
+            try:
+                await engine.submit(make_call(2))
+            except ProxyError as err:
+                assert err.code is grpc.StatusCode.UNAVAILABLE and "queue" in err.message
+                refused_at.append(loop.time())
+        await asyncio.gather(first, *queued)
+        await engine.close()
+        return refused_at
+
+    assert vrun(main()) == [0.1] * 4
+    assert [s.rows for s in replica.sent] == [2, 2, 2]

@@ -1,0 +1,76 @@
+"""Simulator fidelity: one workload in the simulator (`batchproxy simulate`, the real engine
+in virtual time) and on the real stack (reference replicas with the same cost model, the
+proxy, `batchproxy bench` open loop), p50 and p99 side by side with their ratio.
+
+4 serial replicas costing 100 ms + 1 ms per row, max batch 32, Poisson one-row calls at
+30/60/80/90 % of the cost model's capacity (replicas x 32 / (100 ms + 32 x 1 ms)).
+
+    .venv/bin/python benchmarks/e2e/fidelity.py [--seconds 20] [--loads 0.3,0.6,0.8,0.9]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from harness import ExitStack, fmt, grpc_spec, machine, measure, start_proxy, start_replica, timed
+
+from batchproxy.sim import SimConfig, simulate
+
+REPLICAS = 4
+BATCH_COST_MS = 100.0
+ROW_COST_US = 1000.0
+MAX_BATCH_SIZE = 32
+
+
+def capacity_per_s() -> float:
+    return REPLICAS * MAX_BATCH_SIZE / (BATCH_COST_MS / 1e3 + MAX_BATCH_SIZE * ROW_COST_US / 1e6)
+
+
+def ratio(measured: float | None, simulated: float | None) -> str:
+    if not measured or not simulated:
+        return "-"
+    return f"{measured / simulated:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured per rate")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--loads", default="0.3,0.6,0.8,0.9")
+    args = parser.parse_args()
+    loads = [float(x) for x in args.loads.split(",")]
+    rates = [round(load * capacity_per_s(), 1) for load in loads]
+    print(f"# simulator fidelity on {machine()}")
+    print(f"# {REPLICAS} replicas x ({BATCH_COST_MS:g} ms + {ROW_COST_US / 1000:g} ms/row), "
+          f"max batch {MAX_BATCH_SIZE}, capacity {capacity_per_s():.0f} calls/s")
+    with timed("simulator"):
+        report = simulate(SimConfig(
+            replicas=REPLICAS, batch_cost_ms=BATCH_COST_MS, row_cost_us=ROW_COST_US,
+            max_batch_size=MAX_BATCH_SIZE, rates=tuple(rates), duration_s=args.seconds,
+            systems=("tfs", "proxy"), seed=1, features=1))
+    measured = {}
+    with ExitStack() as stack, timed("real stack"):
+        replicas = [stack.enter_context(start_replica(
+            "identity", model_name="default", batch_cost_ms=BATCH_COST_MS,
+            row_cost_us=ROW_COST_US)) for _ in range(REPLICAS)]
+        proxy = stack.enter_context(start_proxy(replicas, max_batch_size=MAX_BATCH_SIZE))
+        for rate in rates:
+            spec = grpc_spec([proxy.address], rate=rate, duration_s=args.seconds,
+                             warmup_s=args.warmup, seed=1)
+            measured[rate] = measure(spec, [proxy.pid], [r.pid for r in replicas])
+    print()
+    print("| load | rate/s | sim p50 | real p50 | real/sim | sim p99 | real p99 | real/sim "
+          "| tfs-sim p99 | real errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for load, rate in zip(loads, rates, strict=True):
+        sim = report.run("proxy", rate)
+        tfs = report.run("tfs", rate)
+        real = measured[rate]
+        print(f"| {load:.0%} | {rate:g} | {fmt(sim.p50_ms, '.0f')} | {fmt(real.p50, '.0f')} "
+              f"| {ratio(real.p50, sim.p50_ms)} | {fmt(sim.p99_ms, '.0f')} "
+              f"| {fmt(real.p99, '.0f')} | {ratio(real.p99, sim.p99_ms)} "
+              f"| {fmt(tfs.p99_ms, '.0f')} | {real.result.failed} |")
+
+
+if __name__ == "__main__":
+    main()
