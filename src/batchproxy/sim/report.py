@@ -105,7 +105,8 @@ class SimReport:
 
     def run(self, system: str, rate: float | None = None) -> RunResult:
         for result in self.runs:
-            if result.system == system and (rate is None or result.rate_per_s == rate):
+            if result.system == system and (rate is None
+                                            or result.rate_per_s == round(rate, 3)):
                 return result
         raise KeyError(f"no run of {system!r} at rate {rate}")
 
