@@ -1292,3 +1292,12 @@ def test_against_tensorflow(both_cores) -> None:
             assert list(got.ravel()) == list(arr.ravel())
         else:
             assert got.tobytes() == arr.tobytes()
+
+
+def test_both_cores_read_the_one_dtype_table(core: ModuleType) -> None:
+    from batchproxy.codec import dtypes
+
+    for dt in dtypes.DATA_TYPES:
+        assert core.itemsize(dt.value) == dt.itemsize, dt.name
+    for value in (24, 33, 101, -1, 1000):  # valid or not, never batched
+        assert core.itemsize(value) == -1

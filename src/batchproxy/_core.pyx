@@ -22,10 +22,10 @@ format for tensor_content is little-endian.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport (
-    int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t,
-)
 from libc.string cimport memcpy, memset
+
+# Declarations (constants, structs, the extension types' fields, the dtype tables) live in
+# _core.pxd, which Cython reads before this file.
 
 cdef extern from *:
     """
@@ -34,75 +34,56 @@ cdef extern from *:
     #endif
     """
 
-cdef enum:
-    MAX_RANK = 254  # TensorShape::MaxDimensions(): TF refuses a shape with more
-    NFIELDS = 18  # TensorProto field numbers 0..17
-    NDTYPES = 24
-    DT_STRING = 7
-    DT_COMPLEX64 = 8
-    DT_BOOL = 10
-    DT_COMPLEX128 = 18
-    # element conversions for the varint fields (see _elem_varint / _put_elem)
-    VK_S8 = 1
-    VK_U8 = 2
-    VK_S16 = 3
-    VK_U16 = 4
-    VK_S32 = 5
-    VK_U32 = 6
-    VK_64 = 7
-    VK_BOOL = 8
-
 # TF's fill rule lets a few bytes on the wire (one value, a large shape) claim a large
 # tensor. One request may spend at most this much on expansions, over all its inputs
 # (strings count 8 bytes an element, one reference each); a tensor past the budget is not
 # expanded and the call is forwarded unbatched. Same budget in the pure-Python core.
-cdef int64_t MAX_FILL_BYTES = (<int64_t>1) << 28
+MAX_FILL_BYTES = (<int64_t>1) << 28
 # The most elements a request tensor may claim (its non-zero dimensions multiplied): see
 # _core_py.MAX_ELEMENTS. Keeps every size computed from a checked shape far from overflow.
-cdef int64_t MAX_ELEMENTS = ((<int64_t>1) << 31) - 1
+MAX_ELEMENTS = ((<int64_t>1) << 31) - 1
 # Element counts saturate here: larger shapes can never match a payload anyway.
-cdef int64_t SATURATED = (<int64_t>1) << 62
-
-# --- per-dtype and per-field tables -------------------------------------------------------
-
-cdef int ITEMSIZE[NDTYPES]  # bytes per element; 0 STRING; -1 not batchable
-cdef int FIELD[NDTYPES]  # the typed TensorProto field TF reads for the dtype
-cdef int VKIND[NDTYPES]  # how a varint field's value maps to the element
-cdef int FIELD_WIRE[NFIELDS]  # element wire type of typed fields 5..17 (-1: not one)
-cdef int COMP[NFIELDS]  # bytes per component of the fixed-width fields
-cdef int PER[NFIELDS]  # components per element (2 for the complex fields)
+SATURATED = (<int64_t>1) << 62
 
 
-cdef void _init_tables():
+# --- per-dtype and per-field tables, filled from codec/dtypes.py --------------------------
+
+# How a varint field's value maps to a normalized element, by (numpy kind, bytes).
+_VARINT_KINDS = {("i", 1): VK_S8, ("u", 1): VK_U8, ("i", 2): VK_S16, ("u", 2): VK_U16,
+                 ("i", 4): VK_S32, ("u", 4): VK_U32, ("i", 8): VK_64, ("u", 8): VK_64}
+
+
+cdef int _fill_tables() except -1:
+    # Imported here, not at the top: importing batchproxy.codec runs the core selector,
+    # which reads this module's names, so the tables are filled last (see the module's
+    # end), when every name exists.
+    from batchproxy.codec import dtypes
+
     cdef int i
-    sizes = [-1, 4, 8, 4, 1, 2, 1, 0, 8, 8, 1, 1, 1, 4, 2, 2, 2, 2, 16, 2, -1, -1, 4, 8]
-    fields = [0, 5, 6, 7, 7, 7, 7, 8, 9, 10, 11, 7, 7, 7, 13, 7, 7, 7, 12, 13, 0, 0, 16, 17]
-    vkinds = [0, 0, 0, VK_S32, VK_U8, VK_S16, VK_S8, 0, 0, VK_64, VK_BOOL, VK_S8, VK_U8,
-              VK_S32, VK_U16, VK_S16, VK_U16, VK_U16, 0, VK_U16, 0, 0, VK_U32, VK_64]
-    for i in range(NDTYPES):
-        ITEMSIZE[i] = sizes[i]
-        FIELD[i] = fields[i]
-        VKIND[i] = vkinds[i]
+    if len(dtypes.DATA_TYPES) != NDTYPES or dtypes.DT_STRING != DT_STRING or \
+            dtypes.DT_BOOL != DT_BOOL or dtypes.DT_COMPLEX64 != DT_COMPLEX64 or \
+            dtypes.DT_COMPLEX128 != DT_COMPLEX128:
+        raise ImportError("batchproxy._core was built against another dtypes table")
     for i in range(NFIELDS):
         FIELD_WIRE[i] = -1
         COMP[i] = 0
         PER[i] = 1
-    for i in (7, 10, 11, 13, 16, 17):
-        FIELD_WIRE[i] = 0
-    FIELD_WIRE[5] = 5
-    FIELD_WIRE[9] = 5
-    FIELD_WIRE[6] = 1
-    FIELD_WIRE[12] = 1
-    FIELD_WIRE[8] = 2
-    COMP[5] = 4
-    COMP[9] = 4
-    COMP[6] = 8
-    COMP[12] = 8
-    PER[9] = 2
-    PER[12] = 2
-
-
-_init_tables()
+    for field in dtypes.VALUE_FIELDS:
+        FIELD_WIRE[field.number] = field.wire
+        COMP[field.number] = field.component_bytes
+        PER[field.number] = field.per_element
+    for dt in dtypes.DATA_TYPES:
+        i = dt.value
+        ITEMSIZE[i] = dt.itemsize
+        FIELD[i] = dtypes.FIELDS_BY_NAME[dt.field].number if dt.field else 0
+        VKIND[i] = 0
+        if dt.field and FIELD_WIRE[FIELD[i]] == dtypes.WIRE_VARINT:
+            if dt.field == "bool_val":
+                VKIND[i] = VK_BOOL
+            else:
+                code = dt.element.lstrip("<>|=")
+                VKIND[i] = _VARINT_KINDS[(code[0], int(code[1:]))]
+    return 0
 
 
 cdef inline int _itemsize(int64_t dtype) noexcept:
@@ -145,10 +126,6 @@ class _Mismatch(Exception):
 cdef class Tensor:
     """A tensor in normalized form: every element, whatever encoding the client used."""
 
-    cdef public int dtype
-    cdef public tuple shape
-    cdef public object data
-
     def __init__(self, int dtype, shape, data):
         self.dtype = dtype
         self.shape = tuple(shape)
@@ -176,16 +153,6 @@ cdef inline Tensor _tensor(int dtype, tuple shape, object data):
 
 cdef class PredictCall:
     """One decoded PredictRequest (see _core.pyi for every field)."""
-
-    cdef public str model_name
-    cdef public object version
-    cdef public object version_label
-    cdef public str signature_name
-    cdef public tuple output_filter
-    cdef public bytes model_spec
-    cdef public dict inputs
-    cdef public Py_ssize_t rows
-    cdef public tuple key
 
     def __init__(self, model_name="", version=None, version_label=None, signature_name="",
                  output_filter=(), model_spec=b"", inputs=None, rows=None, key=None):
@@ -259,11 +226,6 @@ def itemsize(dtype):
 
 
 # --- reading ------------------------------------------------------------------------------
-
-cdef struct Span:
-    const uint8_t* p
-    Py_ssize_t n
-
 
 cdef const uint8_t* _fail(str message) except NULL:
     raise _WireError(message)
@@ -382,23 +344,6 @@ cdef inline Py_ssize_t count_varints(const uint8_t* p, const uint8_t* end) excep
     if run:
         _fail("truncated varint in a packed field")
     return count
-
-
-# What one scan of a serialized TensorProto learns. Values are gathered by a second pass
-# once the dtype (which may come last on the wire) is known.
-cdef struct TInfo:
-    int32_t dtype
-    bint unknown_rank
-    bint too_many_dims
-    Py_ssize_t ndims
-    int64_t dims[MAX_RANK]
-    Span names[MAX_RANK]
-    Span content  # the last tensor_content record (n may be 0)
-    Py_ssize_t comps[NFIELDS]  # components of each typed field (string_val: records)
-    Py_ssize_t records[NFIELDS]  # records of each typed field, packed or not
-    Py_ssize_t packed[NFIELDS]  # ... of which packed
-    Py_ssize_t rawlen[NFIELDS]  # bytes of the values (packed payloads, unpacked elements)
-    Span single[NFIELDS]  # the last packed payload (all of it when records == packed == 1)
 
 
 cdef const uint8_t* scan_dim(const uint8_t* p, const uint8_t* end, TInfo* t) except NULL:
@@ -838,11 +783,6 @@ cdef Tensor normalize(const uint8_t* p, const uint8_t* end, TInfo* t, bint* batc
 
 
 # --- writing ------------------------------------------------------------------------------
-
-cdef struct W:
-    uint8_t* p
-    uint8_t* end
-
 
 cdef int _overflow() except -1:
     raise SystemError("batchproxy._core: a computed message size was wrong")
@@ -1465,38 +1405,6 @@ cdef tuple read_outputs(bytes data):
     return list(entries.values()), spec
 
 
-# Where each part's payload for one output comes from.
-cdef enum:
-    SRC_NONE = 0  # no values: parts carry none either (TF reads zeros)
-    SRC_BYTES = 1  # fixed-width slices: tensor_content, or a packed fixed field
-    SRC_VARINT = 2  # a packed varint field: cut at element boundaries, bytes copied as is
-    SRC_STRINGS = 3  # string_val records
-    SRC_STRCONTENT = 4  # TF's string tensor_content encoding
-
-
-cdef struct Src:
-    int kind
-    int field  # the field the parts' payload goes in
-    const uint8_t* p  # contiguous source values (SRC_BYTES / SRC_VARINT)
-    Py_ssize_t n
-    int64_t count  # values in the source
-    Py_ssize_t eb  # bytes per element (SRC_BYTES)
-    const uint8_t* last  # the last element's bytes (the fill rule repeats it)
-    Py_ssize_t last_n
-    Span* strs  # SRC_STRINGS / SRC_STRCONTENT elements (PyMem)
-    # the cursor over SRC_VARINT as parts are laid out in order
-    int64_t cur_idx
-    Py_ssize_t cur_pos
-
-
-cdef struct Piece:
-    Py_ssize_t off  # SRC_BYTES/VARINT: source byte offset; strings: first element
-    Py_ssize_t n  # SRC_BYTES/VARINT: source bytes; strings: elements
-    int64_t rep  # copies of the last element appended (TF's fill rule)
-    Py_ssize_t payload  # bytes of the payload field's content
-    Py_ssize_t tsize  # the part's TensorProto size
-
-
 cdef inline Py_ssize_t advance_varints(Src* s, int64_t target) except -1:
     """Move the cursor to value `target` of a packed varint source; its byte offset."""
     while s.cur_idx < target:
@@ -1913,3 +1821,7 @@ def concat_predict_responses(parts):
         return concat_responses(datas)
     except _WireError as exc:
         raise CodecError("INTERNAL", f"Could not parse PredictResponse: {exc}") from None
+
+
+# Last, so that the dtypes import (which runs the codec selector) sees every name above.
+_fill_tables()

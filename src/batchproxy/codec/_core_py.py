@@ -15,109 +15,31 @@ from collections.abc import Iterable
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from batchproxy.codec import dtypes
 from batchproxy.protos import predict_pb2, tensor_pb2
 
-# --- DataType tables ---------------------------------------------------------------------
+# --- DataType tables, built from the one table in dtypes.py -------------------------------
 
-DT_STRING = 7
-DT_COMPLEX64 = 8
-DT_COMPLEX128 = 18
+DT_STRING = dtypes.DT_STRING
+DT_COMPLEX64 = dtypes.DT_COMPLEX64
+DT_COMPLEX128 = dtypes.DT_COMPLEX128
 
+_BATCHABLE = [dt for dt in dtypes.DATA_TYPES if dt.batchable]
 # Bytes per element in tensor_content form (0: DT_STRING). Absent: not batchable.
-_ITEMSIZE: dict[int, int] = {
-    1: 4,  # FLOAT
-    2: 8,  # DOUBLE
-    3: 4,  # INT32
-    4: 1,  # UINT8
-    5: 2,  # INT16
-    6: 1,  # INT8
-    7: 0,  # STRING
-    8: 8,  # COMPLEX64
-    9: 8,  # INT64
-    10: 1,  # BOOL
-    11: 1,  # QINT8
-    12: 1,  # QUINT8
-    13: 4,  # QINT32
-    14: 2,  # BFLOAT16
-    15: 2,  # QINT16
-    16: 2,  # QUINT16
-    17: 2,  # UINT16
-    18: 16,  # COMPLEX128
-    19: 2,  # HALF
-    22: 4,  # UINT32
-    23: 8,  # UINT64
-}
-
-# The typed TensorProto field TF reads for each dtype (tensor.cc ProtoHelper).
-_FIELD: dict[int, str] = {
-    1: "float_val",
-    2: "double_val",
-    3: "int_val",
-    4: "int_val",
-    5: "int_val",
-    6: "int_val",
-    7: "string_val",
-    8: "scomplex_val",
-    9: "int64_val",
-    10: "bool_val",
-    11: "int_val",
-    12: "int_val",
-    13: "int_val",
-    14: "half_val",
-    15: "int_val",
-    16: "int_val",
-    17: "int_val",
-    18: "dcomplex_val",
-    19: "half_val",
-    22: "uint32_val",
-    23: "uint64_val",
-}
-
+_ITEMSIZE: dict[int, int] = {dt.value: dt.itemsize for dt in _BATCHABLE}
+# The typed TensorProto field TF reads for each dtype.
+_FIELD: dict[int, str] = {dt.value: dt.field for dt in _BATCHABLE}
+# Fields whose values are fixed-width: written as one packed record of raw bytes.
 _FIELD_NUMBER: dict[str, int] = {
-    "float_val": 5,
-    "double_val": 6,
-    "scomplex_val": 9,
-    "dcomplex_val": 12,
+    f.name: f.number for f in dtypes.VALUE_FIELDS
+    if f.wire in (dtypes.WIRE_FIXED32, dtypes.WIRE_FIXED64)
 }
-
-# numpy dtype of one normalized element (little-endian; BOOL as one 0/1 byte, HALF and
-# BFLOAT16 as their 16 raw bits).
-_ELEMENT: dict[int, np.dtype] = {
-    1: np.dtype("<f4"),
-    2: np.dtype("<f8"),
-    3: np.dtype("<i4"),
-    4: np.dtype("u1"),
-    5: np.dtype("<i2"),
-    6: np.dtype("i1"),
-    8: np.dtype("<c8"),
-    9: np.dtype("<i8"),
-    10: np.dtype("u1"),
-    11: np.dtype("i1"),
-    12: np.dtype("u1"),
-    13: np.dtype("<i4"),
-    14: np.dtype("<u2"),
-    15: np.dtype("<i2"),
-    16: np.dtype("<u2"),
-    17: np.dtype("<u2"),
-    18: np.dtype("<c16"),
-    19: np.dtype("<u2"),
-    22: np.dtype("<u4"),
-    23: np.dtype("<u8"),
-}
-
+# numpy dtype of one normalized element.
+_ELEMENT: dict[int, np.dtype] = {dt.value: np.dtype(dt.element) for dt in _BATCHABLE
+                                 if dt.element}
 # numpy dtype of the values protobuf hands back for each typed field.
-_FIELD_VALUES: dict[str, np.dtype] = {
-    "float_val": np.dtype("<f4"),
-    "double_val": np.dtype("<f8"),
-    "int_val": np.dtype("<i4"),
-    "scomplex_val": np.dtype("<f4"),
-    "int64_val": np.dtype("<i8"),
-    "bool_val": np.dtype("?"),
-    "dcomplex_val": np.dtype("<f8"),
-    "half_val": np.dtype("<i4"),
-    "uint32_val": np.dtype("<u4"),
-    "uint64_val": np.dtype("<u8"),
-}
+_FIELD_VALUES: dict[str, np.dtype] = {f.name: np.dtype(f.values) for f in dtypes.VALUE_FIELDS
+                                      if f.values}
 
 # TF's fill rule (one value, or fewer values than the shape holds) lets a few bytes on the
 # wire claim a large tensor. Expanding costs the normalized size (strings: 8 bytes an element,
@@ -138,10 +60,7 @@ MAX_ELEMENTS = (1 << 31) - 1
 _SHAPE_TEXT_DIMS = 8
 
 
-def _valid_dtype(dtype: int) -> bool:
-    """A tensorflow.DataType value: 1..33 (DT_FLOAT .. the float8/int4/int2 types) or their
-    _REF variants (+100). DT_INVALID (0) and anything else is not."""
-    return 1 <= dtype <= 33 or 101 <= dtype <= 133
+_valid_dtype = dtypes.valid_dtype
 
 
 def _shape_text(dims: tuple[int, ...]) -> str:
