@@ -27,7 +27,7 @@ test: build
 	$(PY) -m pytest tests/interop
 
 test-core: build
-	$(PY) -m pytest tests/test_core.py
+	$(PY) -m pytest tests/test_core.py tests/test_hostile_input.py tests/test_fuzz.py
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only
