@@ -59,9 +59,9 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _fail(future: asyncio.Future[None], error: ProxyError) -> None:
+def _expire(future: asyncio.Future[None]) -> None:
     if not future.done():
-        future.set_exception(error)
+        future.set_exception(deadline_exceeded())
 
 
 async def sleep_until(when: float) -> None:
@@ -133,7 +133,7 @@ class SimReplica:
         self._waiting.append(future)
         timer = None
         if deadline is not None:
-            timer = loop.call_at(deadline, _fail, future, deadline_exceeded())
+            timer = loop.call_at(deadline, _expire, future)
         try:
             await future  # _release hands its slot straight to us
         except asyncio.CancelledError:
@@ -171,9 +171,6 @@ class SimReplica:
         end = start + self.cost_s(model, rows, start)
         crash = self.faults.crash_during(start, end) if self.faults.crashes else None
         busy_until = end if crash is None else crash
-        # The slot is busy for the whole work even when the caller gives up first: the
-        # replica does not know (a GPU finishes the batch it started).
-        loop.call_at(busy_until, self._release)
         self.record.batch_rows[rows] += 1
         self._count_busy(start, busy_until)
         if crash is not None:
@@ -182,12 +179,25 @@ class SimReplica:
             answer_at = end
             if self.faults.hangs:
                 answer_at = self.faults.hang_end(end) or end
-        if deadline is not None and deadline < answer_at:
-            await sleep_until(deadline)
-            raise deadline_exceeded()
-        await sleep_until(answer_at)
+        # The slot is busy for the whole work even when the caller gives up first: the
+        # replica does not know (a GPU finishes the batch it started).
+        if answer_at == busy_until and (deadline is None or deadline >= answer_at):
+            # The common case: one timer frees the slot and answers.
+            answered = loop.create_future()
+            loop.call_at(busy_until, self._finish, answered)
+            await answered
+        else:
+            loop.call_at(busy_until, self._release)
+            if deadline is not None and deadline < answer_at:
+                await sleep_until(deadline)
+                raise deadline_exceeded()
+            await sleep_until(answer_at)
         if crash is not None:
             raise ProxyError(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+
+    def _finish(self, answered: asyncio.Future[None]) -> None:
+        self._release()
+        _wake(answered)
 
     async def _reachable(self, now: float, deadline: float | None) -> None:
         """Refuse while crashed; hold while hung (until the hang ends or the deadline)."""
