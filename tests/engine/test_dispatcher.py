@@ -239,3 +239,50 @@ def test_a_crashed_replica_is_ejected_after_repeated_failures(vrun):
         return state
 
     assert vrun(main()) is ReplicaState.EJECTED
+
+
+def test_two_bad_calls_among_thirty_two_fail_alone(vrun):
+    replica = ScriptedReplica(cost_s=0.01)
+
+    async def main():
+        engine = make_engine({"a": replica}, max_batch_size=32, max_inflight=8,
+                             batch_timeout_micros=50_000)
+        values = [float(i) for i in range(32)]
+        values[3] = values[20] = -1.0
+        results = await asyncio.gather(*(outcome(engine.submit(make_call([v])))
+                                         for v in values))
+        await engine.close()
+        return values, results
+
+    values, results = vrun(main())
+    for value, result in zip(values, results, strict=True):
+        if value < 0:
+            assert isinstance(result, ProxyError)
+            assert result.code is grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            assert answer_values(result) == [value]
+
+
+def test_bisection_of_differently_failing_calls_is_bounded(vrun):
+    replica = ScriptedReplica(cost_s=0.01)
+    seen = []
+
+    async def main():
+        engine = make_engine({"a": replica}, max_batch_size=32, max_inflight=8,
+                             batch_timeout_micros=50_000)
+        original = replica.call
+
+        async def refuse_each_differently(path, request, timeout):
+            seen.append(path)
+            await original(path, request, timeout)
+            raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT, f"bad batch {len(seen)}")
+
+        replica.call = refuse_each_differently  # type: ignore[method-assign]
+        results = await asyncio.gather(*(outcome(engine.submit(make_call([1.0])))
+                                         for _ in range(32)))
+        await engine.close()
+        return results
+
+    results = vrun(main())
+    assert all(isinstance(r, ProxyError) for r in results)
+    assert len(replica.sent) <= 1 + 6 * 5

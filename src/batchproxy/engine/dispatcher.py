@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -28,9 +29,16 @@ log = logging.getLogger(__name__)
 # A replica refusing a merged batch's content may be refusing just one call in it.
 POISON_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT,
                           grpc.StatusCode.FAILED_PRECONDITION})
-# Extra replica calls one batch may cost while bisecting: 32 calls that are all bad must not
-# cost 63 calls. Bisection also stops as soon as both halves fail alike.
-MAX_BISECT_CALLS = 7
+
+
+def bisect_budget(calls: int) -> int:
+    """Extra replica calls a batch of `calls` calls may cost while bisecting: enough to
+    isolate two bad calls among good ones (each costs about two calls per level, and a
+    resend of what is left after a probe), while a batch whose calls fail each in its own
+    way never costs 2n - 1 calls. Uniformly bad batches stop far earlier (see _bisect)."""
+    return 6 * max(1, math.ceil(math.log2(calls)))
+
+
 # Below this a caller's remaining time counts as spent (timers and replies race by this much).
 SPENT_S = 1e-3
 
@@ -67,10 +75,7 @@ class Dispatcher:
             error, batch = await self._attempt(batch, replica)
             if error is None:
                 return
-            if error.code in POISON_CODES and len(batch.pieces) > 1:
-                await self._bisect(batch, [MAX_BISECT_CALLS])
-            else:
-                self._fail(batch, error)
+            await self._bisect(batch, error, [bisect_budget(len(batch.pieces))])
         except asyncio.CancelledError:
             self._fail(batch, SHUTTING_DOWN)
             raise
@@ -135,28 +140,65 @@ class Dispatcher:
             if held is not None:
                 pool.release(held)
 
-    async def _bisect(self, batch: Batch, budget: list[int]) -> None:
+    async def _resolve(self, batch: Batch, error: ProxyError, budget: list[int]) -> None:
+        """Send `batch` on a slot of its own and, if it is refused for its content, bisect.
+        With no budget left it fails with `error`, what the batch it came from was told."""
+        if not batch.pieces:
+            return
+        if budget[0] < 1:
+            self._fail(batch, error)
+            return
+        budget[0] -= 1
+        refused, batch = await self._attempt(batch, None)
+        if refused is not None:
+            await self._bisect(batch, refused, budget)
+
+    async def _bisect(self, batch: Batch, error: ProxyError, budget: list[int]) -> None:
         """One call may have poisoned the batch: send each half on its own, recursively, so
-        that only the offending calls fail. Stops when both halves fail alike (the batch is
-        uniformly bad) or the budget of extra calls is spent."""
+        that only the offending calls fail and the others get their answers.
+
+        When both halves fail alike, the batch may be uniformly bad (a client sending the
+        same bad input 32 times must not cost 63 replica calls): one call of each half is
+        probed alone, and if both fail alike too, every call gets that error. Otherwise the
+        probes were answered and the rest of each half is resolved anew. The budget bounds
+        the extra calls whatever the replica answers."""
+        if (error.code not in POISON_CODES or len(batch.pieces) < 2 or budget[0] < 2
+                or not batch.waiting()):
+            self._fail(batch, error)
+            return
         budget[0] -= 2
         left, right = batch.halves()
         (left_error, left), (right_error, right) = await asyncio.gather(
             self._attempt(left, None), self._attempt(right, None))
-        if left_error and right_error and same_failure(left_error, right_error):
-            self._fail(left, left_error)
-            self._fail(right, right_error)
+        if (left_error and right_error and same_failure(left_error, right_error)
+                and len(left.pieces) > 1 and len(right.pieces) > 1 and budget[0] >= 2):
+            if await self._uniformly_bad(left, right, left_error, budget):
+                return
+            await asyncio.gather(self._resolve(left.rest(), left_error, budget),
+                                 self._resolve(right.rest(), right_error, budget))
             return
-        deeper = []
-        for half, error in ((left, left_error), (right, right_error)):
-            if error is None:
-                continue
-            if error.code in POISON_CODES and len(half.pieces) > 1 and budget[0] >= 2:
-                deeper.append(self._bisect(half, budget))
-            else:
-                self._fail(half, error)
-        if deeper:
-            await asyncio.gather(*deeper)
+        await asyncio.gather(*(self._bisect(half, half_error, budget)
+                               for half, half_error in ((left, left_error),
+                                                        (right, right_error))
+                               if half_error is not None))
+
+    async def _uniformly_bad(self, left: Batch, right: Batch, error: ProxyError,
+                             budget: list[int]) -> bool:
+        """Probe the first call of each half alone. True (and every call failed with
+        `error`) when both fail the same way; else the probes are answered or failed on
+        their own, and the caller resolves the rest."""
+        budget[0] -= 2
+        probes = [left.first(), right.first()]
+        results = await asyncio.gather(*(self._attempt(probe, None) for probe in probes))
+        if all(probe_error is not None and same_failure(probe_error, error)
+               for probe_error, _ in results):
+            self._fail(left, error)
+            self._fail(right, error)
+            return True
+        for probe_error, probe in results:
+            if probe_error is not None:
+                self._fail(probe, probe_error)
+        return False
 
     def _deliver(self, batch: Batch, response: bytes, address: str) -> None:
         try:

@@ -149,6 +149,16 @@ class Batch:
             return self
         return Batch.of(self.model, live)
 
+    def first(self) -> Batch:
+        return Batch.of(self.model, self.pieces[:1])
+
+    def rest(self) -> Batch:
+        """All but the first call (an empty batch when there is no other)."""
+        rest = self.pieces[1:]
+        if not rest:
+            return Batch(self.model, [], b"", 0)
+        return Batch.of(self.model, rest)
+
     def halves(self) -> tuple[Batch, Batch]:
         middle = len(self.pieces) // 2
         return (Batch.of(self.model, self.pieces[:middle]),
