@@ -87,7 +87,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                            "(batch_cost + max_batch_size x row_cost) rows/s "
                            f"(default {','.join(str(x) for x in sim.loads)})")
     load.add_argument("--duration", type=float, default=None,
-                      help="virtual seconds of arrivals (default 10; a trace's own span)")
+                      help="virtual seconds of arrivals (default 10; a trace: its span in whole "
+                           "seconds)")
     load.add_argument("--models", default=sim.models,
                       help="model names, with weights: a:3,b:1 (default %(default)s)")
     load.add_argument("--rows", default=sim.rows,

@@ -51,7 +51,6 @@ class ReplicaRecord:
 
     batch_rows: collections.Counter[int] = field(default_factory=collections.Counter)
     busy_s: float = 0.0  # slot-seconds spent working inside the measured window
-    calls: int = 0  # Predict calls (batches) that reached it, served or not
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -160,7 +159,6 @@ class SimReplica:
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = None if timeout is None else now + timeout
-        self.record.calls += 1
         await self._reachable(now, deadline)
         if self.faults.errors:
             rate = self.faults.error_rate(loop.time())

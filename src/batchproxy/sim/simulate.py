@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,7 +48,7 @@ class SimConfig:
     workload: str = "poisson"  # poisson | bursts | trace
     rates: tuple[float, ...] = ()  # calls/s; when empty, `loads` of the capacity
     loads: tuple[float, ...] = (0.5,)
-    duration_s: float | None = None  # None: 10 s, or a trace's own span
+    duration_s: float | None = None  # None: 10 s; a trace: its span in whole seconds
     models: str = "model"  # weighted choice, "a:3,b:1"
     rows: str = "1"  # weighted choice, "1:4,8", or a range "1-8"
     deadline_ms: float = 0.0  # 0: calls carry no deadline
@@ -196,8 +197,9 @@ def _duration(config: SimConfig) -> float:
         assert config.trace is not None
         times = [a.time_s for a in workloads.read_trace(config.trace,
                                                          ShapeTable(config.features))]
-        # Just past the last arrival, so it is replayed too.
-        return max(times, default=0.0) + 1e-9 if times else 0.0
+        # The trace's span in whole seconds (at least one), so its last call is replayed
+        # and rates per second have a sensible denominator.
+        return float(max(1, math.floor(max(times, default=0.0)) + 1))
     return 10.0
 
 
