@@ -104,3 +104,22 @@ def test_bad_configs_are_refused():
         SimConfig(systems=("nginx",))
     with pytest.raises(ValueError, match="trace file"):
         SimConfig(workload="trace")
+
+
+def test_a_slow_replica_gets_less_work_from_the_proxy_than_from_round_robin():
+    config = SimConfig(replicas=3, loads=(0.5,), duration_s=2.0, slow_replica=4.0,
+                       systems=("tfs", "proxy"))
+    report = simulate(config)
+    tfs, proxy = report.run("tfs"), report.run("proxy")
+    # Round robin gives every replica a third of the calls, so the slow one falls behind.
+    assert tfs.p99_ms > 2 * proxy.p99_ms
+    assert proxy.errors == {}
+
+
+def test_bursts_run_through_every_system():
+    config = SimConfig(replicas=2, workload="bursts", rates=(500.0,), duration_s=2.0,
+                       burst_on_s=0.25, burst_off_s=0.75)
+    report = simulate(config)
+    assert {r.system for r in report.runs} == {"direct", "tfs", "proxy"}
+    assert len({r.requests for r in report.runs}) == 1
+    assert report.run("proxy").requests == pytest.approx(1000, rel=0.15)
