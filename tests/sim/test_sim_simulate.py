@@ -106,7 +106,7 @@ def test_bad_configs_are_refused():
         SimConfig(workload="trace")
 
 
-def test_a_slow_replica_gets_less_work_from_the_proxy_than_from_round_robin():
+def test_a_slow_replica_hurts_round_robin_more_than_the_proxy():
     config = SimConfig(replicas=3, loads=(0.5,), duration_s=2.0, slow_replica=4.0,
                        systems=("tfs", "proxy"))
     report = simulate(config)
