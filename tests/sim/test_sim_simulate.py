@@ -3,12 +3,14 @@ and repeatable to the byte."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
-from batchproxy.sim import SimConfig, parse_fault, simulate
-from batchproxy.sim.simulate import sweep
+from batchproxy.sim import SimConfig, parse_fault, run_virtual, simulate
+from batchproxy.sim.simulate import UnansweredCalls, drive, sweep
+from batchproxy.sim.workloads import Arrival
 
 # 10 ms a batch + 0.2 ms a row, no jitter: times below are exact.
 EXACT = dict(replicas=2, batch_cost_ms=10.0, row_cost_us=200.0, batch_timeout_micros=2000)
@@ -123,3 +125,31 @@ def test_bursts_run_through_every_system():
     assert {r.system for r in report.runs} == {"direct", "tfs", "proxy"}
     assert len({r.requests for r in report.runs}) == 1
     assert report.run("proxy").requests == pytest.approx(1000, rel=0.15)
+
+
+class Stuck:
+    """A system that loses every call, or fails with a bug."""
+
+    name = "stuck"
+
+    def __init__(self, bug: bool = False) -> None:
+        self.bug = bug
+
+    def start(self) -> None:
+        pass
+
+    async def submit(self, arrival: Arrival) -> None:
+        if self.bug:
+            raise KeyError("a bug")
+        await asyncio.get_running_loop().create_future()
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_lost_call_ends_the_run_with_an_error():
+    arrivals = [Arrival(0.5, 0, None), Arrival(1.0, 0, None)]
+    with pytest.raises(UnansweredCalls, match="2 of 2 calls still unanswered 60 virtual"):
+        run_virtual(drive(Stuck(), arrivals, drain_limit_s=60))
+    with pytest.raises(KeyError, match="a bug"):
+        run_virtual(drive(Stuck(bug=True), arrivals))

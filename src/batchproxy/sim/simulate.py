@@ -138,8 +138,15 @@ def make_system(kind: str, config: SimConfig, replicas: list[SimReplica],
     return ProxySystem(replicas, shapes, batching, fleet, config.seed, name=kind)
 
 
-async def drive(system: System, arrivals: list[Arrival]) -> Outcomes:
-    """Offer every call at its arrival time, each as its own task, and wait for all."""
+class UnansweredCalls(RuntimeError):
+    """Calls still waiting long after the last arrival: a system lost them."""
+
+
+async def drive(system: System, arrivals: list[Arrival],
+                drain_limit_s: float = 3600.0) -> Outcomes:
+    """Offer every call at its arrival time, each as its own task, and wait for all, at most
+    `drain_limit_s` virtual seconds after the last arrival (the proxy's health checks keep
+    the loop alive forever, so a lost call would otherwise never end the run)."""
     loop = asyncio.get_running_loop()
     count = len(arrivals)
     outcomes = Outcomes([0.0] * count, [OK] * count)
@@ -153,6 +160,10 @@ async def drive(system: System, arrivals: list[Arrival]) -> Outcomes:
             await system.submit(arrival)
         except ProxyError as err:
             codes[i] = err.code.name
+        except Exception as err:  # a bug in a system: end the run with it
+            if not all_done.done():
+                all_done.set_exception(err)
+            return
         latency = loop.time() - arrival.time_s
         deadline = arrival.deadline_s
         if deadline is not None and latency > deadline and codes[i] == OK:
@@ -160,7 +171,7 @@ async def drive(system: System, arrivals: list[Arrival]) -> Outcomes:
             codes[i] = "DEADLINE_EXCEEDED"
         latencies[i] = latency
         pending -= 1
-        if pending == 0:
+        if pending == 0 and not all_done.done():
             all_done.set_result(None)
 
     system.start()
@@ -172,7 +183,12 @@ async def drive(system: System, arrivals: list[Arrival]) -> Outcomes:
         tasks.add(task)  # a reference, so the task cannot be collected mid-run
         task.add_done_callback(tasks.discard)
     if count:
-        await all_done
+        try:
+            await asyncio.wait_for(all_done, drain_limit_s)
+        except TimeoutError:
+            raise UnansweredCalls(
+                f"{system.name}: {pending} of {count} calls still unanswered "
+                f"{drain_limit_s:g} virtual seconds after the last arrival") from None
     outcomes.end_s = loop.time()
     await system.close()
     return outcomes
