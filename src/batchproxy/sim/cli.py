@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
@@ -154,6 +155,11 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
 
 
 def run_simulate(args: argparse.Namespace) -> None:
+    if args.log_level != "DEBUG":
+        # The fleet logs every replica joining and every ejection: in a sweep of simulated
+        # fleets that is thousands of lines, stamped with wall-clock times that mean nothing
+        # here. DEBUG shows them.
+        logging.getLogger("batchproxy.fleet").setLevel(logging.WARNING)
     try:
         config = sim_config(args)
         report = simulate(config)
