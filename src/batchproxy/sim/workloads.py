@@ -14,13 +14,14 @@ call, as its frontend would.
 
 from __future__ import annotations
 
-import array
 import csv
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from batchproxy.protos import predict_pb2
 
@@ -51,8 +52,8 @@ def predict_request(model: str, rows: int, features: int) -> bytes:
     tensor.dtype = DT_FLOAT
     tensor.tensor_shape.dim.add(size=rows)
     tensor.tensor_shape.dim.add(size=features)
-    values = [r + c / 1000 for r in range(rows) for c in range(features)]
-    tensor.tensor_content = array.array("f", values).tobytes()
+    values = np.arange(rows, dtype="<f4")[:, None] + np.arange(features, dtype="<f4") / 1000
+    tensor.tensor_content = values.astype("<f4").tobytes()
     return request.SerializeToString()
 
 
@@ -112,7 +113,7 @@ class ShapeTable:
         return sorted({shape.model for shape in self.shapes})
 
 
-def _chooser(rng: random.Random, choices: Sequence[tuple]):
+def _chooser(rng: random.Random, choices: Sequence[tuple]) -> Callable[[], Any]:
     values = [value for value, _ in choices]
     weights = [weight for _, weight in choices]
     if len(values) == 1:
