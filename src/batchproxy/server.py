@@ -39,6 +39,8 @@ log = logging.getLogger("batchproxy")
 CLOSE_GRACE_S = 0.5
 # The bound on each closing step after the drain: closing channels and servers.
 CLOSE_STEP_S = 1.0
+# The drain ends this long before the gRPC server's grace: the engine answers what is left.
+ANSWER_MARGIN_S = 0.25
 
 
 class SupervisionFailed(RuntimeError):
@@ -164,13 +166,17 @@ class Proxy:
         rest_stopping = asyncio.ensure_future(self.rest.stop()) if self.rest else None
 
         async def drain() -> None:
+            # Stop waiting a little before the gRPC server's grace ends, so calls still
+            # held by a hung replica are answered UNAVAILABLE by the engine rather than
+            # cancelled by the server.
+            margin = min(ANSWER_MARGIN_S, grace_s / 4)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.engine.drain(), grace_s)
+                await asyncio.wait_for(self.engine.drain(), max(grace_s - margin, 0.0))
 
         async def close_engine() -> None:
             # Whatever is still in flight after the drain (a hung replica) is cancelled and
             # its callers told the proxy is shutting down.
-            grace = max(min(deadline - loop.time(), CLOSE_GRACE_S), 0.0)
+            grace = max(min(deadline - loop.time() - CLOSE_STEP_S, CLOSE_GRACE_S), 0.0)
             await bounded(self.engine.close(grace), grace + CLOSE_STEP_S, "engine")
 
         async def stop_frontends() -> None:
