@@ -9,6 +9,7 @@ from typing import Any
 
 from batchproxy import codec
 from batchproxy.config import BatchingConfig
+from batchproxy.engine import Engine
 from batchproxy.fleet.health_checks import HealthChecker
 from batchproxy.fleet.slots import ReplicaPool
 from batchproxy.fleet.transport import Transport
@@ -34,18 +35,8 @@ def batching_config(max_batch_size: int, batch_timeout_micros: int, max_enqueued
                                     batch_timeout_micros=batch_timeout_micros,
                                     max_enqueued_rows=max_enqueued_rows)
     if policy is not None:
-        if "policy" not in {f.name for f in dataclasses.fields(BatchingConfig)}:
-            raise ValueError(f"this engine has no flush policies (asked for {policy!r})")
         settings["policy"] = policy
     return BatchingConfig(**settings)
-
-
-def make_engine(config: BatchingConfig, pool: ReplicaPool, metrics: ProxyMetrics) -> Any:
-    try:
-        from batchproxy.engine import Engine
-    except ImportError:  # the engine before it was split into scheduler and dispatcher
-        from batchproxy.engine.batching import Batcher as Engine  # type: ignore[no-redef]
-    return Engine(config, pool, metrics)
 
 
 class ProxySystem:
@@ -67,13 +58,12 @@ class ProxySystem:
         models = tuple(sorted({shape.model for shape in shapes}))
         self.health = HealthChecker(self.pool, fleet.health_interval_ms / 1000, models)
         self.metrics = ProxyMetrics()
-        self.engine: Any = None
+        self.engine = Engine(self.config, self.pool, self.metrics)
 
     def start(self) -> None:
         # Checks first: their first round runs at once and finds the replicas healthy
         # before the first call is scheduled.
         self.health.start()
-        self.engine = make_engine(self.config, self.pool, self.metrics)
         self.engine.start()
 
     async def submit(self, arrival: Arrival) -> None:
