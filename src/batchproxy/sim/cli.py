@@ -53,7 +53,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                           "(default %(default)s)")
     bat.add_argument("--eject_after_failures", type=int, default=proxy.eject_after_failures,
                      help="consecutive failed calls that eject a replica (default %(default)s)")
-    bat.add_argument("--policy", default=None,
+    bat.add_argument("--batching_policy", "--policy", dest="policy", default=None,
                      help="the proxy's flush policy; a comma-separated list compares several "
                           "(default: the engine's)")
     fleet = parser.add_argument_group("simulated replicas")
