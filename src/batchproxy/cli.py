@@ -7,8 +7,14 @@ import sys
 from dataclasses import fields
 
 from batchproxy import __version__
-from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
+from batchproxy.config import BatchingConfig, ProxyConfig
 from batchproxy.engine.policy import POLICIES
+from batchproxy.flags import (
+    BATCHING_FLAGS,
+    add_batching_flags,
+    add_replica_flags,
+    batching_settings,
+)
 from batchproxy.logs import setup_logging
 
 
@@ -37,12 +43,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                     help="model the local replicas serve (default %(default)s)")
     up.add_argument("--model_name", default=defaults.model_name,
                     help="model name the local replicas serve (default %(default)s)")
-    up.add_argument("--max_inflight_per_replica", type=int,
-                    default=defaults.max_inflight_per_replica,
-                    help="batches one replica may hold at once (default %(default)s)")
-    up.add_argument("--replica_timeout_s", type=float, default=defaults.replica_timeout_s,
-                    help="limit on a replica call when the caller set no deadline "
-                         "(default %(default)s)")
+    add_replica_flags(up)
     up.add_argument("--replicas_dns", action="append", default=[], metavar="NAME:PORT",
                     help="every address NAME resolves to is a replica (a Kubernetes headless "
                          "Service); re-resolved every --dns_refresh_s; repeatable")
@@ -50,15 +51,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                     help="seconds between DNS re-resolutions (default %(default)s)")
     up.add_argument("--dns_server", default=None, metavar="HOST:PORT",
                     help="ask this DNS server instead of the system resolver")
-    up.add_argument("--health_interval_ms", type=int, default=defaults.health_interval_ms,
-                    help="GetModelStatus health check period per replica "
-                         "(default %(default)s)")
     up.add_argument("--health_check_model", action="append", default=[], metavar="NAME",
                     help="model to health-check from the start (models seen in traffic "
                          "are checked too); repeatable")
-    up.add_argument("--eject_after_failures", type=int,
-                    default=defaults.eject_after_failures,
-                    help="consecutive failed calls that eject a replica (default %(default)s)")
     parser.add_argument("--monitoring_port", type=int, default=0,
                         help="also serve /metrics on this port (0: only on the REST port)")
     parser.add_argument("--monitoring_host", default=defaults.monitoring_host,
@@ -98,14 +93,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, time to answer accepted calls before exiting "
                              "(default %(default)s)")
     bat = parser.add_argument_group("batching")
-    bat.add_argument("--max_batch_size", type=int, default=None,
-                     help=f"rows in one batch at most (default {batching.max_batch_size})")
-    bat.add_argument("--batch_timeout_micros", type=int, default=None,
-                     help="how long the oldest call of a batch may wait before the batch "
-                          f"closes (default {batching.batch_timeout_micros})")
-    bat.add_argument("--max_enqueued_rows", type=int, default=None,
-                     help="rows queued in all batches together before calls get "
-                          f"UNAVAILABLE (default {batching.max_enqueued_rows})")
+    add_batching_flags(bat)
     bat.add_argument("--max_enqueued_bytes", type=int, default=None,
                      help="bytes those queued rows may hold before calls get UNAVAILABLE "
                           f"(default {batching.max_enqueued_bytes}); one call always fits")
@@ -116,24 +104,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="when a queue's rows leave: 'fixed' is TFS's rule (a full batch at "
                           "once, a partial one when a replica is idle and its oldest call "
                           f"waited the timeout; default {batching.policy})")
-    bat.add_argument("--batching_parameters_file", default=None,
-                     help="TFS batching parameters (text proto): max_batch_size, "
-                          "batch_timeout_micros, max_enqueued_batches; flags override it")
 
 
 def proxy_config(args: argparse.Namespace) -> ProxyConfig:
-    settings: dict[str, int] = {}
-    if args.batching_parameters_file:
-        settings.update(parse_batching_parameters(args.batching_parameters_file))
-    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows",
-                 "max_enqueued_bytes", "max_forwarded_calls"):
-        value = getattr(args, name)
-        if value is not None:
-            settings[name] = value
+    settings = batching_settings(
+        args, (*BATCHING_FLAGS, "max_enqueued_bytes", "max_forwarded_calls"))
     policy = args.batching_policy or BatchingConfig.policy
-    if "max_enqueued_rows" not in settings:
-        batch = settings.get("max_batch_size", BatchingConfig.max_batch_size)
-        settings["max_enqueued_rows"] = max(BatchingConfig.max_enqueued_rows, 100 * batch)
     # Flags are named after ProxyConfig's fields, except the two repeatable ones.
     flags = {f.name: getattr(args, f.name) for f in fields(ProxyConfig) if hasattr(args, f.name)}
     flags.update(replicas=tuple(args.replica), replicas_dns=tuple(args.replicas_dns),

@@ -53,13 +53,7 @@ class ScriptedReplica:
         assert isinstance(data, bytes)
         values = list(memoryview(data).cast("f"))
         self.sent.append(Sent(loop.time(), call.rows, timeout, values))
-        if self.error is not None:
-            raise self.error
-        cost = math.inf if self.hung else self.cost_s
-        if cost > timeout:
-            await asyncio.sleep(timeout)
-            raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        await asyncio.sleep(cost)
+        await self._spend(timeout)
         if self.refuse_negative and any(v < 0 for v in values):
             raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT, "x must not be negative")
         outputs = {name: codec.encode_tensor(t.dtype, t.shape, t.data, False)
@@ -67,6 +61,12 @@ class ScriptedReplica:
         return codec.encode_predict_response(outputs, call.model_spec)
 
     async def _answer_unbatched(self, timeout: float) -> bytes:
+        await self._spend(timeout)
+        return b""
+
+    async def _spend(self, timeout: float) -> None:
+        """The call's cost, or its failure: the set error, or gRPC's DEADLINE_EXCEEDED once
+        `timeout` passes first."""
         if self.error is not None:
             raise self.error
         cost = math.inf if self.hung else self.cost_s
@@ -74,7 +74,6 @@ class ScriptedReplica:
             await asyncio.sleep(timeout)
             raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         await asyncio.sleep(cost)
-        return b""
 
     async def close(self) -> None:
         pass

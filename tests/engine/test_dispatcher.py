@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 from scripted import ScriptedReplica, answer_values, make_call, make_engine
 
 from batchproxy.errors import ProxyError
@@ -151,28 +152,6 @@ def test_thirty_two_uniformly_invalid_calls_cost_at_most_eight_replica_calls(vru
     assert len(replica.sent) <= 8
 
 
-def test_one_bad_call_fails_alone_and_its_batch_mates_are_answered(vrun):
-    replica = ScriptedReplica(cost_s=0.01)
-
-    async def main():
-        engine = make_engine({"a": replica}, max_batch_size=8, max_inflight=4,
-                             batch_timeout_micros=50_000)
-        values = [1.0, 2.0, 3.0, -4.0, 5.0, 6.0, 7.0, 8.0]
-        results = await asyncio.gather(*(outcome(engine.submit(make_call([v])))
-                                         for v in values))
-        await engine.close()
-        return values, results
-
-    values, results = vrun(main())
-    for value, result in zip(values, results, strict=True):
-        if value < 0:
-            assert isinstance(result, ProxyError)
-            assert result.code is grpc.StatusCode.INVALID_ARGUMENT
-        else:
-            assert answer_values(result) == [value]
-    assert len(replica.sent) <= 1 + 7
-
-
 def test_an_unexpected_failure_answers_the_callers_and_frees_the_slot(vrun):
     broken = ScriptedReplica(error=RuntimeError("a bug"))
 
@@ -241,14 +220,14 @@ def test_a_crashed_replica_is_ejected_after_repeated_failures(vrun):
     assert vrun(main()) is ReplicaState.EJECTED
 
 
-def test_two_bad_calls_among_thirty_two_fail_alone(vrun):
+@pytest.mark.parametrize("bad", [(3,), (3, 20), (0, 31)])
+def test_bad_calls_fail_alone_and_their_batch_mates_are_answered(vrun, bad):
     replica = ScriptedReplica(cost_s=0.01)
 
     async def main():
         engine = make_engine({"a": replica}, max_batch_size=32, max_inflight=8,
                              batch_timeout_micros=50_000)
-        values = [float(i) for i in range(32)]
-        values[3] = values[20] = -1.0
+        values = [-1.0 if i in bad else float(i) for i in range(32)]
         results = await asyncio.gather(*(outcome(engine.submit(make_call([v])))
                                          for v in values))
         await engine.close()
@@ -261,6 +240,7 @@ def test_two_bad_calls_among_thirty_two_fail_alone(vrun):
             assert result.code is grpc.StatusCode.INVALID_ARGUMENT
         else:
             assert answer_values(result) == [value]
+    assert len(replica.sent) <= 1 + 6 * 5
 
 
 def test_bisection_of_differently_failing_calls_is_bounded(vrun):

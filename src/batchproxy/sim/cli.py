@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
+from batchproxy.config import BatchingConfig
+from batchproxy.flags import add_batching_flags, add_replica_flags, batching_settings
 from batchproxy.sim.faults import parse_fault
 from batchproxy.sim.simulate import SimConfig, simulate
 
@@ -27,32 +28,10 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
-    proxy = ProxyConfig()
-    batching = BatchingConfig()
     sim = SimConfig()
     bat = parser.add_argument_group("batching (as `serve`)")
-    bat.add_argument("--max_batch_size", type=int, default=None,
-                     help=f"rows in one batch at most (default {batching.max_batch_size})")
-    bat.add_argument("--batch_timeout_micros", type=int, default=None,
-                     help="how long the oldest call of a batch may wait before the batch "
-                          f"closes (default {batching.batch_timeout_micros})")
-    bat.add_argument("--max_enqueued_rows", type=int, default=None,
-                     help="rows queued in all batches together before calls get "
-                          "UNAVAILABLE (default max(3200, 100 x max_batch_size), as serve)")
-    bat.add_argument("--batching_parameters_file", default=None,
-                     help="TFS batching parameters (text proto): max_batch_size, "
-                          "batch_timeout_micros, max_enqueued_batches; flags override it")
-    bat.add_argument("--max_inflight_per_replica", type=int,
-                     default=proxy.max_inflight_per_replica,
-                     help="batches one replica may hold at once (default %(default)s)")
-    bat.add_argument("--replica_timeout_s", type=float, default=proxy.replica_timeout_s,
-                     help="limit on a replica call when the caller set no deadline "
-                          "(default %(default)s)")
-    bat.add_argument("--health_interval_ms", type=int, default=proxy.health_interval_ms,
-                     help="GetModelStatus health check period per replica "
-                          "(default %(default)s)")
-    bat.add_argument("--eject_after_failures", type=int, default=proxy.eject_after_failures,
-                     help="consecutive failed calls that eject a replica (default %(default)s)")
+    add_batching_flags(bat)
+    add_replica_flags(bat)
     bat.add_argument("--batching_policy", "--policy", dest="policy", default=None,
                      help="the proxy's flush policy; a comma-separated list compares several "
                           "(default: the engine's)")
@@ -118,13 +97,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sim_config(args: argparse.Namespace) -> SimConfig:
-    settings: dict[str, int] = {}
-    if args.batching_parameters_file:
-        settings.update(parse_batching_parameters(args.batching_parameters_file))
-    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows"):
-        value = getattr(args, name)
-        if value is not None:
-            settings[name] = value
+    settings = batching_settings(args)
     systems: list[str] = []
     for system in args.baselines:
         if system == "proxy" and args.policy:

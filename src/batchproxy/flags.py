@@ -1,0 +1,60 @@
+"""Command-line flags that `serve` and `simulate` share, so a simulated proxy is configured
+exactly as a real one: batching, and how the proxy treats its replicas."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
+
+BATCHING_FLAGS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows")
+
+
+def add_batching_flags(group: argparse._ArgumentGroup) -> None:
+    batching = BatchingConfig()
+    group.add_argument("--max_batch_size", type=int, default=None,
+                       help=f"rows in one batch at most (default {batching.max_batch_size})")
+    group.add_argument("--batch_timeout_micros", type=int, default=None,
+                       help="how long the oldest call of a batch may wait before the batch "
+                            f"closes (default {batching.batch_timeout_micros})")
+    group.add_argument("--max_enqueued_rows", type=int, default=None,
+                       help="rows queued in all batches together before calls get "
+                            "UNAVAILABLE (default max(3200, 100 x max_batch_size))")
+    group.add_argument("--batching_parameters_file", default=None,
+                       help="TFS batching parameters (text proto): max_batch_size, "
+                            "batch_timeout_micros, max_enqueued_batches; flags override it")
+
+
+def add_replica_flags(group: argparse._ArgumentGroup) -> None:
+    defaults = ProxyConfig()
+    group.add_argument("--max_inflight_per_replica", type=int,
+                       default=defaults.max_inflight_per_replica,
+                       help="batches one replica may hold at once (default %(default)s)")
+    group.add_argument("--replica_timeout_s", type=float, default=defaults.replica_timeout_s,
+                       help="limit on a replica call when the caller set no deadline "
+                            "(default %(default)s)")
+    group.add_argument("--health_interval_ms", type=int, default=defaults.health_interval_ms,
+                       help="GetModelStatus health check period per replica "
+                            "(default %(default)s)")
+    group.add_argument("--eject_after_failures", type=int,
+                       default=defaults.eject_after_failures,
+                       help="consecutive failed calls that eject a replica "
+                            "(default %(default)s)")
+
+
+def batching_settings(args: argparse.Namespace,
+                      names: tuple[str, ...] = BATCHING_FLAGS) -> dict[str, Any]:
+    """BatchingConfig's fields from the batching parameters file, then the flags over it;
+    max_enqueued_rows defaults to 100 full batches (at least BatchingConfig's default)."""
+    settings: dict[str, Any] = {}
+    if args.batching_parameters_file:
+        settings.update(parse_batching_parameters(args.batching_parameters_file))
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    if "max_enqueued_rows" not in settings:
+        batch = settings.get("max_batch_size", BatchingConfig.max_batch_size)
+        settings["max_enqueued_rows"] = max(BatchingConfig.max_enqueued_rows, 100 * batch)
+    return settings
