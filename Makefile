@@ -2,37 +2,47 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+# One stamp per install level: `make run` installs the runtime only (no TensorFlow), `make
+# test` adds the test, interop and plot extras, so running it after `make run` upgrades.
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 CORE_SO = $(wildcard src/batchproxy/_core*.so)
 
 .PHONY: run test test-core test-interop bench lint build clean
 
-$(STAMP): pyproject.toml setup.py
+$(RUN_STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,interop,plot]'
-	touch $(STAMP)
+	$(PY) -m pip install -q -e . 'cython>=3.0' 'grpcio-tools>=1.60'
+	touch $(RUN_STAMP)
 
-# The compiled core, rebuilt in place whenever its source changes.
-build: $(STAMP)
+$(TEST_STAMP): $(RUN_STAMP)
+	$(PY) -m pip install -q -e '.[test,interop,plot]'
+	touch $(TEST_STAMP)
+
+# The compiled core, rebuilt in place whenever its source changes. The runtime level installs
+# Cython and grpcio-tools beside the package for this step (pip builds in isolation and
+# leaves neither in the venv); both are small, TensorFlow stays out.
+build: $(RUN_STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
+# Flags for the proxy: make run ARGS="--model_name my_mnist_model"
 run: build
-	$(VENV)/bin/batchproxy serve
+	$(VENV)/bin/batchproxy serve $(ARGS)
 
 # The interop suite imports TensorFlow, whose protobuf classes share names with ours, so it
 # runs in a process of its own.
-test: build
+test: build $(TEST_STAMP)
 	$(PY) -m pytest tests --ignore=tests/interop
 	$(PY) -m pytest tests/interop
 
-test-core: build
+test-core: build $(TEST_STAMP)
 	$(PY) -m pytest tests/test_core.py tests/test_hostile_input.py tests/test_fuzz.py
 
-bench: build
+bench: build $(TEST_STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 clean:
