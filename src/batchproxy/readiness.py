@@ -51,6 +51,7 @@ class Readiness:
             return self._status(request)
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+            raise  # abort() raises; this line only tells the type checker
 
     async def watch(self, request: bytes,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_RESTART_WINDOW_S = 60.0
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Future[object]]) -> None:
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
     """Cancel `tasks` and wait until they have finished.
 
     Unlike `with suppress(CancelledError): await task`, this never swallows a cancellation

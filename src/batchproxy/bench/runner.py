@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Coroutine, Iterable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -144,14 +144,14 @@ class _Parallel:
             for conn in wait(pending, timeout=0.02):
                 i = index[conn]  # type: ignore[index]
                 try:
-                    message, payload = conn.recv()  # type: ignore[union-attr]
+                    message, payload = conn.recv()  # type: ignore[union-attr,call-arg]
                 except EOFError:
                     code = children[i].popen.wait()
                     raise RuntimeError(f"generator process {i} exited ({code})") from None
                 if message == "error":
                     raise RuntimeError(f"generator process {i} failed:\n{payload}")
                 if message == "tick":
-                    self._tick(payload)
+                    self._tick(cast(Tick, payload))
                 elif message == kind:
                     answers[i] = payload
         if kind == "result":

@@ -95,6 +95,20 @@ class Tensor:
         self.shape = tuple(shape)
         self.data = data
 
+    @property
+    def content(self) -> bytes:
+        """The element bytes of a fixed-width tensor (not DT_STRING)."""
+        data = self.data
+        assert isinstance(data, bytes)
+        return data
+
+    @property
+    def strings(self) -> list[bytes]:
+        """The elements of a DT_STRING tensor."""
+        data = self.data
+        assert isinstance(data, list)
+        return data
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Tensor):
             return NotImplemented
@@ -546,13 +560,16 @@ def _tensor_proto(dtype: int, shape: tuple[int, ...], data: bytes | list[bytes],
     if any(d < 0 for d in shape):
         raise CodecError("INVALID_ARGUMENT", f"cannot encode unknown shape {shape}")
     n = math.prod(shape)
-    tp = tensor_pb2.TensorProto(dtype=dtype)
+    # The stub wants the enum type; a DataType value is that int at run time.
+    tp = tensor_pb2.TensorProto(dtype=dtype)  # type: ignore[arg-type]
     _shape_proto(tp, shape)
     if dtype == DT_STRING:
+        assert isinstance(data, list)
         if len(data) != n:
             raise CodecError("INVALID_ARGUMENT", f"{len(data)} strings for shape {shape}")
         tp.string_val.extend(data)
         return tp
+    assert isinstance(data, bytes)
     if len(data) != n * size:
         raise CodecError("INVALID_ARGUMENT", f"{len(data)} bytes for shape {shape}")
     if typed:
@@ -599,12 +616,12 @@ def encode_predict_request(pieces: list[tuple[PredictCall, int, int]]) -> bytes:
             strings: list[bytes] = []
             per_row = math.prod(inner)
             for call, start, stop in pieces:
-                strings.extend(call.inputs[name].data[start * per_row : stop * per_row])
+                strings.extend(call.inputs[name].strings[start * per_row : stop * per_row])
             tp = _tensor_proto(DT_STRING, shape, strings, True)
         else:
             row_bytes = math.prod(inner) * _ITEMSIZE[tensor.dtype]
             content = b"".join(
-                call.inputs[name].data[start * row_bytes : stop * row_bytes]
+                call.inputs[name].content[start * row_bytes : stop * row_bytes]
                 for call, start, stop in pieces
             )
             tp = _tensor_proto(tensor.dtype, shape, content, False)
@@ -831,7 +848,7 @@ def concat_predict_responses(parts: list[bytes]) -> bytes:
         decider = next((tp for tp, d in zip(tps, dims0, strict=True) if d), None)
         typed = decider is None or not decider.tensor_content
         if head.dtype == DT_STRING:
-            strings = [s for t in tensors for s in t.data]
+            strings = [s for t in tensors for s in t.strings]
             merged = tensor_pb2.TensorProto()
             _copy_header(head, merged, total)
             if typed:
@@ -839,7 +856,7 @@ def concat_predict_responses(parts: list[bytes]) -> bytes:
             elif strings:
                 merged.tensor_content = _encode_string_list(strings)
         else:
-            content = b"".join(t.data for t in tensors)
+            content = b"".join(t.content for t in tensors)
             merged = tensor_pb2.TensorProto()
             _copy_header(head, merged, total)
             if typed:

@@ -145,6 +145,7 @@ def to_numpy(dtype: int, shape: tuple[int, ...], data: bytes | list[bytes]) -> n
         arr = np.empty(len(data), dtype=object)
         arr[:] = data
         return arr.reshape(shape)
+    assert isinstance(data, bytes)  # only DT_STRING holds a list
     return np.frombuffer(data, dtype=NUMPY_DTYPES[dtype]).reshape(shape)
 
 

@@ -69,7 +69,8 @@ class MultiModel:
             return dict(inputs)
         # Flattened: a scalar text gives outputs of one row.
         text = inputs["text"].ravel()
-        outputs = {"count": np.array([len(s) for s in text], dtype=np.int64)}
+        outputs: dict[str, np.ndarray] = {
+            "count": np.array([len(s) for s in text], dtype=np.int64)}
         if signature == SERVING_DEFAULT:
             outputs["text_bytes"] = text
             outputs["upper"] = np.array([s.upper() for s in text], dtype=object)

@@ -45,7 +45,8 @@ def not_implemented(method: str, why: str) -> ReplicaError:
 
 
 def _tensor_info(name: str, spec: tuple[int, tuple[int, ...]]) -> signature_pb2.TensorInfo:
-    info = signature_pb2.TensorInfo(name=name, dtype=spec[0])
+    # The stub wants the enum type; a DataType value is that int at run time.
+    info = signature_pb2.TensorInfo(name=name, dtype=spec[0])  # type: ignore[arg-type]
     for size in spec[1]:
         info.tensor_shape.dim.add(size=size)
     return info
