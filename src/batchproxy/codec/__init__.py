@@ -20,7 +20,7 @@ else:
         IMPLEMENTATION = "cython"
     except ImportError as exc:  # a build without a C compiler
         log.warning("compiled core unavailable (%s); using the pure-Python core", exc)
-        from batchproxy.codec import _core_py as _impl  # type: ignore[no-redef]
+        from batchproxy.codec import _core_py as _impl
 
         IMPLEMENTATION = "python"
 
