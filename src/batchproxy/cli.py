@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from typing import Any
 
 from batchproxy import __version__
 from batchproxy.config import BatchingConfig, ProxyConfig
@@ -55,7 +56,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                     help="model to health-check from the start (models seen in traffic "
                          "are checked too); repeatable")
     parser.add_argument("--monitoring_port", type=int, default=0,
-                        help="also serve /metrics on this port (0: only on the REST port)")
+                        help="also serve /metrics (and /monitoring/prometheus/metrics), "
+                             "/healthz and /readyz on this port; the REST port serves them "
+                             "too (default 0: off)")
     parser.add_argument("--monitoring_host", default=defaults.monitoring_host,
                         help="address of --monitoring_port (default %(default)s)")
     parser.add_argument("--workers", type=int, default=defaults.workers,
@@ -128,6 +131,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server.serve(config, not args.no_uvloop)
 
 
+# Flags every command takes, before or after the subcommand's name.
+COMMON_DEFAULTS: dict[str, Any] = {"log_level": "INFO", "log_format": "text",
+                                   "no_uvloop": False}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    parser.add_argument("--log_level", default=defaults["log_level"],
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="least severe log level shown (default INFO)")
+    parser.add_argument("--log_format", default=defaults["log_format"],
+                        choices=["text", "json"],
+                        help="plain lines, or one JSON object per line (default text)")
+    parser.add_argument("--no_uvloop", action="store_true", default=defaults["no_uvloop"],
+                        help="use asyncio's default event loop instead of uvloop")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from batchproxy import bench, replica
 
@@ -135,33 +154,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="batchproxy",
         description="A batching inference proxy that stands in for TensorFlow Serving.")
     parser.add_argument("--version", action="version", version=f"batchproxy {__version__}")
-    parser.add_argument("--log_level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log_format", default="text", choices=["text", "json"],
-                        help="plain lines, or one JSON object per line (also accepted after "
-                             "the subcommand)")
-    parser.add_argument("--no_uvloop", action="store_true",
-                        help="use asyncio's default event loop instead of uvloop")
+    add_common_arguments(parser, COMMON_DEFAULTS)
+    # Each subcommand takes the same flags after its name; they leave a value only when given
+    # there (SUPPRESS), so one given before the subcommand is not reset to its default.
+    common = argparse.ArgumentParser(add_help=False)
+    add_common_arguments(common, {name: argparse.SUPPRESS for name in COMMON_DEFAULTS})
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--log_format", default=argparse.SUPPRESS, choices=["text", "json"],
-                       help="plain lines, or one JSON object per line")
-    serve.add_argument("--no_uvloop", action="store_true", default=argparse.SUPPRESS,
-                       help="use asyncio's default event loop instead of uvloop")
+    serve = commands.add_parser("serve", help="run the proxy", parents=[common])
     add_serve_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
     rep = commands.add_parser("replica", help="run a TFS-compatible reference replica "
-                                              "(development and tests only)")
+                                              "(development and tests only)",
+                              parents=[common])
     replica.add_replica_arguments(rep)
     rep.set_defaults(handler=replica.run_replica)
     load = commands.add_parser("bench", help="load generator for the proxy or any TFS "
-                                             "endpoint, and a bare echo server")
+                                             "endpoint, and a bare echo server",
+                               parents=[common])
     bench.add_bench_arguments(load)
     load.set_defaults(handler=bench.run_bench)
     from batchproxy.sim import cli as sim_cli
 
     sim = commands.add_parser("simulate", help="the real engine in virtual time against "
-                                               "simulated replicas, beside baselines")
+                                               "simulated replicas, beside baselines",
+                              parents=[common])
     sim_cli.add_simulate_arguments(sim)
     sim.set_defaults(handler=sim_cli.run_simulate)
     return parser

@@ -20,7 +20,8 @@ def add_batching_flags(group: argparse._ArgumentGroup) -> None:
                             f"closes (default {batching.batch_timeout_micros})")
     group.add_argument("--max_enqueued_rows", type=int, default=None,
                        help="rows queued in all batches together before calls get "
-                            "UNAVAILABLE (default max(3200, 100 x max_batch_size))")
+                            "UNAVAILABLE (default max(3200, 100 x max_batch_size); with a "
+                            "batching file, its max_enqueued_batches x max_batch_size)")
     group.add_argument("--batching_parameters_file", default=None,
                        help="TFS batching parameters (text proto): max_batch_size, "
                             "batch_timeout_micros, max_enqueued_batches; flags override it")
