@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 import grpc
 import numpy as np
@@ -72,11 +71,13 @@ async def test_batching_pays_against_a_slow_replica():
             client = stub(channel)
             request = predict_request("identity", {"x": np.ones((1, 4), np.float32)})
             await client.Predict(request, timeout=10)  # warm the channels
-            started = time.monotonic()
+            before = sum(batch_rows_histogram(r.rest_url)["count"] for r in replicas)
             await asyncio.gather(*(client.Predict(request, timeout=30) for _ in range(200)))
-            elapsed = time.monotonic() - started
-        # Unbatched, 200 calls at 50 ms on two replicas need 5 s.
-        assert elapsed < 2.5, f"200 one-row calls took {elapsed:.2f}s"
+            calls = sum(batch_rows_histogram(r.rest_url)["count"] for r in replicas) - before
+        # Unbatched, 200 calls would cost 200 replica calls (5 s at 50 ms on two replicas);
+        # a count, not a time, so the check holds on a busy machine. The time saved is a
+        # benchmark's business (benchmarks/e2e/batching_gain.py).
+        assert calls <= 50, f"{calls} replica calls for 200 one-row calls"
     finally:
         proxy.stop()
         for replica in replicas:

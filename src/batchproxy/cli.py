@@ -123,12 +123,16 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from batchproxy import server
+    from batchproxy.ports import ListenError
 
     try:
         config = proxy_config(args)
     except ValueError as err:
         sys.exit(f"batchproxy serve: {err}")
-    server.serve(config, not args.no_uvloop)
+    try:
+        server.serve(config, not args.no_uvloop)
+    except ListenError as err:
+        sys.exit(f"batchproxy serve: {err}")
 
 
 # Flags every command takes, before or after the subcommand's name.

@@ -23,6 +23,7 @@ from batchproxy.fleet.health_checks import HealthChecker
 from batchproxy.fleet.slots import Endpoint, ReplicaPool, ReplicaState
 from batchproxy.fleet.transport import grpc_transports
 from batchproxy.frontends.grpc import PredictionHandlers, generic_handlers
+from batchproxy.frontends.grpc_options import queue_limits
 from batchproxy.frontends.limits import RequestLimits
 from batchproxy.frontends.predict_service import PredictService
 from batchproxy.frontends.rest import RestServer
@@ -54,7 +55,7 @@ def log_state_change(replica: Endpoint, old: ReplicaState, reason: str) -> None:
 
 def server_options(config: ProxyConfig) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", -1)]
+            ("grpc.max_send_message_length", -1), *queue_limits(config)]
 
 
 class Proxy:
