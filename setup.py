@@ -1,7 +1,8 @@
 """Build steps that pyproject.toml cannot express.
 
 1. Generate the protobuf and gRPC modules from our own .proto files (grpcio-tools), so the
-   generated code always matches the installed protobuf runtime.
+   generated code always matches the installed protobuf runtime, and move them off
+   protobuf's default descriptor pool (see `use_private_pool`).
 2. Compile the Cython core `batchproxy._core`. `BATCHPROXY_NO_EXTENSIONS=1` at build time
    skips it; the package then runs its pure-Python twin.
 """
@@ -46,6 +47,28 @@ def generate_protos() -> None:
         args.append(str(proto.relative_to(SRC)))
         if protoc.main(args) != 0:
             sys.exit(f"protoc failed on {proto}")
+    for module in sorted(PROTO_DIR.glob("*_pb2.py")):
+        use_private_pool(module)
+
+
+# protoc writes `_descriptor_pool.Default().AddSerializedFile(...)`; ours go to the package's
+# own pool instead, because TensorFlow registers the same full names in the default one
+# (see batchproxy/protos/__init__.py). Applied to every module, including ones protoc left
+# alone as up to date, so an older build's output is fixed too.
+DEFAULT_POOL_CALL = "_descriptor_pool.Default().AddSerializedFile("
+PRIVATE_POOL_CALL = "_batchproxy_protos.add_serialized_file("
+PRIVATE_POOL_IMPORT = "from batchproxy import protos as _batchproxy_protos\n"
+
+
+def use_private_pool(module: Path) -> None:
+    text = module.read_text()
+    if PRIVATE_POOL_CALL in text:
+        return
+    if text.count(DEFAULT_POOL_CALL) != 1:
+        sys.exit(f"{module}: unexpected protoc output, cannot move it off the default pool")
+    text = text.replace(DEFAULT_POOL_CALL, PRIVATE_POOL_CALL)
+    text = text.replace("\nDESCRIPTOR = ", "\n" + PRIVATE_POOL_IMPORT + "\nDESCRIPTOR = ", 1)
+    module.write_text(text)
 
 
 def extensions() -> list[Extension]:

@@ -1,8 +1,8 @@
 """The official TFS client (tensorflow-serving-api) against batchproxy, unchanged.
 
-Runs in a pytest process of its own (`make test` does that): TensorFlow registers protobuf
-classes with the same full names as batchproxy's, so this file imports nothing of
-batchproxy's protobuf modules; the proxy and replicas are separate processes anyway."""
+Runs in a pytest process of its own (`make test` does that), so the main suite never loads
+TensorFlow; the proxy and replicas are separate processes. test_same_process.py checks that
+TensorFlow and batchproxy also share one process."""
 
 from __future__ import annotations
 
