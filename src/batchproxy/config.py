@@ -1,10 +1,9 @@
-"""Settings of a proxy process, from flags or a TFS batching_parameters file."""
+"""Settings of a proxy process, from flags or a TFS batching_parameters file
+(batching_file.py)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -75,23 +74,3 @@ class ProxyConfig:
     rest_body_timeout_s: float = 30.0
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
-
-_TEXT_FIELD = re.compile(r"(\w+)\s*\{\s*value\s*:\s*(\S+?)\s*\}")
-
-
-def parse_batching_parameters(path: str | Path) -> dict[str, int]:
-    """Read the settings batchproxy shares with TFS's --batching_parameters_file (text proto).
-
-    max_enqueued_batches becomes a row bound (batches x max_batch_size); fields that have no
-    meaning for a proxy (num_batch_threads, ...) are accepted and ignored."""
-    text = Path(path).read_text()
-    values = {name: value for name, value in _TEXT_FIELD.findall(text)}
-    result: dict[str, int] = {}
-    if "max_batch_size" in values:
-        result["max_batch_size"] = int(values["max_batch_size"])
-    if "batch_timeout_micros" in values:
-        result["batch_timeout_micros"] = int(values["batch_timeout_micros"])
-    if "max_enqueued_batches" in values:
-        batch = result.get("max_batch_size", BatchingConfig.max_batch_size)
-        result["max_enqueued_rows"] = int(values["max_enqueued_batches"]) * batch
-    return result

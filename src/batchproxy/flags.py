@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from batchproxy.config import BatchingConfig, ProxyConfig, parse_batching_parameters
+from batchproxy.batching_file import parse_batching_parameters
+from batchproxy.config import BatchingConfig, ProxyConfig
 
 BATCHING_FLAGS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows")
 
