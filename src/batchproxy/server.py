@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from aiohttp import web
 
-from batchproxy import __version__, codec, workers
+from batchproxy import __version__, codec, ports, workers
 from batchproxy.auth import TokenAuth
 from batchproxy.config import ProxyConfig
 from batchproxy.engine import Engine
@@ -92,16 +92,20 @@ class Proxy:
         self.service = PredictService(
             self.engine, self.metrics, RequestLimits(config.max_rows_per_request,
                                                      config.max_rank))
-        self.grpc_server = grpc.aio.server(options=server_options(config))
+        self.grpc_server = grpc.aio.server(
+            options=[*server_options(config), ports.reuse_port_option(config.workers)])
         handlers = PredictionHandlers(self.service, auth=self.auth)
         self.grpc_server.add_generic_rpc_handlers(
             [*generic_handlers(handlers), self.readiness.grpc_handler()])
         address = f"{config.host}:{config.port}"
-        if self.tls is not None:
-            self.grpc_port = self.grpc_server.add_secure_port(address,
-                                                              self.tls.grpc_credentials())
-        else:
-            self.grpc_port = self.grpc_server.add_insecure_port(address)
+        try:
+            if self.tls is not None:
+                self.grpc_port = self.grpc_server.add_secure_port(address,
+                                                                  self.tls.grpc_credentials())
+            else:
+                self.grpc_port = self.grpc_server.add_insecure_port(address)
+        except RuntimeError as err:  # grpcio's "Failed to bind to address ..."
+            raise ports.listen_error(config.host, config.port, "gRPC") from err
         # TFS's REST API on the same engine (rest_api_port 0 turns it off, as in TFS), with
         # the metrics routes TFS serves on its REST port.
         self.rest: RestServer | None = None
@@ -136,8 +140,13 @@ class Proxy:
         self.monitoring_runner = web.AppRunner(app, access_log=None)
         await self.monitoring_runner.setup()
         site = web.TCPSite(self.monitoring_runner, self.config.monitoring_host,
-                           self.config.monitoring_port, reuse_port=True)
-        await site.start()
+                           self.config.monitoring_port,
+                           reuse_port=self.config.workers > 1 or None)
+        try:
+            await site.start()
+        except OSError as err:
+            raise ports.listen_error(self.config.monitoring_host, self.config.monitoring_port,
+                                     "monitoring", err) from err
 
     async def start(self) -> None:
         supervisor = self.supervisor
@@ -152,7 +161,11 @@ class Proxy:
         await self.grpc_server.start()
         if self.rest is not None:
             self.rest.signatures.start(supervisor)
-            await self.rest.start()
+            try:
+                await self.rest.start()
+            except OSError as err:
+                raise ports.listen_error(self.config.host, self.config.rest_api_port, "REST",
+                                         err) from err
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new calls, answer every accepted one (queued batches are flushed and
@@ -257,7 +270,13 @@ async def run(config: ProxyConfig, replicas: list[str]) -> None:
         stop.set()
 
     proxy = Proxy(config, replicas, on_give_up=give_up)
-    await proxy.start()
+    try:
+        await proxy.start()
+    except BaseException:
+        # A port taken after the start-up check: close what did start, then say why.
+        with contextlib.suppress(Exception):
+            await proxy.stop(0.0)
+        raise
     log.info(banner(config, replicas, proxy.grpc_port))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -274,6 +293,10 @@ async def run(config: ProxyConfig, replicas: list[str]) -> None:
 def serve(config: ProxyConfig, use_uvloop: bool = True) -> None:
     """The `batchproxy serve` process: local replicas if none were given, then one proxy, or
     --workers forked proxies sharing the ports."""
+    # Before local replicas start or workers fork: a taken port is one line and exit 1.
+    ports.check_free([("gRPC", config.host, config.port),
+                      ("REST", config.host, config.rest_api_port),
+                      ("monitoring", config.monitoring_host, config.monitoring_port)])
     local: LocalReplicas | None = None
     replicas = list(config.replicas)
     if not replicas and not config.replicas_dns:
