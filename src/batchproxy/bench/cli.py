@@ -12,9 +12,13 @@ from batchproxy.bench import payload
 from batchproxy.bench.report import ProgressPrinter, table, write_json
 from batchproxy.bench.results import RunResult
 from batchproxy.bench.runner import run_coroutine, run_load
+from batchproxy.bench.signature import SignatureError, fetch_inputs
 from batchproxy.bench.spec import DEFAULT_DURATION_S, LoadSpec
+from batchproxy.protos import tensor_pb2
 
 DEFAULT_CONCURRENCY = 64
+FALLBACK_INPUT = "x"
+FALLBACK_ROW_SHAPE = (1,)
 
 
 def _list_of(kind: Callable[[str], float | int]) -> Callable[[str], list]:
@@ -53,11 +57,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model name (default %(default)s)")
     target.add_argument("--signature", default="serving_default",
                         help="signature name (default %(default)s)")
-    target.add_argument("--input", default="x", help="input tensor name (default %(default)s)")
-    target.add_argument("--row_shape", "--row-shape", type=_shape, default=(1,),
+    target.add_argument("--input", default=None,
+                        help="float input tensor name; with it or --row_shape the signature "
+                             "is not read (default: the signature's inputs, else "
+                             f"{FALLBACK_INPUT})")
+    target.add_argument("--row_shape", "--row-shape", type=_shape, default=None,
                         metavar="D1,D2,...",
                         help="shape of one row after the batch dimension, e.g. 28,28 for the "
-                             "demo model (default 1)")
+                             "demo model (default: from the signature, -1 sizes as 1; else 1)")
     target.add_argument("--rows", type=int, default=1,
                         help="rows (batch dimension) in each request (default %(default)s)")
     target.add_argument("--typed", action="store_true",
@@ -104,6 +111,38 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                       help="echo server address (default %(default)s)")
 
 
+def request_inputs(args: argparse.Namespace, target: str
+                   ) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """{input name: (dtype, row shape)}: from --input/--row_shape when given, else from the
+    model's signature; when that cannot be read, one float input x of shape [1] (a bare echo
+    server has no signature), said on stderr."""
+    if args.input is not None or args.row_shape is not None:
+        return {args.input or FALLBACK_INPUT:
+                (tensor_pb2.DT_FLOAT, args.row_shape or FALLBACK_ROW_SHAPE)}
+    try:
+        found = fetch_inputs(target, args.protocol, args.model, args.signature,
+                             min(args.timeout, 10.0))
+    except SignatureError as err:
+        print(f"batchproxy bench: cannot read the signature of model {args.model!r} "
+              f"({err}); sending {FALLBACK_INPUT} {list(FALLBACK_ROW_SHAPE)} float",
+              file=sys.stderr, flush=True)
+        return {FALLBACK_INPUT: (tensor_pb2.DT_FLOAT, FALLBACK_ROW_SHAPE)}
+    return {name: (spec.dtype, spec.row_shape) for name, spec in found.items()}
+
+
+def failure(results: list[RunResult]) -> str | None:
+    """Why the bench exits non-zero: a run in which no call was answered."""
+    for result in results:
+        if result.ok:
+            continue
+        where = f"{result.spec.mode} {result.spec.offered}"
+        if result.first_error:
+            return f"every call failed in {where}; the first: {result.first_error}"
+        problems = "; ".join(sorted(set(result.connect_problems)))
+        return f"no call was answered in {where}" + (f" ({problems})" if problems else "")
+    return None
+
+
 def specs_from_args(args: argparse.Namespace) -> list[LoadSpec]:
     """One LoadSpec per step of the sweep."""
     if args.concurrency and args.rate:
@@ -112,13 +151,14 @@ def specs_from_args(args: argparse.Namespace) -> list[LoadSpec]:
         raise ValueError("--rows, --processes and --connections must be positive")
     rest = args.protocol == "rest"
     targets = tuple(args.target) or (f"127.0.0.1:{8501 if rest else 8500}",)
+    inputs = request_inputs(args, targets[0])
     if rest:
         path = payload.rest_predict_path(args.model)
-        body = payload.rest_predict_body(args.rows, args.row_shape, signature=args.signature)
+        body = payload.rest_predict_body_for(inputs, args.rows, signature=args.signature)
     else:
         path = payload.PREDICT_PATH
-        body = payload.grpc_predict_body(args.model, args.input, args.rows, args.row_shape,
-                                         signature=args.signature, typed=args.typed)
+        body = payload.grpc_predict_body_for(args.model, inputs, args.rows,
+                                             signature=args.signature, typed=args.typed)
     duration = args.duration
     if duration is None and args.requests is None:
         duration = DEFAULT_DURATION_S
@@ -126,7 +166,7 @@ def specs_from_args(args: argparse.Namespace) -> list[LoadSpec]:
                   duration_s=duration, requests=args.requests, warmup_s=args.warmup,
                   timeout_s=args.timeout, connections=args.connections,
                   max_outstanding=args.max_outstanding, seed=args.seed,
-                  use_uvloop=not getattr(args, "no_uvloop", False))
+                  use_uvloop=not getattr(args, "no_uvloop", False), model=args.model)
     if args.rate:
         return [LoadSpec(rate=rate, **common) for rate in args.rate]
     return [LoadSpec(concurrency=c, **common)
@@ -170,3 +210,6 @@ def run_bench(args: argparse.Namespace) -> None:
         from batchproxy.bench.plot import plot_latency
 
         plot_latency(results, args.plot)
+    reason = failure(results)
+    if reason is not None:
+        sys.exit(f"batchproxy bench: {reason}")

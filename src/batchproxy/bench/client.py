@@ -1,6 +1,8 @@
 """The two transports of the generator. `call()` sends the prepared body once and returns
 None for an answer, else the error's name (a gRPC status code name, HTTP_<status>, or the
-exception's class): an error is a result to count, never a reason to stop."""
+exception's class): an error is a result to count, never a reason to stop. Each client
+keeps the first error's code and message (`first_error`): a run where every call fails says
+why."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ GRPC_OPTIONS = [
 
 
 class Client(Protocol):
+    first_error: str | None
+
     async def connect(self, timeout_s: float) -> list[str]: ...
     async def call(self) -> str | None: ...
     async def close(self) -> None: ...
@@ -36,6 +40,7 @@ class GrpcClient:
     def __init__(self, spec: LoadSpec) -> None:
         self.body = spec.body
         self.timeout_s = spec.timeout_s
+        self.first_error: str | None = None
         self.channels = [grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
                          for target in spec.targets for _ in range(max(spec.connections, 1))]
         # Round robin over the channels, call by call (so over the targets too).
@@ -56,8 +61,12 @@ class GrpcClient:
         try:
             await self._next()(self.body, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
+            if self.first_error is None:
+                self.first_error = f"{err.code().name}: {err.details()}"
             return err.code().name
         except Exception as err:  # counted and shown, not raised: the run goes on
+            if self.first_error is None:
+                self.first_error = f"{type(err).__name__}: {err}"
             return type(err).__name__
         return None
 
@@ -72,6 +81,7 @@ class RestClient:
 
     def __init__(self, spec: LoadSpec) -> None:
         self.body = spec.body
+        self.first_error: str | None = None
         self.urls = [URL(f"http://{target}{spec.path}") for target in spec.targets]
         self._next = itertools.cycle(self.urls).__next__
         limit = spec.concurrency or spec.max_outstanding
@@ -97,16 +107,24 @@ class RestClient:
     async def call(self) -> str | None:
         try:
             async with self.session.post(self._next(), data=self.body) as response:
-                await response.read()
+                answer = await response.read()
                 if response.status != 200:
-                    return f"HTTP_{response.status}"
+                    code = f"HTTP_{response.status}"
+                    if self.first_error is None:
+                        self.first_error = f"{code}: {answer[:1024].decode(errors='replace')}"
+                    return code
         except TimeoutError:
-            return "TIMEOUT"
-        except aiohttp.ClientConnectionError:
-            return "CONNECTION_ERROR"
+            return self._failed("TIMEOUT", "no answer within the call's timeout")
+        except aiohttp.ClientConnectionError as err:
+            return self._failed("CONNECTION_ERROR", str(err))
         except Exception as err:  # counted and shown, not raised: the run goes on
-            return type(err).__name__
+            return self._failed(type(err).__name__, str(err))
         return None
+
+    def _failed(self, code: str, message: str) -> str:
+        if self.first_error is None:
+            self.first_error = f"{code}: {message}"
+        return code
 
     async def close(self) -> None:
         await self.session.close()

@@ -220,6 +220,7 @@ async def run_worker(spec: LoadSpec, progress: ProgressFn | None = None,
             start_at = time.monotonic() + start_delay_s
         result = await Driver(spec, client, start_at, progress, window_hook).run()
         result.connect_problems = problems
+        result.first_error = client.first_error
         return result
     finally:
         await client.close()

@@ -8,6 +8,17 @@ from pathlib import Path
 from batchproxy.bench.results import RunResult
 
 
+def plot_title(results: Sequence[RunResult]) -> str:
+    """What was measured: model, rows per call, how long each run, transport and target."""
+    spec = results[0].spec
+    bound = " and ".join(filter(None, [
+        f"{spec.duration_s:g} s" if spec.duration_s else "",
+        f"{spec.requests:,d} requests" if spec.requests else ""]))
+    rows = f"{spec.rows} row{'s' if spec.rows != 1 else ''} per call"
+    return (f"model {spec.model or '?'}, {rows}, {bound} per run, "
+            f"{spec.protocol} to {', '.join(spec.targets)}")
+
+
 def plot_latency(results: Sequence[RunResult], path: str | Path, title: str = "") -> None:
     try:
         import matplotlib
@@ -28,7 +39,7 @@ def plot_latency(results: Sequence[RunResult], path: str | Path, title: str = ""
     lat_ax.set_yscale("log")
     lat_ax.grid(True, which="both", alpha=0.3)
     lat_ax.legend()
-    lat_ax.set_title(title or f"{ordered[0].spec.protocol} {', '.join(ordered[0].spec.targets)}")
+    lat_ax.set_title(title or plot_title(ordered), fontsize=10)
     tput_ax.plot(offered, [r.throughput for r in ordered], "o-", label="answered")
     if open_loop:
         tput_ax.plot(offered, offered, ":", color="grey", label="offered")

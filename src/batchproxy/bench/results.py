@@ -27,6 +27,7 @@ class WorkerResult:
     window_end: float
     cpu_s: float  # this generator process's own CPU in the window (all its threads)
     connect_problems: list[str] = field(default_factory=list)
+    first_error: str | None = None  # "CODE: message" of the first failed call
 
 
 @dataclass
@@ -44,6 +45,7 @@ class RunResult:
     generator_cpu_s: float
     watched_cpu_s: float | None = None  # the --watch_pid trees' CPU in the window
     connect_problems: list[str] = field(default_factory=list)
+    first_error: str | None = None
 
     @classmethod
     def merge(cls, spec: LoadSpec, parts: list[WorkerResult]) -> RunResult:
@@ -62,7 +64,8 @@ class RunResult:
             dropped=sum(part.dropped for part in parts),
             elapsed_s=max(end - start, 1e-9),
             generator_cpu_s=sum(part.cpu_s for part in parts),
-            connect_problems=[p for part in parts for p in part.connect_problems])
+            connect_problems=[p for part in parts for p in part.connect_problems],
+            first_error=next((p.first_error for p in parts if p.first_error), None))
 
     @property
     def failed(self) -> int:
@@ -120,6 +123,7 @@ class RunResult:
             "watched_cpu_s": self.watched_cpu_s,
             "watched_cpu_us_per_request": self.cpu_us_per_request(self.watched_cpu_s),
             "connect_problems": self.connect_problems,
+            "first_error": self.first_error,
         }
 
 

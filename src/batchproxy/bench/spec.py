@@ -31,6 +31,7 @@ class LoadSpec:
     max_outstanding: int = 10_000  # open loop: arrivals beyond this many in flight are dropped
     seed: int = 0
     use_uvloop: bool = True
+    model: str = ""  # for titles and reports: the body names the model the calls go to
 
     def __post_init__(self) -> None:
         if self.protocol not in ("grpc", "rest"):
