@@ -75,6 +75,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 _REASONS = {499: "Client Closed Request"}  # not in http.HTTPStatus
+INTERNAL_ERROR_MESSAGE = "batchproxy internal error (the proxy's log has the details)"
 
 
 def http_status(code: grpc.StatusCode) -> int:
@@ -202,10 +203,11 @@ class RestFrontend:
                     # The unread rest of the body would be taken for the next request.
                     response.force_close()
                 return response
-            except Exception as err:  # a bug: answer in TFS's shape rather than drop the call
+            except Exception:  # a bug: answer in TFS's shape rather than drop the call
                 call.code = "INTERNAL"
                 log.exception("REST %s %s failed", request.method, request.path)
-                return error_response(500, f"batchproxy internal error: {err!r}")
+                # The details stay in the log: an exception's text is no client's business.
+                return error_response(500, INTERNAL_ERROR_MESSAGE)
 
     async def _route(self, request: web.Request, call: CallRecord) -> bytes:
         deadline = _Deadline(request.headers)
@@ -312,15 +314,17 @@ class RestFrontend:
 
     async def _classify_regress(self, request: web.Request, verb: str, key: ModelKey,
                                 deadline: _Deadline) -> bytes:
-        doc = rest_json.loads(await self._body(request))
-        signature_name = rest_json.signature_name(doc)
         message: inference_pb2.ClassificationRequest | inference_pb2.RegressionRequest
         if verb == "classify":
             message, path = inference_pb2.ClassificationRequest(), CLASSIFY
         else:
             message, path = inference_pb2.RegressionRequest(), REGRESS
-        message.model_spec.CopyFrom(model_spec(*key, signature_name))
-        rest_json.fill_inference_request(doc, message)
+        # A body refused for its content is counted as `invalid`, as a predict body is.
+        with self.service.validating():
+            doc = rest_json.loads(await self._body(request))
+            signature_name = rest_json.signature_name(doc)
+            message.model_spec.CopyFrom(model_spec(*key, signature_name))
+            rest_json.fill_inference_request(doc, message)
         answer = await self.service.forward(path, message.SerializeToString(),
                                             deadline.remaining(), model=key[0])
         if verb == "classify":

@@ -31,6 +31,7 @@ from google.protobuf import json_format
 
 from batchproxy.codec import dtypes
 from batchproxy.errors import ProxyError
+from batchproxy.frontends import json_text
 from batchproxy.protos import (
     example_pb2,
     get_model_metadata_pb2,
@@ -151,9 +152,9 @@ def loads(body: bytes) -> JsonDoc:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         # orjson refuses the NaN/Infinity literals; Python's parser takes them. Only bodies
-        # orjson refused pay for the slower parser.
+        # orjson refused pay for the slower parser, and only text it could have taken.
         try:
-            value = json.loads(body, parse_float=_finite_float)
+            value = json.loads(json_text.body_text(body), parse_float=_finite_float)
         except (ValueError, RecursionError) as err:
             raise invalid(f"JSON Parse error: {err}") from None
     if not isinstance(value, dict):
@@ -616,7 +617,13 @@ def predict_response(outputs: Mapping[str, TensorLike], fmt: str) -> bytes:
 
 
 def error_body(message: str) -> bytes:
-    return orjson.dumps({"error": message})
+    """{"error": message}, whatever the message holds: one that is not valid text (a lone
+    surrogate from a replica or a client) is written with JSON escapes rather than
+    failing the answer."""
+    try:
+        return orjson.dumps({"error": message})
+    except orjson.JSONEncodeError:
+        return json.dumps({"error": message}).encode()
 
 
 # --- classify and regress -------------------------------------------------------------------
