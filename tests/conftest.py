@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
+from leaks import leaks
 
 CORES = {"cython": "batchproxy._core", "python": "batchproxy.codec._core_py"}
 
@@ -32,3 +37,24 @@ def core(request: pytest.FixtureRequest) -> ModuleType:
 def both_cores() -> tuple[ModuleType, ModuleType]:
     """(compiled, python) for tests that compare the two."""
     return load_core("cython"), load_core("python")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaks() -> Iterator[None]:
+    """The session runs in a temporary directory of its own (children inherit TMPDIR), so
+    other runs on the machine do not count; once every other fixture is torn down, a child
+    process still running or a helper's folder left there fails the run."""
+    directory = Path(tempfile.mkdtemp(prefix="batchproxy-tests-"))
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(directory)
+    try:
+        yield
+        found = leaks(directory)
+        assert not found, "the tests left behind:\n" + "\n".join(found)
+    finally:
+        tempfile.tempdir = saved[1]
+        if saved[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[0]
+        shutil.rmtree(directory, ignore_errors=True)

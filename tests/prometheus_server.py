@@ -1,4 +1,9 @@
-"""A real Prometheus server (Debian's `prometheus`) on loopback for scrape tests."""
+"""A real Prometheus server (Debian's `prometheus`) on loopback for scrape tests.
+
+    with Prometheus([target]) as prometheus:  # its folder and process go on every path
+
+Call `prometheus_binary()` before starting what it scrapes: it skips the test when
+Prometheus is not installed, and a skip must not leave a proxy behind."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 import requests
@@ -25,7 +31,17 @@ def prometheus_binary() -> str:
 
 class Prometheus:
     def __init__(self, targets: list[str], scrape_interval_s: float = 0.5) -> None:
+        binary = prometheus_binary()  # may skip: before anything exists to clean up
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
         self.dir = Path(tempfile.mkdtemp(prefix="batchproxy-prometheus-"))
+        try:
+            self._start(binary, targets, scrape_interval_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, binary: str, targets: list[str], scrape_interval_s: float) -> None:
         config = self.dir / "prometheus.yml"
         config.write_text(
             "global:\n"
@@ -37,14 +53,13 @@ class Prometheus:
         self.port = free_port()
         self.log = open(self.dir / "log", "wb")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
-            [prometheus_binary(), f"--config.file={config}",
+            [binary, f"--config.file={config}",
              f"--storage.tsdb.path={self.dir / 'data'}",
              f"--web.listen-address={HOST}:{self.port}"],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not port_open(self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError((self.dir / "log").read_text())
             time.sleep(0.1)
 
@@ -74,11 +89,21 @@ class Prometheus:
         return value
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            if self.process is not None and self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+        finally:
+            if self.log is not None:
+                self.log.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Prometheus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

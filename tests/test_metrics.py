@@ -10,7 +10,7 @@ import requests
 from grpc_client import predict_request, stub
 from procs import free_port, start_replica
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_server import Prometheus
+from prometheus_server import Prometheus, prometheus_binary
 from proxy_procs import start_proxy
 
 from batchproxy.metrics import ProxyMetrics
@@ -36,11 +36,11 @@ async def send(address: str, rows: list[int]) -> None:
 
 
 async def test_prometheus_scrape_counts_what_was_sent():
-    replica = start_replica("identity", batch_cost_ms=5)
+    prometheus_binary()  # skips when it is missing, before anything is started
     monitoring = free_port()
-    proxy = start_proxy([replica], monitoring_port=monitoring, max_batch_size=16)
-    prometheus = Prometheus([f"127.0.0.1:{monitoring}"])
-    try:
+    with start_replica("identity", batch_cost_ms=5) as replica, \
+            start_proxy([replica], monitoring_port=monitoring, max_batch_size=16) as proxy, \
+            Prometheus([f"127.0.0.1:{monitoring}"]) as prometheus:
         rng = np.random.default_rng(3)
         rows = [int(n) for n in rng.integers(1, 6, size=300)]
         for start in range(0, len(rows), 100):  # bounded load, in three waves
@@ -53,10 +53,6 @@ async def test_prometheus_scrape_counts_what_was_sent():
         assert prometheus.scalar("sum(batchproxy_batches_total)") == batches
         healthy = prometheus.query("batchproxy_replica_healthy")
         assert [float(r["value"][1]) for r in healthy] == [1.0]
-    finally:
-        prometheus.stop()
-        proxy.stop()
-        replica.stop()
 
 
 def scrape(url: str) -> dict[str, list]:
@@ -65,10 +61,9 @@ def scrape(url: str) -> dict[str, list]:
 
 
 async def test_workers_share_ports_and_one_scrape_covers_both():
-    replica = start_replica("identity")
     monitoring = free_port()
-    proxy = start_proxy([replica], monitoring_port=monitoring, workers=2)
-    try:
+    with start_replica("identity") as replica, \
+            start_proxy([replica], monitoring_port=monitoring, workers=2) as proxy:
         # SO_REUSEPORT spreads connections, not calls: use many connections.
         for _ in range(40):
             await send(proxy.address, [1, 2])
@@ -78,9 +73,6 @@ async def test_workers_share_ports_and_one_scrape_covers_both():
                           if s.name == "batchproxy_requests_total"
                           and s.labels["code"] == "OK")
         per_worker = {s.labels["pid"]: s.value for s in families["batchproxy_worker_calls"]}
-    finally:
-        proxy.stop()
-        replica.stop()
     assert requests_ok == 80
     assert len(per_worker) == 2, per_worker
     assert all(value > 0 for value in per_worker.values()), per_worker
