@@ -1,8 +1,8 @@
 """Where replicas come from: a static list, or DNS names re-resolved every interval (every
 address a name resolves to is a replica, as a Kubernetes headless Service presents them).
 
-With `dns_server` the A/AAAA queries go to that server over UDP (dnslib packs and parses
-them); without it the system resolver answers."""
+With `dns_server` the A/AAAA queries go to that server (dnspython's resolver: UDP, and TCP
+when the answer is truncated); without it the system resolver answers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ import logging
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import dns.asyncresolver
+import dns.exception
+import dns.inet
+import dns.nameserver
+import dns.resolver
 
 from batchproxy.fleet.slots import ReplicaPool
 from batchproxy.supervisor import cancel_and_wait
@@ -28,45 +34,33 @@ def split_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class _DnsQuery(asyncio.DatagramProtocol):
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.sendto(self.payload)  # type: ignore[attr-defined]
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        if not self.answer.done():
-            self.answer.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.answer.done():
-            self.answer.set_exception(exc)
-
-
 async def query_dns_server(name: str, server: tuple[str, int], timeout_s: float = 2.0,
                            ) -> list[str]:
-    """A and AAAA records of `name` from one DNS server."""
-    import dnslib
+    """A and AAAA records of `name` from one DNS server, every one of them: an answer too
+    large for UDP comes back truncated and is asked again over TCP (dnspython's resolver
+    does that), so a headless Service of hundreds of pods resolves in full. A name with no
+    records (NXDOMAIN, or no A/AAAA) is an empty list; a server that fails or does not
+    answer within `timeout_s` is an OSError."""
+    resolver = dns.asyncresolver.Resolver(configure=False)  # not /etc/resolv.conf's servers
+    host, port = server
+    if not dns.inet.is_address(host):  # dnspython takes the server's IP address only
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        host = infos[0][4][0]
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+    resolver.lifetime = timeout_s
 
-    addresses: list[str] = []
-    loop = asyncio.get_running_loop()
-    for qtype in ("A", "AAAA"):
-        query = dnslib.DNSRecord.question(name, qtype)
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda q=query: _DnsQuery(q.pack()), remote_addr=server)
+    async def records(rdtype: str) -> list[str]:
         try:
-            data = await asyncio.wait_for(protocol.answer, timeout_s)
-        finally:
-            transport.close()
-        reply = dnslib.DNSRecord.parse(data)
-        if reply.header.id != query.header.id:
-            raise OSError("DNS reply does not match the query")
-        for record in reply.rr:
-            if record.rtype in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA):
-                addresses.append(str(record.rdata))
-    return addresses
+            answer = await resolver.resolve(name, rdtype, search=False,
+                                            raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return []
+        except dns.exception.DNSException as err:
+            raise OSError(f"DNS server {server[0]}:{server[1]}: {err}") from err
+        return [rdata.to_text() for rdata in answer]
+
+    a, aaaa = await asyncio.gather(records("A"), records("AAAA"))
+    return sorted(set(a + aaaa))  # in a stable order, as the system resolver's below
 
 
 async def resolve(name: str, dns_server: tuple[str, int] | None) -> list[str]:
