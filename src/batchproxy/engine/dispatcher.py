@@ -21,7 +21,7 @@ from batchproxy.engine.admission import Admission
 from batchproxy.engine.queues import Batch, Entry
 from batchproxy.engine.retry import RetryPolicy
 from batchproxy.errors import ProxyError
-from batchproxy.fleet.slots import Endpoint, ReplicaPool
+from batchproxy.fleet.slots import Endpoint, ReplicaPool, Route
 from batchproxy.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,12 @@ class Dispatcher:
                     patience = batch.patience(loop.time(), pool.default_timeout_s)
                 sent_at = loop.time()
                 self.metrics.observe_batch(held.address, batch.rows, len(batch.pieces))
+                beside = pool.note_sent(held, batch.model, batch.rows)
                 try:
                     response = await pool.predict(held, batch.request, patience)
                 except ProxyError as err:
                     used, held = held, None
+                    pool.note_answered(used, batch.model, batch.rows, None, beside)
                     pool.release(used)
                     # Someone can still wait: the timeout was the proxy's, not a caller's.
                     ours = batch.patience(loop.time(), pool.default_timeout_s) > SPENT_S
@@ -130,7 +132,9 @@ class Dispatcher:
                                          f"replica {used.address} did not answer within "
                                          f"{patience:.3f}s")
                     return err, batch
-                self.admission.note_service_time(loop.time() - sent_at)
+                took = loop.time() - sent_at
+                self.admission.note_service_time(took)
+                pool.note_answered(held, batch.model, batch.rows, took, beside)
                 address = held.address
                 pool.release(held)
                 held = None
@@ -243,9 +247,15 @@ class Dispatcher:
         deadline = None if timeout is None else loop.time() + timeout
         failed: Endpoint | None = None
         retries = 0
+        # Health checks cover the model from now on, as they do a model seen in a Predict:
+        # a REST caller's first call is a signature fetch, never a Predict.
+        if model:
+            self.pool.note_model(model)
+        said_not_found: list[Endpoint] = []
         try:
             while True:
-                replica = self.pool.pick_unbatched(model, exclude=failed)
+                replica = self.pool.pick_unbatched(model, exclude=failed,
+                                                   skip=said_not_found)
                 if replica is None:
                     raise ProxyError(grpc.StatusCode.UNAVAILABLE, "no healthy replica")
                 remaining = None if deadline is None else deadline - loop.time()
@@ -255,6 +265,11 @@ class Dispatcher:
                 try:
                     return await self.pool.call(replica, path, request, remaining)
                 except ProxyError as err:
+                    if model and err.code is grpc.StatusCode.NOT_FOUND:
+                        said_not_found.append(replica)
+                        if self._ask_another(model, said_not_found, failed):
+                            continue
+                        raise
                     timed_out = (deadline is None
                                  and err.code is grpc.StatusCode.DEADLINE_EXCEEDED)
                     if timed_out:
@@ -271,3 +286,14 @@ class Dispatcher:
                     self.metrics.retries.inc()
         finally:
             admission.forwarded -= 1
+
+    def _ask_another(self, model: str, said_not_found: list[Endpoint],
+                     failed: Endpoint | None) -> bool:
+        """After a NOT_FOUND: whether another replica may still have `model`. Replicas of
+        one fleet may serve different models, and one not yet health-checked for `model`
+        is tried as if it had it; the answer is NOT_FOUND once every replica that might
+        have it said so, each asked once."""
+        self.pool.note_missing(said_not_found[-1], model)
+        if self.pool.route(model) not in (Route.SERVED, Route.WAIT):
+            return False  # the health checks found it nowhere: this NOT_FOUND is the answer
+        return self.pool.pick_unbatched(model, exclude=failed, skip=said_not_found) is not None

@@ -34,7 +34,7 @@ class Engine:
         self.admission = Admission(config, self.metrics)
         self.dispatcher = Dispatcher(pool, self.admission, self.metrics,
                                      abandon=self._abandon, retry=retry)
-        self.policy = policy or make_policy(config.policy, config)
+        self.policy = policy or make_policy(config.policy, config, pool)
         self.scheduler = Scheduler(config, pool, self.policy, self.admission,
                                    self.dispatcher.dispatch, self.metrics)
         self._task: asyncio.Task[None] | None = None

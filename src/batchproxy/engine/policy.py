@@ -4,18 +4,22 @@ that implements `FlushPolicy`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 from batchproxy.config import BatchingConfig
 from batchproxy.engine.queues import KeyQueue
+from batchproxy.fleet.slots import Endpoint, ReplicaPool
 
 
 @dataclass(frozen=True, slots=True)
 class Flush:
-    """Send a batch now. `idle_only`: only a replica with no batch in flight will do."""
+    """Send a batch now. `idle_only`: only a replica with no batch in flight will do;
+    `replica`: the policy chose this one (else the fleet chooses)."""
 
     idle_only: bool
+    replica: Endpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,10 @@ class FlushPolicy(Protocol):
     def wake_on_submit(self, queue: KeyQueue, rows_before: int) -> bool:
         """Whether rows just added to `queue` (it held `rows_before`) can change a
         decision, so the scheduler must look again before its next due time."""
+        ...
+
+    def on_dispatch(self, queue: KeyQueue, replica: Endpoint, rows: int, now: float) -> None:
+        """A batch of `rows` rows of `queue` left for `replica`."""
         ...
 
 
@@ -70,13 +78,96 @@ class FixedTimeoutPolicy:
         # full leaves at once. Anything else changes nothing until the due time.
         return rows_before == 0 or rows_before < self.full <= queue.rows
 
+    def on_dispatch(self, queue: KeyQueue, replica: Endpoint, rows: int, now: float) -> None:
+        pass
 
-POLICIES: dict[str, type[FixedTimeoutPolicy]] = {FixedTimeoutPolicy.name: FixedTimeoutPolicy}
+
+class AdaptivePolicy:
+    """Plans with the fleet's learned costs (fleet/costs.py) instead of a fixed timeout.
+
+    - **Finish-time routing:** a batch goes to the replica expected to finish it first: one
+      that can start it now, or a busy one that frees early enough to still win. A slow
+      replica gets work only when it would finish no later than a faster one.
+    - **Staggered, just-in-time dispatch:** batch starts for one model are spaced about one
+      expected batch time divided by the replicas serving it, so every arrival meets a
+      replica that is about to start, and while they are all busy the batch keeps filling
+      here and leaves the moment the chosen replica can start it.
+    - A full batch leaves at once for its replica; no call waits for a start longer than
+      `max(batch_timeout_micros, spacing)`.
+
+    Routes the fleet cannot plan for (no replica known to serve the model yet) fall back to
+    the fixed rule."""
+
+    name = "adaptive"
+
+    def __init__(self, config: BatchingConfig, pool: ReplicaPool) -> None:
+        self.full = config.max_batch_size
+        self.timeout_s = config.batch_timeout_s
+        self.pool = pool
+        self.fallback = FixedTimeoutPolicy(config)
+        self._last_start: dict[str, float] = {}
+        self._mean_rows: dict[str, float] = {}
+
+    def decide(self, queue: KeyQueue, now: float) -> Flush | Hold:
+        model = queue.model
+        rows = min(queue.rows, self.full)
+        best: Endpoint | None = None
+        best_finish = math.inf
+        best_ready = False
+        serving = 0
+        limit = self.pool.max_inflight
+        for replica in self.pool.replicas.values():
+            if not replica.serves(model):
+                continue
+            serving += 1
+            cost = replica.cost(model)
+            ready = replica.outstanding < min(cost.concurrency, limit)
+            # A busy replica past its expected free time is late by an unknown amount: it
+            # never ties with one that can start now.
+            start = now if ready else max(now + LATE_S, replica.free_at)
+            finish = start + cost.predict(rows)
+            if finish < best_finish:
+                best, best_finish, best_ready = replica, finish, ready
+        if best is None:
+            return self.fallback.decide(queue, now)
+        if not best_ready:
+            # Woken when a slot frees; the time is only a backstop for a late estimate.
+            return Hold(best.free_at if best.free_at > now else now + IDLE_RECHECK_S)
+        if queue.rows >= self.full:
+            return Flush(idle_only=False, replica=best)
+        typical = round(self._mean_rows.get(model, rows))
+        spacing = best.cost(model).predict(typical) / serving
+        head = queue.head()
+        waited_since = now if head is None else head.enqueued_at
+        latest = waited_since + max(self.timeout_s, spacing)
+        start_at = self._last_start.get(model, -math.inf) + spacing
+        if now >= start_at or now >= latest:
+            return Flush(idle_only=False, replica=best)
+        return Hold(min(start_at, latest))
+
+    def wake_on_submit(self, queue: KeyQueue, rows_before: int) -> bool:
+        return rows_before == 0 or rows_before < self.full <= queue.rows
+
+    def on_dispatch(self, queue: KeyQueue, replica: Endpoint, rows: int, now: float) -> None:
+        model = queue.model
+        self._last_start[model] = now
+        mean = self._mean_rows.get(model)
+        self._mean_rows[model] = rows if mean is None else mean + ROWS_EWMA * (rows - mean)
 
 
-def make_policy(name: str, config: BatchingConfig) -> FlushPolicy:
-    try:
-        return POLICIES[name](config)
-    except KeyError:
-        raise ValueError(f"unknown batching policy {name!r}; "
-                         f"known: {', '.join(sorted(POLICIES))}") from None
+# What a busy replica past its expected free time is assumed to still need.
+LATE_S = 0.001
+# A backstop for a replica whose batch runs past its expected time: look again this often.
+IDLE_RECHECK_S = 0.05
+# Weight of each new batch in the mean batch size that sets the spacing.
+ROWS_EWMA = 0.1
+
+POLICIES = ("fixed", "adaptive")
+
+
+def make_policy(name: str, config: BatchingConfig, pool: ReplicaPool) -> FlushPolicy:
+    if name == FixedTimeoutPolicy.name:
+        return FixedTimeoutPolicy(config)
+    if name == AdaptivePolicy.name:
+        return AdaptivePolicy(config, pool)
+    raise ValueError(f"unknown batching policy {name!r}; known: {', '.join(POLICIES)}")

@@ -171,7 +171,10 @@ class Scheduler:
                     if next_due is None or decision.until < next_due:
                         next_due = decision.until
                     break
-                replica = self.pool.try_acquire(queue.model, idle_only=decision.idle_only)
+                if decision.replica is not None:
+                    replica = self.pool.try_acquire_on(decision.replica, queue.model)
+                else:
+                    replica = self.pool.try_acquire(queue.model, idle_only=decision.idle_only)
                 if replica is None:
                     if self.pool.route(queue.model) is Route.NOWHERE:
                         self._fail_queue(queue, no_replica(queue.model))
@@ -180,6 +183,7 @@ class Scheduler:
                 if batch is None:
                     self.pool.release(replica)
                     break
+                self.policy.on_dispatch(queue, replica, batch.rows, now)
                 self.dispatch(replica, batch)
         return next_due
 

@@ -16,11 +16,12 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import grpc
 
 from batchproxy.errors import ProxyError
+from batchproxy.fleet.costs import CostModel
 from batchproxy.fleet.transport import Transport, TransportFactory, grpc_transports
 from batchproxy.methods import PREDICT
 
@@ -86,6 +87,18 @@ class Endpoint:
         self.ejections = 0
         self.ejected_until = 0.0
         self.healthy_since = 0.0
+        # Learned per model (fleet/costs.py), and when the replica is expected to be free of
+        # the batches it holds (loop time): what the adaptive policy plans with.
+        self.costs: dict[str, CostModel] = {}
+        self.free_at = 0.0
+
+    def cost(self, model: str) -> CostModel:
+        model_cost = self.costs.get(model)
+        if model_cost is None:
+            if len(self.costs) >= MAX_TRACKED_MODELS:
+                self.costs.clear()  # model names come from clients: bound the table
+            model_cost = self.costs[model] = CostModel()
+        return model_cost
 
     def serves(self, model: str) -> bool:
         return self.state is ReplicaState.HEALTHY and self.models.get(
@@ -231,6 +244,13 @@ class ReplicaPool:
         self.known_models.add(model)
         return True
 
+    def note_missing(self, replica: Endpoint, model: str) -> None:
+        """`replica` answered NOT_FOUND for `model` before a health check asked it about the
+        model: route around it now, not after the next check (which has the last word)."""
+        if model in self.known_models and model not in replica.models:
+            replica.models[model] = ModelState.MISSING
+            self._routes.pop(model, None)
+
     def forget_missing_models(self, keep: set[str]) -> None:
         """Stop health-checking models that every replica reports missing."""
         for model in list(self.known_models - keep):
@@ -289,6 +309,36 @@ class ReplicaPool:
         replica.batches_sent += 1
         return replica
 
+    def try_acquire_on(self, replica: Endpoint, model: str) -> Endpoint | None:
+        """Reserve a slot on `replica` itself (a policy chose it), or None if it has none
+        free or no longer serves `model`."""
+        if replica.outstanding >= self.max_inflight or not replica.serves(model) \
+                or self.replicas.get(replica.address) is not replica:
+            return None
+        replica.outstanding += 1
+        replica.batches_sent += 1
+        return replica
+
+    def note_sent(self, replica: Endpoint, model: str, rows: int) -> int:
+        """A batch of `rows` rows leaves for `replica` now (its slot already held). Returns
+        how many other batches it holds (what the batch's time is learned against), and
+        moves the replica's expected free time past this batch."""
+        now = loop_time()
+        cost = replica.cost(model)
+        beside = replica.outstanding - 1
+        replica.free_at = max(now, replica.free_at) + cost.predict(rows) / cost.concurrency
+        return beside
+
+    def note_answered(self, replica: Endpoint, model: str, rows: int,
+                      seconds: float | None, beside: int) -> None:
+        """A batch sent with note_sent() was answered after `seconds` (None: it failed),
+        its slot still held: the cost model learns, and a replica left with nothing is free
+        now."""
+        if seconds is not None:
+            replica.cost(model).observe(rows, seconds, beside)
+        if replica.outstanding <= 1:
+            replica.free_at = loop_time()
+
     def can_serve(self, model: str, exclude: Endpoint | None = None) -> bool:
         """Whether a replica other than `exclude` could take `model` now or soon (healthy and
         serving it, or joining and not yet checked): what makes a retry worth waiting for."""
@@ -345,17 +395,20 @@ class ReplicaPool:
     def any_healthy(self) -> bool:
         return any(r.state is ReplicaState.HEALTHY for r in self.replicas.values())
 
-    def pick_unbatched(self, model: str, exclude: Endpoint | None = None) -> Endpoint | None:
+    def pick_unbatched(self, model: str, exclude: Endpoint | None = None,
+                       skip: Collection[Endpoint] = ()) -> Endpoint | None:
         """A replica for an unbatched call (metadata, status, classify, ...): the least busy
         healthy one that serves `model` (any healthy one when the model is not known). These
-        calls take no batch slot: they are small and must not wait behind batches."""
+        calls take no batch slot: they are small and must not wait behind batches. `skip`:
+        replicas that already answered this call NOT_FOUND."""
         by_model = bool(model) and self.route(model) is Route.SERVED
         candidates = [r for r in self.replicas.values()
-                      if r is not exclude and (r.serves(model) if by_model
-                                               else r.state is ReplicaState.HEALTHY)]
+                      if r is not exclude and r not in skip
+                      and (r.serves(model) if by_model else r.state is ReplicaState.HEALTHY)]
         if not candidates:
             candidates = [r for r in self.replicas.values()
-                          if r.state is not ReplicaState.DRAINING and r is not exclude]
+                          if r.state is not ReplicaState.DRAINING and r is not exclude
+                          and r not in skip]
         if not candidates:
             return None
         return min(candidates, key=lambda r: r.outstanding)

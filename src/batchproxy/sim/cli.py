@@ -69,6 +69,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--duration", type=float, default=None,
                       help="virtual seconds of arrivals (default 10; a trace: its span in whole "
                            "seconds)")
+    load.add_argument("--warmup", type=float, default=sim.warmup_s,
+                      help="virtual seconds of arrivals before the measured --duration "
+                           "(default %(default)s)")
     load.add_argument("--models", default=sim.models,
                       help="model names, with weights: a:3,b:1 (default %(default)s)")
     load.add_argument("--rows", default=sim.rows,
@@ -121,7 +124,7 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         replica_timeout_s=args.replica_timeout_s, health_interval_ms=args.health_interval_ms,
         eject_after_failures=args.eject_after_failures,
         workload=workload, rates=rates, loads=args.load or SimConfig.loads,
-        duration_s=args.duration, models=args.models, rows=args.rows,
+        duration_s=args.duration, warmup_s=args.warmup, models=args.models, rows=args.rows,
         deadline_ms=args.deadline_ms, trace=args.trace, burst_on_s=args.burst_on_s,
         burst_off_s=args.burst_off_s, slo_ms=args.slo_ms, seed=args.seed,
         systems=tuple(systems))

@@ -38,6 +38,13 @@ class Outcomes:
     codes: list[str] = field(default_factory=list)
     end_s: float = 0.0  # virtual time when the last call was answered
 
+    def only(self, keep: list[bool]) -> Outcomes:
+        """The calls whose `keep` is true (the measured ones, after a warm-up)."""
+        if all(keep):
+            return self
+        return Outcomes([x for x, k in zip(self.latencies_s, keep, strict=True) if k],
+                        [c for c, k in zip(self.codes, keep, strict=True) if k], self.end_s)
+
 
 @dataclass
 class RunResult:
@@ -64,7 +71,9 @@ class RunResult:
     @classmethod
     def of(cls, system: str, rate: float, load: float | None, duration_s: float,
            slo_s: float, outcomes: Outcomes, records: Sequence[ReplicaRecord],
-           concurrency: int) -> RunResult:
+           concurrency: int, busy_window_s: float | None = None) -> RunResult:
+        """`busy_window_s`: the span the replicas' busy time covers (warm-up included);
+        `duration_s` by default."""
         ok = sorted(lat for lat, code in zip(outcomes.latencies_s, outcomes.codes, strict=True)
                     if code == OK)
         good = sum(1 for lat in ok if lat <= slo_s)
@@ -74,7 +83,8 @@ class RunResult:
             histogram.update(record.batch_rows)
         batches = sum(histogram.values())
         rows = sum(r * n for r, n in histogram.items())
-        utilization = [round(rec.busy_s / (concurrency * duration_s), 4) if duration_s else 0.0
+        window = busy_window_s or duration_s
+        utilization = [round(rec.busy_s / (concurrency * window), 4) if window else 0.0
                        for rec in records]
         return cls(
             system=system, rate_per_s=round(rate, 3),

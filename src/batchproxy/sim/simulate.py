@@ -49,6 +49,9 @@ class SimConfig:
     rates: tuple[float, ...] = ()  # calls/s; when empty, `loads` of the capacity
     loads: tuple[float, ...] = (0.5,)
     duration_s: float | None = None  # None: 10 s; a trace: its span in whole seconds
+    # Seconds of arrivals before the measured ones: learned costs settle, as a real
+    # benchmark's warm-up lets them.
+    warmup_s: float = 0.0
     models: str = "model"  # weighted choice, "a:3,b:1"
     rows: str = "1"  # weighted choice, "1:4,8", or a range "1-8"
     deadline_ms: float = 0.0  # 0: calls carry no deadline
@@ -235,16 +238,18 @@ def simulate(config: SimConfig,
     runs: list[RunResult] = []
     for rate, load in sweep(config):
         table = ShapeTable(config.features)
-        arrivals = _arrivals(config, rate, duration, table)
+        arrivals = _arrivals(config, rate, config.warmup_s + duration, table)
         if config.workload == "trace":
             rate = len(arrivals) / duration if duration else 0.0
+        measured = [a.time_s >= config.warmup_s for a in arrivals]
         models = frozenset(table.models())
         for kind in config.systems:
-            replicas = make_replicas(config, duration, models)
+            replicas = make_replicas(config, config.warmup_s + duration, models)
             system = make_system(kind, config, replicas, table.shapes)
-            outcomes = run_virtual(drive(system, arrivals))
+            outcomes = run_virtual(drive(system, arrivals)).only(measured)
             result = RunResult.of(kind, rate, load, duration, config.slo_ms / 1000, outcomes,
-                                  [r.record for r in replicas], config.concurrency)
+                                  [r.record for r in replicas], config.concurrency,
+                                  busy_window_s=config.warmup_s + duration)
             runs.append(result)
             if progress is not None:
                 progress(result)

@@ -1,0 +1,117 @@
+"""Learned replica costs: per replica and model, an online fit of a batch's latency as
+`a + b * rows`, and an estimate of how many batches the replica runs at once without
+slowing down. The adaptive flush policy plans with them; metrics and the debug endpoint show
+them.
+
+The fit is weighted least squares over exponentially decaying sums, so a replica that slows
+down (a noisy neighbour, thermal throttling) is followed within a few hundred batches.
+Outliers (a GC pause, one slow batch) are clipped to a few times the typical residual before
+they enter the sums. Until enough batches of different sizes were seen, the slope leans on a
+prior and the intercept on the mean."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# Weight of the past per new batch: 1 / (1 - DECAY) = 200 batches of memory.
+DECAY = 0.995
+# Residuals beyond this many times the typical absolute residual are clipped.
+CLIP = 4.0
+# Batches seen before the fit is trusted over the prior.
+WARM = 8
+# A batch that ran beside k others and took under this much longer than alone still counts
+# as running concurrently.
+CONCURRENT_SLOWDOWN = 1.3
+
+
+@dataclass
+class CostModel:
+    """What one replica costs for one model."""
+
+    prior_a_s: float = 0.01  # before any batch: a guess of the fixed cost
+    prior_b_s: float = 0.0  # and of the per-row cost
+    max_concurrency: int = 8
+    # Decaying sums for the weighted least-squares fit of latency on rows.
+    _w: float = 0.0
+    _x: float = 0.0
+    _y: float = 0.0
+    _xx: float = 0.0
+    _xy: float = 0.0
+    _abs_residual: float = 0.0  # decaying mean absolute residual: the clip scale
+    batches: int = 0
+    # Slowdown (observed / predicted alone) by how many other batches ran beside it.
+    _slowdown: dict[int, list[float]] = field(default_factory=dict)
+
+    @property
+    def a_s(self) -> float:
+        return self._fit()[0]
+
+    @property
+    def b_s(self) -> float:
+        return self._fit()[1]
+
+    def _fit(self) -> tuple[float, float]:
+        if self.batches == 0:
+            return self.prior_a_s, self.prior_b_s
+        mean_x = self._x / self._w
+        mean_y = self._y / self._w
+        var_x = self._xx / self._w - mean_x * mean_x
+        cov = self._xy / self._w - mean_x * mean_y
+        # Rows that barely vary say nothing of the slope: lean on the prior until they do.
+        settled = self.batches >= WARM and var_x >= 0.25
+        b = max(cov / var_x, 0.0) if settled else self.prior_b_s
+        a = max(mean_y - b * mean_x, 0.0)
+        return a, b
+
+    def predict(self, rows: int) -> float:
+        """Expected seconds for a batch of `rows` rows on its own."""
+        a, b = self._fit()
+        return a + b * rows
+
+    def observe(self, rows: int, seconds: float, beside: int = 0) -> None:
+        """A batch of `rows` took `seconds`, with `beside` other batches in flight on the
+        same replica when it started."""
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        alone = self.predict(rows)
+        if beside:
+            if self.batches >= WARM and alone > 0:
+                ratios = self._slowdown.setdefault(min(beside, self.max_concurrency), [])
+                ratios.append(seconds / alone)
+                del ratios[:-32]  # the recent ones
+            return  # only batches that ran alone teach the single-batch cost
+        if self.batches >= WARM and self._abs_residual > 0:
+            limit = CLIP * self._abs_residual
+            seconds = min(max(seconds, alone - limit), alone + limit)
+        residual = abs(seconds - alone) if self.batches else 0.0
+        self._w = self._w * DECAY + 1.0
+        self._x = self._x * DECAY + rows
+        self._y = self._y * DECAY + seconds
+        self._xx = self._xx * DECAY + rows * rows
+        self._xy = self._xy * DECAY + rows * seconds
+        if self.batches >= WARM:
+            self._abs_residual += (1 - DECAY) * (residual - self._abs_residual)
+        else:  # few batches: the widest residual yet, so early clipping is lenient
+            self._abs_residual = max(self._abs_residual, residual)
+        self.batches += 1
+
+    @property
+    def concurrency(self) -> int:
+        """How many batches the replica runs at once without slowing down: one more than
+        the most batches seen beside another whose slowdown stayed small."""
+        level = 1
+        for beside in range(1, self.max_concurrency):
+            ratios = self._slowdown.get(beside)
+            if not ratios or len(ratios) < 4:
+                break
+            ratios_sorted = sorted(ratios)
+            if ratios_sorted[len(ratios_sorted) // 2] > CONCURRENT_SLOWDOWN:
+                break
+            level = beside + 1
+        return level
+
+    def to_dict(self) -> dict[str, float | int]:
+        a, b = self._fit()
+        return {"a_ms": round(a * 1000, 3), "b_ms_per_row": round(b * 1000, 4),
+                "concurrency": self.concurrency, "batches": self.batches}
