@@ -374,8 +374,10 @@ def test_docker_build_stage_builds_the_package(tmp_path: Path) -> None:
 @cache
 def k8s_documents() -> tuple[tuple[str, dict], ...]:
     docs = []
-    for path in sorted(K8S_DIR.glob("*.yaml")):
-        docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    # Subfolders too: manifests applied on their own (tools/models-loader.yaml) are checked alike.
+    for path in sorted(K8S_DIR.rglob("*.yaml")):
+        name = str(path.relative_to(K8S_DIR))
+        docs += [(name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
     return tuple(docs)
 
 
@@ -390,6 +392,42 @@ def test_k8s_manifests_present() -> None:
     assert {("Deployment", "tfs"), ("Service", "tfs-headless"), ("Deployment", "batchproxy"),
             ("Service", "batchproxy"), ("HorizontalPodAutoscaler", "batchproxy"),
             ("PodDisruptionBudget", "batchproxy")} <= kinds
+
+
+def claim_volumes(pod_spec: dict, claim: str) -> list[str]:
+    return [v["name"] for v in pod_spec["volumes"]
+            if v.get("persistentVolumeClaim", {}).get("claimName") == claim]
+
+
+def test_k8s_models_claim_binds_on_kind() -> None:
+    # kind's default StorageClass (rancher local-path) provisions ReadWriteOnce only; a
+    # ReadOnlyMany claim stays Pending there and no TFS pod ever starts.
+    claim = k8s("PersistentVolumeClaim", "tfs-models")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert "storageClassName" not in claim["spec"]  # the cluster's default class
+    # TFS only reads it; the loader pod, applied on its own, is the one writer.
+    tfs = k8s("Deployment", "tfs")["spec"]["template"]["spec"]
+    (volume,) = claim_volumes(tfs, "tfs-models")
+    (mount,) = [m for m in container(k8s("Deployment", "tfs"))["volumeMounts"]
+                if m["name"] == volume]
+    assert mount["readOnly"] is True
+    loader = k8s("Pod", "tfs-models-loader")["spec"]
+    (volume,) = claim_volumes(loader, "tfs-models")
+    (mount,) = loader["containers"][0]["volumeMounts"]
+    assert mount["name"] == volume and not mount.get("readOnly")
+    (applied,) = [name for name, d in k8s_documents() if d["kind"] == "Pod"]
+    assert "/" in applied, "the loader must stay out of `kubectl apply -f deploy/kubernetes/`"
+
+
+def test_readme_kubernetes_section_names_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### On Kubernetes"):]
+    section = section[:section.index("\n### ", 1)]
+    paths = set(re.findall(r"deploy/kubernetes/[\w./-]+\.yaml", section))
+    assert "deploy/kubernetes/tools/models-loader.yaml" in paths
+    for path in paths:
+        assert (ROOT / path).is_file(), path
+    assert "ReadWriteOnce" in section  # the access mode the manifest asks for
 
 
 @pytest.mark.parametrize("version", [K8S_OLDEST, "latest"])
