@@ -10,6 +10,7 @@ from typing import Protocol
 
 from batchproxy.config import BatchingConfig
 from batchproxy.engine.queues import KeyQueue
+from batchproxy.fleet.costs import CostModel
 from batchproxy.fleet.slots import Endpoint, ReplicaPool
 
 
@@ -110,33 +111,35 @@ class AdaptivePolicy:
 
     def decide(self, queue: KeyQueue, now: float) -> Flush | Hold:
         model = queue.model
-        rows = min(queue.rows, self.full)
-        best: Endpoint | None = None
-        best_finish = math.inf
-        best_ready = False
-        serving = 0
         limit = self.pool.max_inflight
+        # When each replica serving the model could start a batch, and what it costs there.
+        starts: list[tuple[float, Endpoint, CostModel, bool]] = []
         for replica in self.pool.replicas.values():
             if not replica.serves(model):
                 continue
-            serving += 1
             cost = replica.cost(model)
             ready = replica.outstanding < min(cost.concurrency, limit)
             # A busy replica past its expected free time is late by an unknown amount: it
             # never ties with one that can start now.
             start = now if ready else max(now + LATE_S, replica.free_at)
-            finish = start + cost.predict(rows)
-            if finish < best_finish:
-                best, best_finish, best_ready = replica, finish, ready
-        if best is None:
+            starts.append((start, replica, cost, ready))
+        if not starts:
             return self.fallback.decide(queue, now)
+        first, planned = self._plan(queue.rows, starts)
+        _, best, best_cost, best_ready = first
         if not best_ready:
+            idle = [entry for entry in planned if entry[3]]
+            if idle:
+                # The queue holds more than the replica finishing first can take: a replica
+                # free now has a batch in the plan, so it starts the oldest rows at once.
+                return Flush(idle_only=False, replica=idle[0][1])
             # Woken when a slot frees; the time is only a backstop for a late estimate.
             return Hold(best.free_at if best.free_at > now else now + IDLE_RECHECK_S)
         if queue.rows >= self.full:
             return Flush(idle_only=False, replica=best)
-        typical = round(self._mean_rows.get(model, rows))
-        spacing = best.cost(model).predict(typical) / serving
+        typical = round(self._mean_rows.get(model, queue.rows))
+        batch_s = best_cost.predict(typical)
+        spacing = batch_s / self._parallel(starts, typical, batch_s)
         head = queue.head()
         waited_since = now if head is None else head.enqueued_at
         latest = waited_since + max(self.timeout_s, spacing)
@@ -144,6 +147,44 @@ class AdaptivePolicy:
         if now >= start_at or now >= latest:
             return Flush(idle_only=False, replica=best)
         return Hold(min(start_at, latest))
+
+    @staticmethod
+    def _parallel(starts: list[tuple[float, Endpoint, CostModel, bool]], rows: int,
+                  batch_s: float) -> float:
+        """How many replicas' worth of batches the fleet runs at once, a replica counted by
+        its speed against the fastest: the divisor of the spacing between batch starts. A
+        replica more than twice as slow counts for nothing: the plan gives it work only from
+        a backlog, and counting it would space the fast replicas' starts too tightly."""
+        total = 0.0
+        for _, _, cost, _ in starts:
+            share = batch_s / max(cost.predict(rows), 1e-9)
+            if share >= SLOW_SHARE:
+                total += min(share, 1.0) * cost.concurrency
+        return max(total, 1.0)
+
+    def _plan(self, rows: int, starts: list[tuple[float, Endpoint, CostModel, bool]]
+              ) -> tuple[tuple[float, Endpoint, CostModel, bool],
+                         list[tuple[float, Endpoint, CostModel, bool]]]:
+        """Place the queue's rows, a batch at a time, each on the replica that would finish
+        it first (list scheduling). Returns the first batch's replica and every replica the
+        plan gives a batch to. With a backlog, a slower replica earns a later batch when
+        it would finish it before the faster ones could get to it."""
+        batches = min(max(1, -(-rows // self.full)), MAX_PLANNED_BATCHES)
+        free = list(starts)
+        first = None
+        used: list[tuple[float, Endpoint, CostModel, bool]] = []
+        for index in range(batches):
+            size = min(self.full, rows - index * self.full)
+            finishes = [start + cost.predict(size) for start, _, cost, _ in free]
+            pick = min(range(len(free)), key=finishes.__getitem__)
+            if first is None:
+                first = free[pick]
+            if free[pick] not in used:
+                used.append(free[pick])
+            _, replica, cost, _ = free[pick]
+            free[pick] = (finishes[pick], replica, cost, False)
+        assert first is not None
+        return first, used
 
     def wake_on_submit(self, queue: KeyQueue, rows_before: int) -> bool:
         return rows_before == 0 or rows_before < self.full <= queue.rows
@@ -155,6 +196,10 @@ class AdaptivePolicy:
         self._mean_rows[model] = rows if mean is None else mean + ROWS_EWMA * (rows - mean)
 
 
+# A replica slower than this share of the fastest's speed does not set the spacing.
+SLOW_SHARE = 0.5
+# Batches of a backlog planned ahead when choosing where the oldest rows go.
+MAX_PLANNED_BATCHES = 64
 # What a busy replica past its expected free time is assumed to still need.
 LATE_S = 0.001
 # A backstop for a replica whose batch runs past its expected time: look again this often.
