@@ -8,6 +8,7 @@ import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -117,7 +118,7 @@ def make_pool(replicas: dict[str, ScriptedReplica], max_inflight: int = 1,
 def make_engine(replicas: dict[str, ScriptedReplica], *, max_batch_size: int = 4,
                 batch_timeout_micros: int = 2000, max_inflight: int = 1,
                 default_timeout_s: float = 30.0, max_enqueued_rows: int = 64,
-                **batching: int) -> Engine:
+                **batching: Any) -> Engine:
     config = BatchingConfig(max_batch_size=max_batch_size,
                             batch_timeout_micros=batch_timeout_micros,
                             max_enqueued_rows=max(max_enqueued_rows, max_batch_size),
