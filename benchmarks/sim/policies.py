@@ -37,8 +37,8 @@ def p99(report, system: str) -> dict[float, float]:
 
 
 def inside_slo(report, system: str) -> dict[float, float]:
-    return {run.load: run.goodput_per_s / run.rate_per_s for run in report.runs
-            if run.system == system}
+    return {run.load: run.goodput_per_s * run.duration_s / run.requests
+            for run in report.runs if run.system == system}
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ replica, a backlog that earns the slow replica work, and full batches that never
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from scripted import ScriptedReplica, answer_values, make_call, make_engine
 
@@ -36,7 +37,7 @@ def test_batch_starts_are_spaced_one_batch_time_over_the_replicas(vrun):
 
     vrun(main())
     starts = [s for s in starts_after(replicas, 1.0) if s[0] < 2.9]  # before arrivals end
-    gaps = {round(b[0] - a[0], 9) for a, b in zip(starts, starts[1:])}
+    gaps = {round(b[0] - a[0], 9) for a, b in itertools.pairwise(starts)}
     assert gaps == {0.025}
     assert [name for _, name, _ in starts[:8]] == list("abcdabcd")
     assert all(12 <= rows <= 13 for _, _, rows in starts)
