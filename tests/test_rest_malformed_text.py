@@ -15,9 +15,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from procs import Process, start_replica
 from proxy_procs import start_proxy
 
+from batchproxy.errors import INTERNAL_ERROR_MESSAGE
 from batchproxy.frontends import json_text, rest_json
 from batchproxy.frontends.predict_service import PredictService
-from batchproxy.frontends.rest import INTERNAL_ERROR_MESSAGE, RestFrontend
+from batchproxy.frontends.rest import RestFrontend
 from batchproxy.frontends.signatures import SignatureCache
 
 GOOD_PREDICT = '{"instances": [{"text": "ab", "x": [1, 2]}]}'

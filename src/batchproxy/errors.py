@@ -8,6 +8,8 @@ from __future__ import annotations
 import grpc
 
 MAX_MESSAGE_CHARS = 1024
+# What a caller hears of a bug in the proxy: the exception itself goes to the log only.
+INTERNAL_ERROR_MESSAGE = "batchproxy internal error (the proxy's log has the details)"
 
 
 class ProxyError(Exception):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAX_LABEL_SETS = 1000
+# Every reason a call is refused before a replica sees it; each is exported from the start,
+# at 0, so a dashboard's rate() of a reason exists before the first refusal.
+REJECT_REASONS = ("queue_full", "deadline_unreachable", "deadline", "no_replica", "invalid",
+                  "too_large", "unauthenticated")
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -87,7 +91,9 @@ class ProxyMetrics:
         self._request_children: dict[tuple[str, str, str, str], Counter] = {}
         self._duration_children: dict[tuple[str, str], Histogram] = {}
         self._batch_children: dict[str, Counter] = {}
-        self._rejected_children: dict[str, Counter] = {}
+        self._rejected_children: dict[str, Counter] = {
+            reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
+        self._replicas: set[str] = set()  # addresses with per-replica series
 
     # -- hot path: children bound once per label set ------------------------------------------
 
@@ -122,6 +128,30 @@ class ProxyMetrics:
         if child is None:
             child = self._rejected_children[reason] = self.rejected.labels(reason)
         child.inc()
+
+    # -- sampled state -----------------------------------------------------------------------
+
+    def sample_replicas(self, replicas: Mapping[str, tuple[int, bool]]) -> None:
+        """Per-replica gauges from {address: (outstanding batches, healthy)}. A replica no
+        longer in the pool loses its series, so a dropped one is not reported healthy
+        forever and DNS churn does not pile up label sets."""
+        for address, (outstanding, healthy) in replicas.items():
+            self.outstanding.labels(address).set(outstanding)
+            self.replica_healthy.labels(address).set(1 if healthy else 0)
+        for address in self._replicas - replicas.keys():
+            self._forget_replica(address)
+        self._replicas = set(replicas)
+
+    def _forget_replica(self, address: str) -> None:
+        self._batch_children.pop(address, None)
+        if multiprocess_dir():
+            # With --workers the values live in files that no removal reaches: the best
+            # they can say of a dropped replica is 0.
+            self.outstanding.labels(address).set(0)
+            self.replica_healthy.labels(address).set(0)
+            return
+        for metric in (self.outstanding, self.replica_healthy, self.batches, self.ejections):
+            metric.remove(address)
 
     # -- exposition ------------------------------------------------------------------------
 

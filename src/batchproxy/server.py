@@ -127,10 +127,9 @@ class Proxy:
     def _sample_gauges(self) -> None:
         self.metrics.queued_rows.set(self.engine.queued_rows)
         self.metrics.worker_calls.set(self.metrics.calls_handled)
-        for replica in self.pool.replicas.values():
-            self.metrics.outstanding.labels(replica.address).set(replica.outstanding)
-            self.metrics.replica_healthy.labels(replica.address).set(
-                1 if replica.state is ReplicaState.HEALTHY else 0)
+        self.metrics.sample_replicas({
+            replica.address: (replica.outstanding, replica.state is ReplicaState.HEALTHY)
+            for replica in self.pool.replicas.values()})
 
     async def _start_monitoring(self) -> None:
         """Metrics on a port of their own (--monitoring_port), e.g. bound to another address

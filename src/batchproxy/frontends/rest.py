@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 
 from batchproxy import codec
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
-from batchproxy.errors import ProxyError
+from batchproxy.errors import INTERNAL_ERROR_MESSAGE, ProxyError
 from batchproxy.frontends import rest_json
 from batchproxy.frontends.predict_service import CallRecord, PredictService
 from batchproxy.frontends.signatures import ModelKey, SignatureCache, model_spec
@@ -75,7 +75,6 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 _REASONS = {499: "Client Closed Request"}  # not in http.HTTPStatus
-INTERNAL_ERROR_MESSAGE = "batchproxy internal error (the proxy's log has the details)"
 
 
 def http_status(code: grpc.StatusCode) -> int:
