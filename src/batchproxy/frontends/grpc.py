@@ -3,7 +3,7 @@
 Handlers are generic and take raw bytes (no Python protobuf objects on the hot path):
 Predict goes to the predict service (core decoder, then the engine's batch queues);
 everything else is forwarded to a replica untouched, and its status code and message come
-back unchanged."""
+back unchanged; but HandleReloadConfigRequest, which is refused (RELOAD_REFUSAL says why)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
-from batchproxy.errors import ProxyError
-from batchproxy.frontends.predict_service import PredictService
+from batchproxy.errors import INTERNAL_ERROR_MESSAGE, ProxyError
+from batchproxy.frontends.predict_service import CallRecord, PredictService
 from batchproxy.methods import (
     CLASSIFY,
     GET_MODEL_METADATA,
@@ -32,9 +32,14 @@ log = logging.getLogger(__name__)
 
 # Forwarded to a replica unchanged. MultiInference's tasks may name several models, so it
 # is not routed by model.
-FORWARDED = (CLASSIFY, REGRESS, MULTI_INFERENCE, GET_MODEL_METADATA, GET_MODEL_STATUS,
-             HANDLE_RELOAD_CONFIG)
+FORWARDED = (CLASSIFY, REGRESS, MULTI_INFERENCE, GET_MODEL_METADATA, GET_MODEL_STATUS)
 UNROUTED = frozenset({MULTI_INFERENCE})
+# Forwarded, a reload would reconfigure whichever one replica took the call and leave the
+# rest of the fleet as it was; the proxy has no model config of its own to reload.
+RELOAD_REFUSAL = (
+    "HandleReloadConfigRequest is not supported by batchproxy: it would reconfigure one "
+    "replica of the fleet, not all of them, and the proxy has no model config of its own. "
+    "Send it to each TensorFlow Serving replica directly.")
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
@@ -62,23 +67,45 @@ class PredictionHandlers:
             except ProxyError as err:
                 record.code = err.code.name
                 await context.abort(err.code, err.message)
+            except Exception:
+                await self._internal_error(record, context)
 
     def forwarder(self, path: str) -> Handler:
         method = path.rsplit("/", 1)[1]
         routed = path not in UNROUTED
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            with self.service.observe("grpc", method) as record:
+            # Counted under the model the request names, as a Predict is.
+            model = model_of(request) if routed else ""
+            with self.service.observe("grpc", method, model) as record:
                 try:
                     self._authenticate(context)
-                    return await self.service.forward(
-                        path, request, context.time_remaining(),
-                        model=model_of(request) if routed else "")
+                    return await self.service.forward(path, request, context.time_remaining(),
+                                                      model=model)
                 except ProxyError as err:
                     record.code = err.code.name
                     await context.abort(err.code, err.message)
+                except Exception:
+                    await self._internal_error(record, context)
 
         return forward
+
+    async def reload_config(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        with self.service.observe("grpc", HANDLE_RELOAD_CONFIG.rsplit("/", 1)[1]) as record:
+            try:
+                self._authenticate(context)
+                raise ProxyError(grpc.StatusCode.UNIMPLEMENTED, RELOAD_REFUSAL)
+            except ProxyError as err:
+                record.code = err.code.name
+                await context.abort(err.code, err.message)
+
+    @staticmethod
+    async def _internal_error(record: CallRecord, context: grpc.aio.ServicerContext) -> None:
+        """A bug: logged with its traceback, answered and counted as INTERNAL (grpcio would
+        answer UNKNOWN with the exception's text)."""
+        log.exception("gRPC %s failed", record.method)
+        record.code = grpc.StatusCode.INTERNAL.name
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
 
 
 def model_of(request: bytes) -> str:
@@ -101,5 +128,7 @@ def generic_handlers(handlers: PredictionHandlers) -> list[grpc.GenericRpcHandle
         service, method = path.strip("/").split("/")
         tables.setdefault(service, {})[method] = _raw(handlers.forwarder(path))
     tables[PREDICTION_SERVICE][PREDICT.rsplit("/", 1)[1]] = _raw(handlers.predict)
+    service, method = HANDLE_RELOAD_CONFIG.strip("/").split("/")
+    tables[service][method] = _raw(handlers.reload_config)
     return [grpc.method_handlers_generic_handler(service, table)
             for service, table in tables.items()]
