@@ -57,7 +57,7 @@ async def test_kill_9_of_one_replica_under_load_loses_no_call():
         # Restarted on the same port, it must get work again within two health intervals.
         restarted = start_replica("identity", batch_cost_ms=2, port=victim.port,
                                   rest_port=victim.rest_port)
-        replicas[0] = restarted
+        replicas.append(restarted)  # the killed one stays listed: stop() removes its log
         ready = time.monotonic()
         while batches(restarted) == 0 and time.monotonic() - ready < 5:
             await asyncio.sleep(0.02)

@@ -46,7 +46,9 @@ class HealthChecker:
                  models: tuple[str, ...] = ()) -> None:
         self.pool = pool
         self.interval_s = interval_s
-        self.timeout_s = max(min(interval_s, 2.0), 0.05)
+        # At least a second: on a busy machine a healthy replica's answer can take longer
+        # than a short interval, and a slow answer is not a dead replica.
+        self.timeout_s = max(min(interval_s, 2.0), 1.0)
         self.configured = set(models)
         for model in models:
             pool.note_model(model)
@@ -97,8 +99,10 @@ class HealthChecker:
                                                         self.timeout_s)
             except ProxyError as err:
                 if err.code in DOWN:
+                    # Refused is down for sure; no answer in time may be a busy machine.
                     self.pool.record_check(replica, False,
-                                           f"GetModelStatus: {err.code.name} {err.message}")
+                                           f"GetModelStatus: {err.code.name} {err.message}",
+                                           certain=err.code is grpc.StatusCode.UNAVAILABLE)
                     return
                 if model and err.code == grpc.StatusCode.NOT_FOUND:
                     states[model] = ModelState.MISSING

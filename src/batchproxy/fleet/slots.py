@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # Model names come from clients: bound what is tracked per name.
 MAX_TRACKED_MODELS = 256
 
+# Timed-out health checks in a row that eject a replica (a refused one ejects at once).
+UNCERTAIN_FAILED_CHECKS = 2
+
 # Codes that mean "this replica, not this request": worth ejecting for, and worth a retry.
 REPLICA_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
@@ -87,6 +90,7 @@ class Endpoint:
         self.ejections = 0
         self.ejected_until = 0.0
         self.healthy_since = 0.0
+        self.failed_checks = 0  # active health checks failed in a row
         # Learned per model (fleet/costs.py), and when the replica is expected to be free of
         # the batches it holds (loop time): what the adaptive policy plans with.
         self.costs: dict[str, CostModel] = {}
@@ -188,8 +192,10 @@ class ReplicaPool:
     # -- health -----------------------------------------------------------------------------
 
     def record_check(self, replica: Endpoint, passed: bool, reason: str = "",
-                     models: dict[str, ModelState] | None = None) -> None:
-        """The result of an active health check."""
+                     models: dict[str, ModelState] | None = None,
+                     certain: bool = True) -> None:
+        """The result of an active health check. A failure that is not `certain` (a check
+        that timed out) ejects only when the check before it failed too."""
         if models:
             became_available = any(
                 state is ModelState.AVAILABLE and replica.models.get(name) is not state
@@ -204,9 +210,12 @@ class ReplicaPool:
         if replica.state is ReplicaState.DRAINING:
             return
         if not passed:
-            if replica.state is not ReplicaState.EJECTED:
+            replica.failed_checks += 1
+            if replica.state is not ReplicaState.EJECTED and (
+                    certain or replica.failed_checks >= UNCERTAIN_FAILED_CHECKS):
                 self._eject(replica, reason or "health check failed")
             return
+        replica.failed_checks = 0
         if replica.state is ReplicaState.EJECTED and now < replica.ejected_until:
             return  # still serving its back-off
         replica.consecutive_failures = 0
