@@ -103,10 +103,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     bat.add_argument("--max_forwarded_calls", type=int, default=None,
                      help="unbatched calls (metadata, status, classify, ...) in flight at once "
                           f"before calls get UNAVAILABLE (default {batching.max_forwarded_calls})")
-    bat.add_argument("--batching_policy", default=None, choices=POLICIES,
-                     help="when a queue's rows leave: 'fixed' is TFS's rule (a full batch at "
-                          "once, a partial one when a replica is idle and its oldest call "
-                          f"waited the timeout; default {batching.policy})")
+    bat.add_argument("--batching_policy", "--scheduler", dest="batching_policy", default=None,
+                     choices=POLICIES,
+                     help="when a queue's rows leave and for which replica: 'fixed' is "
+                          "TFS's rule (a full batch at once, a partial one when a replica is "
+                          "idle and its oldest call waited the timeout); 'adaptive' plans with "
+                          "learned replica costs: finish-time routing and staggered starts "
+                          f"(default {batching.policy})")
 
 
 def proxy_config(args: argparse.Namespace) -> ProxyConfig:

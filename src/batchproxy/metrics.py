@@ -84,6 +84,16 @@ class ProxyMetrics:
         self.replica_healthy = Gauge(
             "batchproxy_replica_healthy", "1 while a replica is healthy, else 0", ["replica"],
             multiprocess_mode="livemax", registry=registry)
+        # The learned cost of each replica and model (fleet/costs.py).
+        self.batch_cost = Gauge(
+            "batchproxy_replica_batch_cost_seconds", "Learned batch latency: part=fixed is "
+            "a, part=per_row is b in a + b * rows", ["replica", "model", "part"],
+            multiprocess_mode="liveall", registry=registry)
+        self.concurrency = Gauge(
+            "batchproxy_replica_concurrency", "Batches a replica is learned to run at once "
+            "without slowing down", ["replica", "model"], multiprocess_mode="liveall",
+            registry=registry)
+        self._cost_labels: set[tuple[str, str]] = set()
         self.worker_calls = Gauge(
             "batchproxy_worker_calls", "Calls answered by each worker process (pid label "
             "with --workers)", multiprocess_mode="all", registry=registry)
@@ -141,6 +151,19 @@ class ProxyMetrics:
         for address in self._replicas - replicas.keys():
             self._forget_replica(address)
         self._replicas = set(replicas)
+
+    def sample_costs(self, costs: Mapping[tuple[str, str], tuple[float, float, int]]) -> None:
+        """Cost gauges from {(replica, model): (a seconds, b seconds per row, concurrency)};
+        pairs no longer known lose their series."""
+        for (address, model), (fixed, per_row, concurrency) in costs.items():
+            self.batch_cost.labels(address, model, "fixed").set(fixed)
+            self.batch_cost.labels(address, model, "per_row").set(per_row)
+            self.concurrency.labels(address, model).set(concurrency)
+        for address, model in self._cost_labels - costs.keys():
+            for part in ("fixed", "per_row"):
+                self.batch_cost.remove(address, model, part)
+            self.concurrency.remove(address, model)
+        self._cost_labels = set(costs)
 
     def _forget_replica(self, address: str) -> None:
         self._batch_children.pop(address, None)

@@ -16,6 +16,7 @@ from aiohttp import web
 from batchproxy import __version__, codec, ports, workers
 from batchproxy.auth import TokenAuth
 from batchproxy.config import ProxyConfig
+from batchproxy.debug import debug_routes
 from batchproxy.engine import Engine
 from batchproxy.event_loop import run_loop
 from batchproxy.fleet.discovery import DnsDiscovery
@@ -113,7 +114,8 @@ class Proxy:
             self.rest = RestServer(
                 self.service, config.host, config.rest_api_port,
                 max_body_bytes=config.rest_max_body_bytes,
-                extra_routes=self.metrics.routes() + self.readiness.routes(),
+                extra_routes=self.metrics.routes() + self.readiness.routes()
+                + debug_routes(self.pool),
                 reuse_port=config.workers > 1, shutdown_timeout_s=config.drain_timeout_s,
                 auth=self.auth,
                 ssl_context=self.tls.ssl_context() if self.tls is not None else None,
@@ -130,12 +132,17 @@ class Proxy:
         self.metrics.sample_replicas({
             replica.address: (replica.outstanding, replica.state is ReplicaState.HEALTHY)
             for replica in self.pool.replicas.values()})
+        self.metrics.sample_costs({
+            (replica.address, model): (cost.a_s, cost.b_s, cost.concurrency)
+            for replica in self.pool.replicas.values()
+            for model, cost in replica.costs.items()})
 
     async def _start_monitoring(self) -> None:
         """Metrics on a port of their own (--monitoring_port), e.g. bound to another address
         than the traffic ports."""
         app = web.Application()
-        app.add_routes(self.metrics.routes() + self.readiness.routes())
+        app.add_routes(self.metrics.routes() + self.readiness.routes()
+                       + debug_routes(self.pool))
         self.monitoring_runner = web.AppRunner(app, access_log=None)
         await self.monitoring_runner.setup()
         site = web.TCPSite(self.monitoring_runner, self.config.monitoring_host,
