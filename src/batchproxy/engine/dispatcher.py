@@ -21,7 +21,7 @@ from batchproxy.engine.admission import Admission
 from batchproxy.engine.queues import Batch, Entry
 from batchproxy.engine.retry import RetryPolicy
 from batchproxy.errors import ProxyError
-from batchproxy.fleet.slots import Endpoint, ReplicaPool, Route
+from batchproxy.fleet.slots import Endpoint, ReplicaPool
 from batchproxy.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
@@ -291,9 +291,8 @@ class Dispatcher:
                      failed: Endpoint | None) -> bool:
         """After a NOT_FOUND: whether another replica may still have `model`. Replicas of
         one fleet may serve different models, and one not yet health-checked for `model`
-        is tried as if it had it; the answer is NOT_FOUND once every replica that might
-        have it said so, each asked once."""
+        is tried as if it had it (a joining one too: the replicas that passed their first
+        check may all lack it); the answer is NOT_FOUND once every replica that might have
+        it said so, each asked once."""
         self.pool.note_missing(said_not_found[-1], model)
-        if self.pool.route(model) not in (Route.SERVED, Route.WAIT):
-            return False  # the health checks found it nowhere: this NOT_FOUND is the answer
-        return self.pool.pick_unbatched(model, exclude=failed, skip=said_not_found) is not None
+        return self.pool.can_serve(model, exclude=failed, skip=said_not_found)

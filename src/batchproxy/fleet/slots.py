@@ -290,6 +290,12 @@ class ReplicaPool:
         if any(state is None or state is ModelState.AVAILABLE for state in states):
             return Route.SERVED
         if all(state is ModelState.MISSING for state in states):
+            # A replica still joining may have it (replicas may serve different models):
+            # wait for its check rather than answer NOT_FOUND from one that lacks it.
+            if any(r.state is ReplicaState.JOINING
+                   and r.models.get(model) is not ModelState.MISSING
+                   for r in self.replicas.values()):
+                return Route.WAIT
             return Route.MISSING
         return Route.NOWHERE
 
@@ -348,11 +354,13 @@ class ReplicaPool:
         if replica.outstanding <= 1:
             replica.free_at = loop_time()
 
-    def can_serve(self, model: str, exclude: Endpoint | None = None) -> bool:
-        """Whether a replica other than `exclude` could take `model` now or soon (healthy and
-        serving it, or joining and not yet checked): what makes a retry worth waiting for."""
+    def can_serve(self, model: str, exclude: Endpoint | None = None,
+                  skip: Collection[Endpoint] = ()) -> bool:
+        """Whether a replica other than `exclude` (and those in `skip`) could take `model` now
+        or soon (healthy and serving it, or joining and not yet checked): what makes a retry
+        worth waiting for."""
         for replica in self.replicas.values():
-            if replica is exclude:
+            if replica is exclude or replica in skip:
                 continue
             if replica.serves(model):
                 return True
