@@ -135,9 +135,13 @@ class AdaptivePolicy:
                 return Flush(idle_only=False, replica=idle[0][1])
             # Woken when a slot frees; the time is only a backstop for a late estimate.
             return Hold(best.free_at if best.free_at > now else now + IDLE_RECHECK_S)
-        if queue.rows >= self.full:
+        mean_rows = self._mean_rows.get(model, queue.rows)
+        if queue.rows >= self.full or queue.rows >= BACKLOG_ROWS * mean_rows:
+            # Full, or already well past the usual batch: the load outruns the plan (costs
+            # above their estimate, a burst), and holding a free replica idle would only
+            # add to the queue.
             return Flush(idle_only=False, replica=best)
-        typical = round(self._mean_rows.get(model, queue.rows))
+        typical = round(mean_rows)
         batch_s = best_cost.predict(typical)
         spacing = batch_s / self._parallel(starts, typical, batch_s)
         head = queue.head()
@@ -196,6 +200,8 @@ class AdaptivePolicy:
         self._mean_rows[model] = rows if mean is None else mean + ROWS_EWMA * (rows - mean)
 
 
+# A queue holding this many times the usual batch's rows leaves at once for a free replica.
+BACKLOG_ROWS = 1.5
 # A replica slower than this share of the fastest's speed does not set the spacing.
 SLOW_SHARE = 0.5
 # Batches of a backlog planned ahead when choosing where the oldest rows go.
