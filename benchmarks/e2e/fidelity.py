@@ -12,7 +12,17 @@ from __future__ import annotations
 
 import argparse
 
-from harness import ExitStack, fmt, grpc_spec, machine, measure, start_proxy, start_replica, timed
+from harness import (
+    ExitStack,
+    Measured,
+    fmt,
+    grpc_spec,
+    machine,
+    measure,
+    start_proxy,
+    start_replica,
+    timed,
+)
 
 from batchproxy.sim import SimConfig, simulate
 
@@ -37,8 +47,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured per rate")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--loads", default="0.3,0.6,0.8,0.9")
+    parser.add_argument("--policies", default="fixed",
+                        help="the proxy's flush policies, each measured both ways")
     args = parser.parse_args()
     loads = [float(x) for x in args.loads.split(",")]
+    policies = [p for p in args.policies.split(",") if p]
     rates = [round(load * capacity_per_s(), 1) for load in loads]
     print(f"# simulator fidelity on {machine()}")
     print(f"# {REPLICAS} replicas x ({BATCH_COST_MS:g} ms + {ROW_COST_US / 1000:g} ms/row), "
@@ -47,29 +60,47 @@ def main() -> None:
         report = simulate(SimConfig(
             replicas=REPLICAS, batch_cost_ms=BATCH_COST_MS, row_cost_us=ROW_COST_US,
             max_batch_size=MAX_BATCH_SIZE, rates=tuple(rates), duration_s=args.seconds,
-            systems=("tfs", "proxy"), seed=1, features=1))
-    measured = {}
+            warmup_s=args.warmup, seed=1, features=1,
+            systems=("tfs", *(f"proxy:{policy}" for policy in policies))))
+    measured: dict[tuple[str, float], Measured] = {}
     with ExitStack() as stack, timed("real stack"):
         replicas = [stack.enter_context(start_replica(
             "identity", model_name="default", batch_cost_ms=BATCH_COST_MS,
             row_cost_us=ROW_COST_US)) for _ in range(REPLICAS)]
-        proxy = stack.enter_context(start_proxy(replicas, max_batch_size=MAX_BATCH_SIZE))
-        for rate in rates:
-            spec = grpc_spec([proxy.address], rate=rate, duration_s=args.seconds,
-                             warmup_s=args.warmup, seed=1)
-            measured[rate] = measure(spec, [proxy.pid], [r.pid for r in replicas])
-    print()
-    print("| load | rate/s | sim p50 | real p50 | real/sim | sim p99 | real p99 | real/sim "
-          "| tfs-sim p99 | real errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for load, rate in zip(loads, rates, strict=True):
-        sim = report.run("proxy", rate)
-        tfs = report.run("tfs", rate)
-        real = measured[rate]
-        print(f"| {load:.0%} | {rate:g} | {fmt(sim.p50_ms, '.0f')} | {fmt(real.p50, '.0f')} "
-              f"| {ratio(real.p50, sim.p50_ms)} | {fmt(sim.p99_ms, '.0f')} "
-              f"| {fmt(real.p99, '.0f')} | {ratio(real.p99, sim.p99_ms)} "
-              f"| {fmt(tfs.p99_ms, '.0f')} | {real.result.failed} |")
+        for policy in policies:
+            with start_proxy(replicas, max_batch_size=MAX_BATCH_SIZE,
+                             batching_policy=policy) as proxy:
+                for rate in rates:
+                    spec = grpc_spec([proxy.address], rate=rate, duration_s=args.seconds,
+                                     warmup_s=args.warmup, seed=1)
+                    measured[policy, rate] = measure(spec, [proxy.pid],
+                                                     [r.pid for r in replicas])
+    for policy in policies:
+        print(f"\n{policy} policy\n")
+        print("| load | rate/s | sim p50 | real p50 | real/sim | sim p99 | real p99 "
+              "| real/sim | tfs-sim p99 | real errors |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for load, rate in zip(loads, rates, strict=True):
+            sim = report.run(f"proxy:{policy}", rate)
+            tfs = report.run("tfs", rate)
+            real = measured[policy, rate]
+            print(f"| {load:.0%} | {rate:g} | {fmt(sim.p50_ms, '.0f')} "
+                  f"| {fmt(real.p50, '.0f')} | {ratio(real.p50, sim.p50_ms)} "
+                  f"| {fmt(sim.p99_ms, '.0f')} | {fmt(real.p99, '.0f')} "
+                  f"| {ratio(real.p99, sim.p99_ms)} | {fmt(tfs.p99_ms, '.0f')} "
+                  f"| {real.result.failed} |")
+    if len(policies) > 1:
+        first, *others = policies
+        print(f"\np99 of each policy against {first}, simulated and real\n")
+        print("| load | policy | sim ratio | real ratio | real/sim |")
+        print("|---|---|---|---|---|")
+        for load, rate in zip(loads, rates, strict=True):
+            for policy in others:
+                sim_ratio = (report.run(f"proxy:{policy}", rate).p99_ms or 0) / (
+                    report.run(f"proxy:{first}", rate).p99_ms or 1)
+                real_ratio = measured[policy, rate].p99 / measured[first, rate].p99
+                print(f"| {load:.0%} | {policy} | {sim_ratio:.2f} | {real_ratio:.2f} "
+                      f"| {real_ratio / sim_ratio:.2f} |")
 
 
 if __name__ == "__main__":

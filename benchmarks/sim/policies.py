@@ -16,14 +16,14 @@ import sys
 from batchproxy.sim import SimConfig, simulate
 
 LOADS = (0.3, 0.6, 0.8, 0.9)
-TFS_TIMEOUTS_US = (0, 1000, 2000, 5000, 10_000, 20_000, 50_000)
+TFS_TIMEOUTS_US = (0, 2000, 5000, 20_000, 50_000)
 SLO_MS = 400.0
 
 WORKLOADS = {
     "A: 4 x (100 ms + 1 ms/row), batch 32, Poisson 1-row calls": SimConfig(
         replicas=4, batch_cost_ms=100, row_cost_us=1000, max_batch_size=32),
-    "B: 16 x (10 ms + 0.2 ms/row), batch 32, on/off bursts, 1-8 rows": SimConfig(
-        replicas=16, batch_cost_ms=10, row_cost_us=200, max_batch_size=32,
+    "B: 8 x (20 ms + 0.5 ms/row), batch 32, on/off bursts (0.5 s each), 1-8 rows": SimConfig(
+        replicas=8, batch_cost_ms=20, row_cost_us=500, max_batch_size=32,
         workload="bursts", burst_on_s=0.5, burst_off_s=0.5, rows="1-8"),
     "C: 2 x (50 ms + 50 us/row), batch 64, Poisson, rows 1 (x4) or 8": SimConfig(
         replicas=2, batch_cost_ms=50, row_cost_us=50, max_batch_size=64, rows="1:4,8"),
