@@ -42,8 +42,10 @@ test-core: build $(TEST_STAMP)
 bench: build $(TEST_STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
 
+# ruff for style and mistakes, mypy for the type hints (its settings are in pyproject.toml).
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf build dist src/*.egg-info src/batchproxy/_core*.so src/batchproxy/_core.c

@@ -58,7 +58,7 @@ def grpc_predict_body_for(model: str, inputs: dict[str, tuple[int, tuple[int, ..
     for name, (dtype, row_shape) in inputs.items():
         array = typed_rows(dtype, rows, row_shape)
         tensor = request.inputs[name]
-        tensor.dtype = dtype  # type: ignore[assignment]
+        tensor.dtype = dtype
         for size in array.shape:
             tensor.tensor_shape.dim.add(size=size)
         info = dtypes.BY_VALUE[dtype]

@@ -45,7 +45,7 @@ async def query_dns_server(name: str, server: tuple[str, int], timeout_s: float 
     host, port = server
     if not dns.inet.is_address(host):  # dnspython takes the server's IP address only
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        host = infos[0][4][0]
+        host = str(infos[0][4][0])
     resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
     resolver.lifetime = timeout_s
 
@@ -67,7 +67,7 @@ async def resolve(name: str, dns_server: tuple[str, int] | None) -> list[str]:
     if dns_server is not None:
         return await query_dns_server(name, dns_server)
     infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
-    return sorted({info[4][0] for info in infos})
+    return sorted({str(info[4][0]) for info in infos})
 
 
 def replica_address(host: str, port: int) -> str:

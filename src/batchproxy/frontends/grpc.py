@@ -69,6 +69,7 @@ class PredictionHandlers:
                 await context.abort(err.code, err.message)
             except Exception:
                 await self._internal_error(record, context)
+            raise AssertionError("unreachable: abort() raises")  # for the type checker
 
     def forwarder(self, path: str) -> Handler:
         method = path.rsplit("/", 1)[1]
@@ -87,6 +88,7 @@ class PredictionHandlers:
                     await context.abort(err.code, err.message)
                 except Exception:
                     await self._internal_error(record, context)
+                raise AssertionError("unreachable: abort() raises")  # for the type checker
 
         return forward
 
@@ -98,6 +100,7 @@ class PredictionHandlers:
             except ProxyError as err:
                 record.code = err.code.name
                 await context.abort(err.code, err.message)
+            raise AssertionError("unreachable: abort() raises")  # for the type checker
 
     @staticmethod
     async def _internal_error(record: CallRecord, context: grpc.aio.ServicerContext) -> None:

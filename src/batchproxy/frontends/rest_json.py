@@ -545,11 +545,11 @@ class _Output:
         self.nested: Any = None
         self.non_finite = False
         if dtype == dtypes.DT_STRING:
-            strings = list(data)
+            strings = [bytes(s) for s in data]
             if name.endswith("_bytes"):  # TFS's convention for binary strings
                 values: list[Any] = [{"b64": base64.b64encode(s).decode()} for s in strings]
             else:
-                values = [bytes(s).decode("utf-8", "replace") for s in strings]
+                values = [s.decode("utf-8", "replace") for s in strings]
             self.nested = _nest(values, shape) if math.prod(shape) else _empty(shape)
             return
         if dtype not in _WRITABLE or dtype not in dtypes.NUMPY_DTYPES:
@@ -635,6 +635,7 @@ def _feature_values(name: str, content: Any) -> tuple[str | None, list[Any]]:
     """A JSON feature (a value or a list) as (Feature kind, values) (AddValueToFeature)."""
     kind: str | None = None
     values: list[Any] = []
+    item: int | float | bytes
     for value in content if isinstance(content, list) else [content]:
         if value is None or isinstance(value, list) or (
             isinstance(value, dict) and not _is_b64(value)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -209,7 +209,7 @@ class SignatureCache:
     async def close(self) -> None:
         """Stop our own refresh loop (a supervised one stops with its supervisor) and every
         fetch in flight."""
-        tasks: list[asyncio.Future[object]] = list(self._fetching.values())
+        tasks: list[asyncio.Future[Any]] = list(self._fetching.values())
         if self._task is not None:
             tasks.append(self._task)
             self._task = None
