@@ -4,7 +4,7 @@ one batch at a time each) and 256 one-row callers, sent straight to the replicas
 64), against the ideal throughput of the cost model:
     replicas x max_batch_size / (batch_cost + max_batch_size x row_cost).
 
-    .venv/bin/python benchmarks/e2e/batching_gain.py [--seconds 10]
+    .venv/bin/python benchmarks/e2e/batching_gain.py [--seconds 10] [--policy adaptive]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def ideal_rps() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured per run")
+    parser.add_argument("--policy", default="fixed", help="the proxy's flush policy")
     args = parser.parse_args()
     unbatched_rps = REPLICAS / (BATCH_COST_MS / 1e3 + ROW_COST_US / 1e6)
     # Direct: 256 callers queue on 2 replicas doing ~40 calls/s, so a call waits ~6.4 s;
@@ -48,7 +49,8 @@ def main() -> None:
         replicas = [stack.enter_context(start_replica(
             "identity", model_name="default", batch_cost_ms=BATCH_COST_MS,
             row_cost_us=ROW_COST_US)) for _ in range(REPLICAS)]
-        proxy = stack.enter_context(start_proxy(replicas, max_batch_size=MAX_BATCH_SIZE))
+        proxy = stack.enter_context(start_proxy(replicas, max_batch_size=MAX_BATCH_SIZE,
+                                                batching_policy=args.policy))
         print(f"replicas: {' '.join(replicas[0].args[1:])} (x{REPLICAS}); "
               f"proxy: {' '.join(proxy.args[1:])}")
         runs: dict[str, Measured] = {}
