@@ -37,7 +37,8 @@ MAX_LABEL_SETS = 1000
 # Every reason a call is refused before a replica sees it; each is exported from the start,
 # at 0, so a dashboard's rate() of a reason exists before the first refusal.
 REJECT_REASONS = ("queue_full", "deadline_unreachable", "deadline", "no_replica", "invalid",
-                  "too_large", "unauthenticated")
+                  "too_large", "unauthenticated", "shed")
+PRIORITIES = ("critical", "sheddable")
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -75,6 +76,11 @@ class ProxyMetrics:
         self.rejected = Counter(
             "batchproxy_rejected_requests", "Calls refused before reaching a replica, by reason",
             ["reason"], registry=registry)
+        # Batched calls only, so the two classes' shares of OK and UNAVAILABLE (shed or
+        # refused) can be compared; batchproxy_requests has the rest.
+        self.priority_requests = Counter(
+            "batchproxy_priority_requests", "Batched Predict calls answered, by priority and "
+            "status code", ["priority", "code"], registry=registry)
         self.queued_rows = Gauge(
             "batchproxy_queued_rows", "Rows waiting in batch queues",
             multiprocess_mode="livesum", registry=registry)
@@ -104,6 +110,9 @@ class ProxyMetrics:
         self._rejected_children: dict[str, Counter] = {
             reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         self._replicas: set[str] = set()  # addresses with per-replica series
+        self._priority_children: dict[tuple[str, str], Counter] = {
+            (priority, "OK"): self.priority_requests.labels(priority, "OK")
+            for priority in PRIORITIES}
 
     # -- hot path: children bound once per label set ------------------------------------------
 
@@ -132,6 +141,13 @@ class ProxyMetrics:
         child.inc()
         self.batch_rows.observe(rows)
         self.batch_requests.observe(calls)
+
+    def observe_priority(self, priority: str, code: str) -> None:
+        key = (priority, code)
+        child = self._priority_children.get(key)
+        if child is None:
+            child = self._priority_children[key] = self.priority_requests.labels(*key)
+        child.inc()
 
     def reject(self, reason: str) -> None:
         child = self._rejected_children.get(reason)

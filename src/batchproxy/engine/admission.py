@@ -1,13 +1,15 @@
 """Admission: what the engine refuses at once rather than hold. Queued rows and bytes are
 bounded, unbatched (forwarded) calls in flight are bounded, and a deadline the queue ahead
-cannot meet is refused while the caller can still go elsewhere. Every refusal is
-UNAVAILABLE, as TFS answers a full batch queue."""
+cannot meet is refused while the caller can still go elsewhere. Sheddable calls meet a
+lower bound on queued rows (engine/priorities.py). Every refusal is UNAVAILABLE, as TFS
+answers a full batch queue."""
 
 from __future__ import annotations
 
 import grpc
 
 from batchproxy.config import BatchingConfig
+from batchproxy.engine.priorities import SHEDDABLE_QUEUE_SHARE
 from batchproxy.errors import ProxyError
 from batchproxy.metrics import ProxyMetrics
 
@@ -18,6 +20,7 @@ class Admission:
         self.metrics = metrics
         self.queued_rows = 0
         self.queued_bytes = 0
+        self.sheddable_rows = 0  # the part of queued_rows that sheddable calls hold
         self.forwarded = 0  # unbatched calls in flight
         self.service_time_s: float | None = None  # mean replica time per batch
         self.slots = 1  # replica slots in the fleet, kept current by the engine
@@ -41,8 +44,27 @@ class Admission:
             return 0.0
         return (batches_ahead / max(self.slots, 1) + 1) * self.service_time_s
 
-    def admit_rows(self, rows: int, nbytes: int, timeout: float | None) -> None:
+    def overflow(self, rows: int, nbytes: int) -> tuple[int, int]:
+        """(rows, bytes) by which a call of `rows` rows and `nbytes` bytes would pass the
+        queue bounds; (0, 0) when it fits."""
         config = self.config
+        rows_over = max(0, self.queued_rows + rows - config.max_enqueued_rows)
+        bytes_over = 0
+        if self.queued_bytes:  # the first call always fits, however large
+            bytes_over = max(0, self.queued_bytes + nbytes - config.max_enqueued_bytes)
+        return rows_over, bytes_over
+
+    def admit_rows(self, rows: int, nbytes: int, timeout: float | None,
+                   sheddable: bool = False) -> None:
+        config = self.config
+        shed_bound = int(SHEDDABLE_QUEUE_SHARE * config.max_enqueued_rows)
+        if sheddable and self.queued_rows and self.queued_rows + rows > shed_bound:
+            # Room above the lower bound is kept for critical calls.
+            self.metrics.reject("shed")
+            raise ProxyError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"Sheddable call shed: the batch queue is past its share for sheddable "
+                f"calls ({self.queued_rows} rows queued, limit {shed_bound})")
         if self.queued_rows + rows > config.max_enqueued_rows:
             self.metrics.reject("queue_full")
             raise ProxyError(

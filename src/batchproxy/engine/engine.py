@@ -19,6 +19,7 @@ from batchproxy.engine.scheduler import Scheduler
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.slots import ReplicaPool
 from batchproxy.metrics import ProxyMetrics
+from batchproxy.priority import Priority
 
 if TYPE_CHECKING:
     from batchproxy.supervisor import Supervisor
@@ -59,10 +60,22 @@ class Engine:
         elif self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.scheduler.run())
 
-    async def submit(self, call: codec.PredictCall, timeout: float | None = None) -> bytes:
-        """A batchable call (call.rows >= 1): queued, batched, answered with its own rows."""
+    async def submit(self, call: codec.PredictCall, timeout: float | None = None,
+                     priority: Priority = Priority.CRITICAL) -> bytes:
+        """A batchable call (call.rows >= 1): queued, batched, answered with its own rows.
+        Critical calls go first; sheddable ones fill room and are shed first."""
         self.admission.slots = self.pool.max_inflight * max(len(self.pool.replicas), 1)
-        return await self.scheduler.submit(call, timeout)
+        code = "OK"
+        try:
+            return await self.scheduler.submit(call, timeout, priority)
+        except ProxyError as err:
+            code = err.code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.observe_priority(priority.value, code)
 
     async def forward(self, path: str, request: bytes, timeout: float | None,
                       model: str = "") -> bytes:

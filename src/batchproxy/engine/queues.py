@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from dataclasses import dataclass
 
 from batchproxy import codec
@@ -36,15 +37,22 @@ class Entry:
         "nbytes",
         "next_row",
         "parts",
+        "promote_at",
         "queue",
         "rows",
         "rows_answered",
+        "sheddable",
         "timer",
     )
 
     def __init__(self, call: codec.PredictCall, future: asyncio.Future[bytes],
-                 deadline: float | None, now: float, queue: KeyQueue, nbytes: int) -> None:
+                 deadline: float | None, now: float, queue: KeyQueue, nbytes: int,
+                 sheddable: bool = False, promote_at: float = math.inf) -> None:
         self.call = call
+        self.sheddable = sheddable
+        # A sheddable call waiting since before this time ranks with critical calls by its
+        # arrival, so a steady stream of critical calls cannot starve it (engine/priorities).
+        self.promote_at = now if not sheddable else promote_at
         self.rows: int = call.rows
         self.nbytes = nbytes
         self.future = future
@@ -86,22 +94,57 @@ class Entry:
 
 
 class KeyQueue:
-    """The calls waiting for one batch key, oldest first."""
+    """The calls waiting for one batch key: critical ones and sheddable ones, each class
+    oldest first. A batch takes critical rows first; sheddable rows fill the room left."""
 
-    __slots__ = ("entries", "key", "model", "rows")
+    __slots__ = ("entries", "key", "model", "rows", "sheddable")
 
     def __init__(self, key: tuple) -> None:
         self.key = key
         self.model: str = key[0]
-        self.entries: collections.deque[Entry] = collections.deque()
+        self.entries: collections.deque[Entry] = collections.deque()  # critical
+        self.sheddable: collections.deque[Entry] = collections.deque()
         self.rows = 0  # rows of live entries not yet taken into a batch
 
-    def head(self) -> Entry | None:
-        """The oldest call with rows still to send (answered-early calls are skipped)."""
-        entries = self.entries
+    def add(self, entry: Entry) -> None:
+        (self.sheddable if entry.sheddable else self.entries).append(entry)
+        self.rows += entry.rows
+
+    def all_entries(self) -> list[Entry]:
+        return [*self.entries, *self.sheddable]
+
+    @staticmethod
+    def _live_head(entries: collections.deque[Entry]) -> Entry | None:
         while entries and entries[0].dead:
             entries.popleft()
         return entries[0] if entries else None
+
+    def head(self) -> Entry | None:
+        """The oldest call of either class with rows still to send (answered-early calls
+        are skipped): its wait is what the flush policy's due time counts from."""
+        critical = self._live_head(self.entries)
+        sheddable = self._live_head(self.sheddable)
+        if critical is None or (sheddable is not None
+                                and sheddable.enqueued_at < critical.enqueued_at):
+            return sheddable
+        return critical
+
+    def next_entry(self, now: float) -> Entry | None:
+        """The call whose rows a batch takes next: the oldest critical one, unless the
+        oldest sheddable one is promoted (it waited long enough) and older still."""
+        critical = self._live_head(self.entries)
+        sheddable = self._live_head(self.sheddable)
+        if sheddable is None:
+            return critical
+        if critical is None:
+            return sheddable
+        if sheddable.promote_at <= now and sheddable.enqueued_at < critical.enqueued_at:
+            return sheddable
+        return critical
+
+    def pop(self, entry: Entry) -> None:
+        """Drop `entry`, the head of its class, once all its rows are in batches."""
+        (self.sheddable if entry.sheddable else self.entries).popleft()
 
 
 Piece = tuple[Entry, int, int]  # rows [start, stop) of one call

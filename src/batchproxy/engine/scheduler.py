@@ -5,7 +5,9 @@ Calls are queued per batch key (model, version or label, signature, input names,
 inner dimensions, output_filter). Rows count, not calls: a call with more rows than the room
 left is cut into pieces that travel in consecutive batches; its answers are joined back in
 order. When rows leave is the policy's decision (engine/policy.py), asked again after every
-batch taken, so rows left over after a full batch keep their own due time."""
+batch taken, so rows left over after a full batch keep their own due time. Which rows a
+batch takes, and which calls are shed first, follows their priority (engine/priorities.py).
+"""
 
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ import grpc
 
 from batchproxy import codec
 from batchproxy.config import BatchingConfig
+from batchproxy.engine import priorities
 from batchproxy.engine.admission import Admission
 from batchproxy.engine.policy import FlushPolicy, Hold
 from batchproxy.engine.queues import Batch, Entry, KeyQueue, Piece, call_bytes
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.slots import Endpoint, ReplicaPool, Route
 from batchproxy.metrics import ProxyMetrics
+from batchproxy.priority import Priority
 
 Dispatch = Callable[[Endpoint, Batch], None]
 
@@ -56,7 +60,8 @@ class Scheduler:
 
     # -- submitting ------------------------------------------------------------------------
 
-    async def submit(self, call: codec.PredictCall, timeout: float | None = None) -> bytes:
+    async def submit(self, call: codec.PredictCall, timeout: float | None = None,
+                     priority: Priority = Priority.CRITICAL) -> bytes:
         """Queue a batchable call (call.rows >= 1) and wait for its own answer."""
         rows = call.rows
         model = call.model_name
@@ -66,19 +71,24 @@ class Scheduler:
             raise no_replica(model)
         nbytes = call_bytes(call)
         admission = self.admission
-        admission.admit_rows(rows, nbytes, timeout)
+        sheddable = priority is Priority.SHEDDABLE
+        if not sheddable:
+            self._evict_for(rows, nbytes)
+        admission.admit_rows(rows, nbytes, timeout, sheddable)
         loop = asyncio.get_running_loop()
         now = loop.time()
         queue = self.queues.get(call.key)
         if queue is None:
             queue = self.queues[call.key] = KeyQueue(call.key)
         deadline = None if timeout is None else now + timeout
-        entry = Entry(call, loop.create_future(), deadline, now, queue, nbytes)
+        entry = Entry(call, loop.create_future(), deadline, now, queue, nbytes, sheddable,
+                      priorities.promote_at(now, timeout) if sheddable else now)
         rows_before = queue.rows
-        queue.entries.append(entry)
-        queue.rows += rows
+        queue.add(entry)
         admission.queued_rows += rows
         admission.queued_bytes += nbytes
+        if sheddable:
+            admission.sheddable_rows += rows
         if deadline is not None:
             entry.timer = loop.call_at(deadline, self._expire, entry)
         if self.policy.wake_on_submit(queue, rows_before):
@@ -91,6 +101,21 @@ class Scheduler:
         finally:
             if entry.timer is not None:
                 entry.timer.cancel()
+
+    def _evict_for(self, rows: int, nbytes: int) -> None:
+        """A critical call that finds the queues full makes room by failing queued
+        sheddable calls, newest first, when that is enough (else it is refused itself)."""
+        if not self.admission.sheddable_rows:
+            return
+        rows_over, bytes_over = self.admission.overflow(rows, nbytes)
+        if not rows_over and not bytes_over:
+            return
+        for victim in priorities.victims(self.queues.values(), rows_over, bytes_over):
+            self.metrics.reject("shed")
+            victim.fail(ProxyError(grpc.StatusCode.UNAVAILABLE,
+                                   "Sheddable call shed for a critical call: the batch "
+                                   "queue is full"))
+            self.abandon(victim)
 
     def _expire(self, entry: Entry) -> None:
         """A caller's own deadline passed: answer it, wherever its rows are. A batch that
@@ -113,6 +138,8 @@ class Scheduler:
         entry.next_row = entry.rows
         entry.queue.rows -= untaken
         self.admission.queued_rows -= untaken
+        if entry.sheddable:
+            self.admission.sheddable_rows -= untaken
 
     def fail_all(self, error: ProxyError) -> None:
         for queue in self.queues.values():
@@ -120,10 +147,11 @@ class Scheduler:
         self.queues.clear()
 
     def _fail_queue(self, queue: KeyQueue, error: ProxyError) -> None:
-        for entry in list(queue.entries):
+        for entry in queue.all_entries():
             entry.fail(error)
             self.abandon(entry)
         queue.entries.clear()
+        queue.sheddable.clear()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -188,16 +216,17 @@ class Scheduler:
         return next_due
 
     def take_batch(self, queue: KeyQueue, now: float) -> Batch | None:
+        """Up to a full batch of rows: critical calls first, then sheddable ones into the
+        room left (a promoted sheddable call by its arrival among the critical ones)."""
         room = self.config.max_batch_size
         pieces: list[Piece] = []
-        entries = queue.entries
         waited = self.metrics.queue_wait.observe
         freed_bytes = 0
-        while room and entries:
-            entry = entries[0]
-            if entry.dead:
-                entries.popleft()
-                continue
+        sheddable_rows = 0
+        while room:
+            entry = queue.next_entry(now)
+            if entry is None:
+                break
             start = entry.next_row
             if start == 0:
                 waited(now - entry.enqueued_at)
@@ -206,12 +235,15 @@ class Scheduler:
             entry.next_row = start + take
             freed_bytes += row_bytes(entry, start + take) - row_bytes(entry, start)
             room -= take
+            if entry.sheddable:
+                sheddable_rows += take
             if entry.next_row == entry.rows:
-                entries.popleft()
+                queue.pop(entry)
         if not pieces:
             return None
         rows = self.config.max_batch_size - room
         queue.rows -= rows
         self.admission.queued_rows -= rows
+        self.admission.sheddable_rows -= sheddable_rows
         self.admission.queued_bytes -= freed_bytes
         return Batch.of(queue.model, pieces)
