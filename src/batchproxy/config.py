@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Hedges as a share of batches sent, where hedging is on by default (engine/hedging.py).
+DEFAULT_HEDGE_PERCENT = 5.0
+
 
 @dataclass(frozen=True)
 class BatchingConfig:
@@ -18,6 +21,9 @@ class BatchingConfig:
     max_forwarded_calls: int = 1024
     # The flush policy (engine/policy.py): "fixed" is TFS's rule.
     policy: str = "fixed"
+    # Hedges (engine/hedging.py) as a percentage of batches sent; 0 turns hedging off. None:
+    # on (5 %) with the adaptive policy, off with "fixed", which keeps TFS's behaviour.
+    hedge_budget_percent: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -28,10 +34,18 @@ class BatchingConfig:
             raise ValueError("max_enqueued_rows must be at least max_batch_size")
         if self.max_enqueued_bytes < 1 or self.max_forwarded_calls < 1:
             raise ValueError("max_enqueued_bytes and max_forwarded_calls must be positive")
+        if self.hedge_budget_percent is not None and not 0 <= self.hedge_budget_percent <= 100:
+            raise ValueError("hedge_budget_percent must be between 0 and 100")
 
     @property
     def batch_timeout_s(self) -> float:
         return self.batch_timeout_micros / 1e6
+
+    @property
+    def hedge_percent(self) -> float:
+        if self.hedge_budget_percent is not None:
+            return self.hedge_budget_percent
+        return DEFAULT_HEDGE_PERCENT if self.policy == "adaptive" else 0.0
 
 
 @dataclass(frozen=True)

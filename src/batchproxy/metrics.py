@@ -40,6 +40,11 @@ REJECT_REASONS = ("queue_full", "deadline_unreachable", "deadline", "no_replica"
                   "too_large", "unauthenticated", "shed")
 PRIORITIES = ("critical", "sheddable")
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# What became of each batch overdue on its replica (engine/hedging.py): won, the hedge
+# answered first; lost, the first call did and the hedge was cancelled; failed, the hedge
+# failed; budget_exceeded, the hedge budget had none left; no_replica, no other replica had
+# a slot before the first call ended. Each exported from the start, at 0.
+HEDGE_OUTCOMES = ("won", "lost", "failed", "budget_exceeded", "no_replica")
 
 
 def multiprocess_dir() -> str | None:
@@ -70,6 +75,12 @@ class ProxyMetrics:
         self.retries = Counter(
             "batchproxy_retries", "Batches sent again to another replica after a failure",
             registry=registry)
+        self.hedged = Counter(
+            "batchproxy_hedged_batches", "Batches overdue on their replica, by what became of "
+            "the hedge: won, lost, failed, budget_exceeded, no_replica", ["outcome"],
+            registry=registry)
+        self._hedge_children: dict[str, Counter] = {
+            outcome: self.hedged.labels(outcome) for outcome in HEDGE_OUTCOMES}
         self.ejections = Counter(
             "batchproxy_replica_ejections", "Times a replica was ejected", ["replica"],
             registry=registry)
@@ -148,6 +159,9 @@ class ProxyMetrics:
         if child is None:
             child = self._priority_children[key] = self.priority_requests.labels(*key)
         child.inc()
+
+    def hedge(self, outcome: str) -> None:
+        self._hedge_children[outcome].inc()
 
     def reject(self, reason: str) -> None:
         child = self._rejected_children.get(reason)

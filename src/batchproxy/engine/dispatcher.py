@@ -1,6 +1,7 @@
 """The dispatcher: sends a batch to its replica, retries a replica failure elsewhere (the one
 retry policy, which forwarded calls use too), bisects a batch the replica refused for its
-content, then splits the answer and delivers each caller's rows.
+content, then splits the answer and delivers each caller's rows. A batch overdue on its
+replica is hedged on another (hedging.py).
 
 A call never fails because of another call's deadline: a batch waits for its answer as long
 as its most patient caller would; a caller whose own deadline passes is answered by its
@@ -18,6 +19,7 @@ import grpc
 
 from batchproxy import codec
 from batchproxy.engine.admission import Admission
+from batchproxy.engine.hedging import Hedger, HedgeWin
 from batchproxy.engine.queues import Batch, Entry
 from batchproxy.engine.retry import RetryPolicy
 from batchproxy.errors import ProxyError
@@ -51,12 +53,14 @@ def same_failure(a: ProxyError, b: ProxyError) -> bool:
 
 class Dispatcher:
     def __init__(self, pool: ReplicaPool, admission: Admission, metrics: ProxyMetrics,
-                 abandon: Callable[[Entry], None], retry: RetryPolicy | None = None) -> None:
+                 abandon: Callable[[Entry], None], retry: RetryPolicy | None = None,
+                 hedge_percent: float = 0.0) -> None:
         self.pool = pool
         self.admission = admission
         self.metrics = metrics
         self.abandon = abandon
         self.retry = retry or RetryPolicy()
+        self.hedger = Hedger(pool, admission, metrics, hedge_percent)
         self.sending: set[asyncio.Task[None]] = set()
 
     # -- batches ---------------------------------------------------------------------------
@@ -110,7 +114,7 @@ class Dispatcher:
                 self.metrics.observe_batch(held.address, batch.rows, len(batch.pieces))
                 beside = pool.note_sent(held, batch.model, batch.rows)
                 try:
-                    response = await pool.predict(held, batch.request, patience)
+                    response = await self.hedger.predict(held, batch, patience, beside)
                 except ProxyError as err:
                     used, held = held, None
                     pool.note_answered(used, batch.model, batch.rows, None, beside)
@@ -132,6 +136,13 @@ class Dispatcher:
                                          f"replica {used.address} did not answer within "
                                          f"{patience:.3f}s")
                     return err, batch
+                if isinstance(response, HedgeWin):
+                    # Another replica answered first; this one's call was cancelled.
+                    pool.note_answered(held, batch.model, batch.rows, None, beside)
+                    pool.release(held)
+                    held = None
+                    self._deliver(response.batch, response.response, response.address)
+                    return None, batch
                 took = loop.time() - sent_at
                 self.admission.note_service_time(took)
                 pool.note_answered(held, batch.model, batch.rows, took, beside)

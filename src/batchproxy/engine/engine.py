@@ -34,7 +34,8 @@ class Engine:
         self.metrics = metrics if metrics is not None else ProxyMetrics()
         self.admission = Admission(config, self.metrics)
         self.dispatcher = Dispatcher(pool, self.admission, self.metrics,
-                                     abandon=self._abandon, retry=retry)
+                                     abandon=self._abandon, retry=retry,
+                                     hedge_percent=config.hedge_percent)
         self.policy = policy or make_policy(config.policy, config, pool)
         self.scheduler = Scheduler(config, pool, self.policy, self.admission,
                                    self.dispatcher.dispatch, self.metrics)

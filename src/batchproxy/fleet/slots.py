@@ -397,6 +397,13 @@ class ReplicaPool:
             finally:
                 timer.cancel()
 
+    def capacity_changed(self) -> asyncio.Future[None]:
+        """A future done at the next state change or freed slot: for a wait that may end
+        another way too (a hedge waits for a slot only while its batch is unanswered)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
     def release(self, replica: Endpoint) -> None:
         replica.outstanding -= 1
         self._drop_if_drained(replica)
