@@ -152,7 +152,7 @@ def test_forwarded_grpc_calls_count_their_model(proxy: Process) -> None:
 class BrokenEngine:
     """Fails the way a bug would."""
 
-    async def submit(self, call, timeout=None) -> bytes:
+    async def submit(self, call, timeout=None, priority=None) -> bytes:
         raise RuntimeError("secret internals")
 
     async def forward(self, path, request, timeout, model="") -> bytes:

@@ -16,17 +16,21 @@ from batchproxy.frontends.limits import RequestLimits
 from batchproxy.frontends.predict_service import PredictService, unbatched_request
 from batchproxy.methods import GET_MODEL_STATUS, PREDICT
 from batchproxy.metrics import ProxyMetrics
+from batchproxy.priority import Priority
 from batchproxy.protos import predict_pb2
 
 
 class FakeEngine:
     def __init__(self) -> None:
         self.submitted: list[codec.PredictCall] = []
+        self.priorities: list[Priority] = []
         self.forwarded: list[tuple[str, bytes, float | None, str]] = []
         self.error: ProxyError | None = None
 
-    async def submit(self, call: codec.PredictCall, timeout: float | None = None) -> bytes:
+    async def submit(self, call: codec.PredictCall, timeout: float | None = None,
+                     priority: Priority = Priority.CRITICAL) -> bytes:
         self.submitted.append(call)
+        self.priorities.append(priority)
         if self.error is not None:
             raise self.error
         return b"batched"
@@ -53,6 +57,13 @@ async def test_a_call_with_rows_is_batched(service):
     (call,) = service.engine.submitted
     assert (call.model_name, call.rows) == ("m", 3)
     assert service.engine.forwarded == []
+    assert service.engine.priorities == [Priority.CRITICAL]
+
+
+async def test_the_priority_goes_with_a_batched_call(service):
+    request = predict_request("m", {"x": np.ones((1, 2), np.float32)}).SerializeToString()
+    await service.predict_bytes(request, 1.0, priority=Priority.SHEDDABLE)
+    assert service.engine.priorities == [Priority.SHEDDABLE]
 
 
 async def test_an_unbatchable_call_is_forwarded_as_it_came(service):

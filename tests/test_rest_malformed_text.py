@@ -131,7 +131,7 @@ def test_an_error_body_is_json_whatever_the_message() -> None:
 class BrokenEngine:
     """Every call fails the way a bug would."""
 
-    async def submit(self, call, timeout=None) -> bytes:
+    async def submit(self, call, timeout=None, priority=None) -> bytes:
         raise RuntimeError("secret internals")
 
     async def forward(self, path, request, timeout, model="") -> bytes:

@@ -26,6 +26,7 @@ from batchproxy.methods import (
     PREDICTION_SERVICE,
     REGRESS,
 )
+from batchproxy.priority import priority_of_metadata
 from batchproxy.protos import model_spec_holder_pb2
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,10 @@ class PredictionHandlers:
         with self.service.observe("grpc", "Predict") as record:
             try:
                 self._authenticate(context)
+                with self.service.validating():  # a bad value is the caller's mistake
+                    priority = priority_of_metadata(context.invocation_metadata())
                 return await self.service.predict_bytes(request, context.time_remaining(),
-                                                        record)
+                                                        record, priority)
             except ProxyError as err:
                 record.code = err.code.name
                 await context.abort(err.code, err.message)

@@ -8,6 +8,8 @@ and REST differ only in how bytes and JSON arrive and leave.
   (metadata, status, classify, regress, multi-inference) are forwarded by the engine, under
   the same admission and retry policy.
 - Metrics: each call is observed once, with the transport, method, model and final code.
+- Priority: the class the transport read from the call's metadata or headers
+  (batchproxy.priority) goes with a batched call to the engine, which orders and sheds by it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from batchproxy.errors import ProxyError
 from batchproxy.frontends.limits import RequestLimits
 from batchproxy.methods import PREDICT
 from batchproxy.metrics import ProxyMetrics
+from batchproxy.priority import Priority
 from batchproxy.protos import predict_pb2
 
 
@@ -36,7 +39,8 @@ class Forward(Protocol):
 class Engine(Protocol):
     """What the service needs of batchproxy.engine.Engine (a fake will do in tests)."""
 
-    async def submit(self, call: codec.PredictCall, timeout: float | None = None) -> bytes: ...
+    async def submit(self, call: codec.PredictCall, timeout: float | None = None,
+                     priority: Priority = Priority.CRITICAL) -> bytes: ...
 
     async def forward(self, path: str, request: bytes, timeout: float | None,
                       model: str = "") -> bytes: ...
@@ -120,16 +124,18 @@ class PredictService:
     # -- calls -----------------------------------------------------------------------------
 
     async def predict_bytes(self, request: bytes, timeout: float | None,
-                            record: CallRecord | None = None) -> bytes:
+                            record: CallRecord | None = None,
+                            priority: Priority = Priority.CRITICAL) -> bytes:
         """A serialized PredictRequest (gRPC): decoded, validated and answered."""
         with self.validating():
             call = codec.decode_predict_request(request)
         if record is not None:
             record.model = call.model_name
-        return await self.predict(call, timeout, request)
+        return await self.predict(call, timeout, request, priority)
 
     async def predict(self, call: codec.PredictCall, timeout: float | None,
-                      request: bytes | None = None) -> bytes:
+                      request: bytes | None = None,
+                      priority: Priority = Priority.CRITICAL) -> bytes:
         """A decoded Predict: batched when it has rows, else forwarded alone, exactly as TFS
         without batching would answer it. `request` is its serialized form when the caller
         has it (else it is encoded from the call, only if needed)."""
@@ -138,7 +144,7 @@ class PredictService:
             if request is None:
                 request = unbatched_request(call)
             return await self.engine.forward(PREDICT, request, timeout, model=call.model_name)
-        return await self.engine.submit(call, timeout)
+        return await self.engine.submit(call, timeout, priority)
 
     async def forward(self, path: str, request: bytes, timeout: float | None,
                       model: str = "") -> bytes:

@@ -10,7 +10,9 @@ forwarded to a replica unbatched and their answers written as TFS writes them. E
     GET  /v1/models/{name}[/versions/{n}|/labels/{l}][/metadata]
 
 Request headers: `Content-Encoding: gzip` is accepted; `X-Request-Timeout-Ms: <ms>` is the
-call's deadline, as a gRPC deadline is (an expired call leaves the batch queue and gets 504).
+call's deadline, as a gRPC deadline is (an expired call leaves the batch queue and gets 504);
+`X-Batchproxy-Priority: critical|sheddable` is a predict call's priority, as the gRPC
+metadata key of the same name is.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from batchproxy.frontends import rest_json
 from batchproxy.frontends.predict_service import CallRecord, PredictService
 from batchproxy.frontends.signatures import ModelKey, SignatureCache, model_spec
 from batchproxy.methods import CLASSIFY, GET_MODEL_METADATA, GET_MODEL_STATUS, REGRESS
+from batchproxy.priority import HEADER as PRIORITY_HEADER
+from batchproxy.priority import parse_priority
 from batchproxy.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -284,6 +288,7 @@ class RestFrontend:
 
     async def _predict(self, request: web.Request, key: ModelKey, deadline: _Deadline) -> bytes:
         with self.service.validating():
+            priority = parse_priority(request.headers.get(PRIORITY_HEADER))
             doc = rest_json.loads(await self._body(request))
             signature_name = rest_json.signature_name(doc)
         models = await self.signatures.get(key, deadline.remaining())
@@ -300,7 +305,7 @@ class RestFrontend:
             signature_name=signature.name, output_filter=(), model_spec=spec, inputs=inputs,
         )
         try:
-            answer = await self.service.predict(call, deadline.remaining())
+            answer = await self.service.predict(call, deadline.remaining(), None, priority)
         except ProxyError as err:
             if err.code == grpc.StatusCode.NOT_FOUND:
                 self.signatures.forget(key)  # unloaded: the next call asks afresh
