@@ -7,9 +7,10 @@ import argparse
 from typing import Any
 
 from batchproxy.batching_file import parse_batching_parameters
-from batchproxy.config import BatchingConfig, ProxyConfig
+from batchproxy.config import DEFAULT_HEDGE_PERCENT, BatchingConfig, ProxyConfig
 
-BATCHING_FLAGS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows")
+BATCHING_FLAGS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows",
+                  "hedge_budget_percent")
 
 
 def add_batching_flags(group: argparse._ArgumentGroup) -> None:
@@ -26,6 +27,11 @@ def add_batching_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--batching_parameters_file", default=None,
                        help="TFS batching parameters (text proto): max_batch_size, "
                             "batch_timeout_micros, max_enqueued_batches; flags override it")
+    group.add_argument("--hedge_budget_percent", type=float, default=None, metavar="PERCENT",
+                       help="a batch overdue on its replica (3x its learned time) is sent "
+                            "again to another; hedges are at most PERCENT %% of batches sent, "
+                            "plus one a second; 0 turns hedging off (default "
+                            f"{DEFAULT_HEDGE_PERCENT:g} with the adaptive policy, 0 with fixed)")
 
 
 def add_replica_flags(group: argparse._ArgumentGroup) -> None:

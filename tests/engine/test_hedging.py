@@ -240,3 +240,17 @@ def test_a_hedge_failing_leaves_the_first_call_to_answer(vrun):
     assert answer_values(answer) == [7.0]
     assert abs(answered_at - 0.502) < 1e-9
     assert counts["failed"] == 1.0 and outstanding == 0
+
+
+def test_the_flag_reaches_serve_and_the_simulator_alike():
+    from batchproxy.cli import build_parser, proxy_config
+    from batchproxy.sim.cli import sim_config
+
+    parser = build_parser()
+    serve = proxy_config(parser.parse_args(["serve", "--batching_policy", "adaptive"]))
+    assert serve.batching.hedge_percent == 5.0
+    serve = proxy_config(parser.parse_args(["serve", "--hedge_budget_percent", "0",
+                                            "--batching_policy", "adaptive"]))
+    assert serve.batching.hedge_percent == 0.0
+    simulated = sim_config(parser.parse_args(["simulate", "--hedge_budget_percent", "2"]))
+    assert simulated.hedge_budget_percent == 2.0

@@ -79,6 +79,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                            "(default %(default)s)")
     load.add_argument("--deadline_ms", type=float, default=sim.deadline_ms,
                       help="every call's deadline; 0: none (default %(default)s)")
+    load.add_argument("--sheddable", type=float, default=sim.sheddable, metavar="SHARE",
+                      help="share of calls sent as sheddable, the rest critical; the report "
+                           "then gives each class's figures (default %(default)s)")
     load.add_argument("--trace", default=None, metavar="FILE",
                       help="CSV with time_s, rows, model, deadline_ms (--workload trace)")
     load.add_argument("--burst_on_s", type=float, default=sim.burst_on_s,
@@ -120,12 +123,13 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         batch_timeout_micros=settings.get("batch_timeout_micros",
                                           BatchingConfig.batch_timeout_micros),
         max_enqueued_rows=settings.get("max_enqueued_rows"),
+        hedge_budget_percent=settings.get("hedge_budget_percent"),
         max_inflight_per_replica=args.max_inflight_per_replica,
         replica_timeout_s=args.replica_timeout_s, health_interval_ms=args.health_interval_ms,
         eject_after_failures=args.eject_after_failures,
         workload=workload, rates=rates, loads=args.load or SimConfig.loads,
         duration_s=args.duration, warmup_s=args.warmup, models=args.models, rows=args.rows,
-        deadline_ms=args.deadline_ms, trace=args.trace, burst_on_s=args.burst_on_s,
+        deadline_ms=args.deadline_ms, sheddable=args.sheddable, trace=args.trace, burst_on_s=args.burst_on_s,
         burst_off_s=args.burst_off_s, slo_ms=args.slo_ms, seed=args.seed,
         systems=tuple(systems))
 

@@ -14,6 +14,7 @@ from batchproxy.fleet.health_checks import HealthChecker
 from batchproxy.fleet.slots import ReplicaPool
 from batchproxy.fleet.transport import Transport
 from batchproxy.metrics import ProxyMetrics
+from batchproxy.priority import Priority
 from batchproxy.sim.replicas import SimReplica
 from batchproxy.sim.workloads import Arrival, Shape
 
@@ -30,10 +31,12 @@ class FleetSettings:
 
 
 def batching_config(max_batch_size: int, batch_timeout_micros: int, max_enqueued_rows: int,
-                    policy: str | None = None) -> BatchingConfig:
+                    policy: str | None = None,
+                    hedge_budget_percent: float | None = None) -> BatchingConfig:
     settings: dict[str, Any] = dict(max_batch_size=max_batch_size,
                                     batch_timeout_micros=batch_timeout_micros,
-                                    max_enqueued_rows=max_enqueued_rows)
+                                    max_enqueued_rows=max_enqueued_rows,
+                                    hedge_budget_percent=hedge_budget_percent)
     if policy is not None:
         settings["policy"] = policy
     return BatchingConfig(**settings)
@@ -68,7 +71,8 @@ class ProxySystem:
 
     async def submit(self, arrival: Arrival) -> None:
         call = codec.decode_predict_request(self.shapes[arrival.shape].request)
-        await self.engine.submit(call, arrival.deadline_s)
+        priority = Priority.SHEDDABLE if arrival.sheddable else Priority.CRITICAL
+        await self.engine.submit(call, arrival.deadline_s, priority)
 
     async def close(self) -> None:
         await self.engine.close()

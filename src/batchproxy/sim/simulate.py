@@ -17,7 +17,7 @@ from batchproxy.sim.clock import run_virtual
 from batchproxy.sim.faults import Fault, FaultSchedule
 from batchproxy.sim.proxy import FleetSettings, ProxySystem, batching_config
 from batchproxy.sim.replicas import Cost, SimReplica, sleep_until
-from batchproxy.sim.report import OK, Outcomes, RunResult, SimReport
+from batchproxy.sim.report import OK, Outcomes, RunResult, SimReport, by_priority
 from batchproxy.sim.workloads import Arrival, Mix, Shape, ShapeTable
 
 SYSTEMS = ("direct", "tfs", "proxy")
@@ -39,6 +39,7 @@ class SimConfig:
     max_batch_size: int = 32
     batch_timeout_micros: int = 2000
     max_enqueued_rows: int | None = None  # None: as `serve`, max(3200, 100 * batch)
+    hedge_budget_percent: float | None = None  # None: as `serve`, the policy's default
     max_inflight_per_replica: int = 2
     replica_timeout_s: float = 30.0
     health_interval_ms: int = 1000
@@ -55,6 +56,7 @@ class SimConfig:
     models: str = "model"  # weighted choice, "a:3,b:1"
     rows: str = "1"  # weighted choice, "1:4,8", or a range "1-8"
     deadline_ms: float = 0.0  # 0: calls carry no deadline
+    sheddable: float = 0.0  # share of calls sent as sheddable; the rest are critical
     trace: str | None = None
     burst_on_s: float = 1.0
     burst_off_s: float = 1.0
@@ -68,6 +70,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.concurrency < 1:
             raise ValueError("replicas and concurrency must be at least 1")
+        if not 0.0 <= self.sheddable <= 1.0:
+            raise ValueError("the sheddable share must be between 0 and 1")
         if self.workload not in ("poisson", "bursts", "trace"):
             raise ValueError(f"unknown workload {self.workload!r}")
         if self.workload == "trace" and not self.trace:
@@ -137,7 +141,8 @@ def make_system(kind: str, config: SimConfig, replicas: list[SimReplica],
                           config.health_interval_ms, config.eject_after_failures,
                           config.ejection_base_s)
     batching = batching_config(config.max_batch_size, config.batch_timeout_micros,
-                               config.enqueued_rows, policy or None)
+                               config.enqueued_rows, policy or None,
+                               config.hedge_budget_percent)
     return ProxySystem(replicas, shapes, batching, fleet, config.seed, name=kind)
 
 
@@ -238,7 +243,9 @@ def simulate(config: SimConfig,
     runs: list[RunResult] = []
     for rate, load in sweep(config):
         table = ShapeTable(config.features)
-        arrivals = _arrivals(config, rate, config.warmup_s + duration, table)
+        arrivals = workloads.mark_sheddable(
+            _arrivals(config, rate, config.warmup_s + duration, table), config.sheddable,
+            config.seed)
         if config.workload == "trace":
             rate = len(arrivals) / duration if duration else 0.0
         measured = [a.time_s >= config.warmup_s for a in arrivals]
@@ -250,6 +257,11 @@ def simulate(config: SimConfig,
             result = RunResult.of(kind, rate, load, duration, config.slo_ms / 1000, outcomes,
                                   [r.record for r in replicas], config.concurrency,
                                   busy_window_s=config.warmup_s + duration)
+            if config.sheddable > 0:
+                result.classes = by_priority(outcomes, [a.sheddable for a, keep in
+                                                        zip(arrivals, measured, strict=True)
+                                                        if keep],
+                                             duration, config.slo_ms / 1000)
             runs.append(result)
             if progress is not None:
                 progress(result)
