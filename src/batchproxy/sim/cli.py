@@ -129,7 +129,8 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         eject_after_failures=args.eject_after_failures,
         workload=workload, rates=rates, loads=args.load or SimConfig.loads,
         duration_s=args.duration, warmup_s=args.warmup, models=args.models, rows=args.rows,
-        deadline_ms=args.deadline_ms, sheddable=args.sheddable, trace=args.trace, burst_on_s=args.burst_on_s,
+        deadline_ms=args.deadline_ms, sheddable=args.sheddable, trace=args.trace,
+        burst_on_s=args.burst_on_s,
         burst_off_s=args.burst_off_s, slo_ms=args.slo_ms, seed=args.seed,
         systems=tuple(systems))
 

@@ -67,6 +67,8 @@ class RunResult:
     utilization: list[float]
     mean_utilization: float
     end_s: float
+    # With a sheddable share: each priority class's figures (`by_priority`).
+    classes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, system: str, rate: float, load: float | None, duration_s: float,
@@ -104,7 +106,31 @@ class RunResult:
             end_s=round(outcomes.end_s, 6))
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        if not self.classes:
+            del data["classes"]  # runs without priorities read as they always did
+        return data
+
+
+def class_figures(outcomes: Outcomes, duration_s: float, slo_s: float) -> dict[str, Any]:
+    """One priority class: calls, answered OK, p99, goodput, and the share of its calls
+    answered OK inside the SLO (of all it sent, refused ones included)."""
+    ok = sorted(lat for lat, code in zip(outcomes.latencies_s, outcomes.codes, strict=True)
+                if code == OK)
+    good = sum(1 for lat in ok if lat <= slo_s)
+    requests = len(outcomes.codes)
+    return {"requests": requests, "ok": len(ok), "p99_ms": _ms(percentile(ok, 0.99)),
+            "goodput_per_s": round(good / duration_s, 3) if duration_s else 0.0,
+            "inside_slo": round(good / requests, 4) if requests else None,
+            "errors": dict(sorted(Counter(c for c in outcomes.codes if c != OK).items()))}
+
+
+def by_priority(outcomes: Outcomes, sheddable: list[bool], duration_s: float,
+                slo_s: float) -> dict[str, dict[str, Any]]:
+    """Figures per class; `sheddable[i]` says which class call i was sent in."""
+    return {"critical": class_figures(outcomes.only([not s for s in sheddable]),
+                                      duration_s, slo_s),
+            "sheddable": class_figures(outcomes.only(sheddable), duration_s, slo_s)}
 
 
 @dataclass
@@ -164,4 +190,10 @@ def format_table(runs: Sequence[RunResult]) -> str:
         util = " ".join(f"{u:.2f}" for u in r.utilization)
         details.append(f"{r.system} @ {r.rate_per_s:.0f}/s: errors {errors}; "
                        f"batch rows {_buckets(r.batch_rows)}; utilization {util}")
+        for name, c in r.classes.items():
+            refused = ", ".join(f"{code}={n}" for code, n in c["errors"].items()) or "none"
+            inside = "-" if c["inside_slo"] is None else f"{100 * c['inside_slo']:.2f} %"
+            details.append(f"  {name}: {c['requests']} calls, {inside} inside the SLO, "
+                           f"p99 {_cell(c['p99_ms'])} ms, goodput {c['goodput_per_s']:.1f}/s; "
+                           f"errors {refused}")
     return "\n".join([*lines, "", *details])

@@ -10,6 +10,9 @@ call, as its frontend would.
   mean offered load is still `rate`.
 - trace: replayed from a CSV file with the columns time_s, rows, model, deadline_ms (an
   empty deadline_ms: no deadline).
+
+Any of them may send a share of its calls as sheddable (`mark_sheddable`), drawn from a
+generator of its own, so the arrivals themselves stay those of the same seed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Arrival(NamedTuple):
     time_s: float
     shape: int  # index into the workload's shapes
     deadline_s: float | None
+    sheddable: bool = False  # the proxy's priority class; critical when false
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,14 @@ def bursts(rate: float, duration_s: float, mix: Mix, table: ShapeTable, seed: in
         times.extend(poisson_times(peak, min(on_s, duration_s - start), rng, start))
         start += on_s + off_s
     return _draw(times, mix, table, rng)
+
+
+def mark_sheddable(arrivals: list[Arrival], share: float, seed: int) -> list[Arrival]:
+    """The same calls, each sheddable with probability `share`."""
+    if share <= 0:
+        return arrivals
+    rng = random.Random(f"{seed}:sheddable")
+    return [arrival._replace(sheddable=rng.random() < share) for arrival in arrivals]
 
 
 def read_trace(path: str | Path, table: ShapeTable) -> list[Arrival]:
