@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 
 from batchproxy.config import BatchingConfig
-from batchproxy.engine.priorities import SHEDDABLE_QUEUE_SHARE
+from batchproxy.engine.priorities import SHEDDABLE_DEADLINE_SHARE, SHEDDABLE_QUEUE_SHARE
 from batchproxy.errors import ProxyError
 from batchproxy.metrics import ProxyMetrics
 
@@ -32,14 +32,16 @@ class Admission:
         else:
             self.service_time_s += 0.1 * (seconds - self.service_time_s)
 
-    def expected_wait_s(self, rows: int) -> float:
+    def expected_wait_s(self, rows: int, sheddable: bool = False) -> float:
         """A rough time to answer `rows` more rows: the full batches ahead of them, served by
         all the replica slots in parallel, then their own batch. 0 until a batch was timed,
         and 0 with no full batch ahead: a call that would go out next is never refused on a
-        guess (its replica decides)."""
+        guess (its replica decides). Sheddable rows are not ahead of a critical call: it is
+        taken before them."""
         if self.service_time_s is None:
             return 0.0
-        batches_ahead = (self.queued_rows + rows) // self.config.max_batch_size
+        ahead = self.queued_rows if sheddable else self.queued_rows - self.sheddable_rows
+        batches_ahead = (ahead + rows) // self.config.max_batch_size
         if batches_ahead == 0:
             return 0.0
         return (batches_ahead / max(self.slots, 1) + 1) * self.service_time_s
@@ -79,9 +81,11 @@ class Admission:
                 f"The batch scheduling queue to which this task was submitted is full "
                 f"({self.queued_bytes} bytes queued, limit {config.max_enqueued_bytes})")
         if timeout is not None:
-            wait = self.expected_wait_s(rows)
-            # 0.8: a margin for what the estimate leaves out (the way back, jitter).
-            if wait > 0 and wait > 0.8 * timeout:
+            wait = self.expected_wait_s(rows, sheddable)
+            # 0.8: a margin for what the estimate leaves out (the way back, jitter). A
+            # sheddable call gets less: critical calls arriving later still go first.
+            share = SHEDDABLE_DEADLINE_SHARE if sheddable else 0.8
+            if wait > 0 and wait > share * timeout:
                 self.metrics.reject("deadline_unreachable")
                 raise ProxyError(
                     grpc.StatusCode.UNAVAILABLE,

@@ -66,8 +66,13 @@ class FixedTimeoutPolicy:
         self.timeout_s = config.batch_timeout_s
 
     def decide(self, queue: KeyQueue, now: float) -> Flush | Hold:
-        if queue.rows >= self.full:
+        if queue.critical_rows >= self.full:
             return FLUSH_TO_ANY
+        if queue.rows >= self.full:
+            # Full only with sheddable rows: it waits for an idle replica, so that it takes
+            # no room that critical calls arriving meanwhile would need (queued behind a
+            # busy replica's batch, its rows would be fixed a whole batch time early).
+            return FLUSH_TO_IDLE
         head = queue.head()
         due = now if head is None else head.enqueued_at + self.timeout_s
         if due <= now:

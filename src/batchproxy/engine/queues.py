@@ -97,7 +97,7 @@ class KeyQueue:
     """The calls waiting for one batch key: critical ones and sheddable ones, each class
     oldest first. A batch takes critical rows first; sheddable rows fill the room left."""
 
-    __slots__ = ("entries", "key", "model", "rows", "sheddable")
+    __slots__ = ("entries", "key", "model", "rows", "sheddable", "sheddable_rows")
 
     def __init__(self, key: tuple) -> None:
         self.key = key
@@ -105,10 +105,17 @@ class KeyQueue:
         self.entries: collections.deque[Entry] = collections.deque()  # critical
         self.sheddable: collections.deque[Entry] = collections.deque()
         self.rows = 0  # rows of live entries not yet taken into a batch
+        self.sheddable_rows = 0  # the part of them that sheddable calls hold
+
+    @property
+    def critical_rows(self) -> int:
+        return self.rows - self.sheddable_rows
 
     def add(self, entry: Entry) -> None:
         (self.sheddable if entry.sheddable else self.entries).append(entry)
         self.rows += entry.rows
+        if entry.sheddable:
+            self.sheddable_rows += entry.rows
 
     def all_entries(self) -> list[Entry]:
         return [*self.entries, *self.sheddable]

@@ -139,6 +139,7 @@ class Scheduler:
         entry.queue.rows -= untaken
         self.admission.queued_rows -= untaken
         if entry.sheddable:
+            entry.queue.sheddable_rows -= untaken
             self.admission.sheddable_rows -= untaken
 
     def fail_all(self, error: ProxyError) -> None:
@@ -244,6 +245,7 @@ class Scheduler:
         rows = self.config.max_batch_size - room
         queue.rows -= rows
         self.admission.queued_rows -= rows
+        queue.sheddable_rows -= sheddable_rows
         self.admission.sheddable_rows -= sheddable_rows
         self.admission.queued_bytes -= freed_bytes
         return Batch.of(queue.model, pieces)
