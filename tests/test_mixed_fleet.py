@@ -73,3 +73,20 @@ def test_a_model_no_replica_has_is_not_found(proxy: Process) -> None:
     assert "nowhere" in response.json()["error"]
     # And the others are still served.
     assert rest_predict(proxy, "echo").status_code == 200
+
+
+def test_grpc_predict_of_a_model_not_seen_before_reaches_the_replica_that_has_it() -> None:
+    # gRPC clients send Predict first, with no signature fetch to teach the proxy: the
+    # batch that meets a replica lacking the model is sent to the other one.
+    import numpy as np
+    from grpc_client import predict_request, to_array
+
+    with start_replica("identity", model_name="m") as only_m, \
+            start_replica("identity", model_name="echo") as only_echo, \
+            start_proxy([only_m, only_echo], health_interval_ms=600_000) as fresh, \
+            grpc.insecure_channel(fresh.address) as channel:
+        for model in ("echo", "m"):
+            for i in range(CALLS):
+                x = np.full((1, 2), i, np.float32)
+                answer = stub(channel).Predict(predict_request(model, {"x": x}), timeout=30)
+                np.testing.assert_array_equal(to_array(answer.outputs["y"]), x)

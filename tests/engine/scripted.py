@@ -38,6 +38,8 @@ class ScriptedReplica:
     error: Exception | None = None  # raised for every Predict
     # Refuses a batch holding a negative value, as a model checking its input would.
     refuse_negative: bool = True
+    # The models it serves (None: any); others get TFS's NOT_FOUND.
+    models: set[str] | None = None
     sent: list[Sent] = field(default_factory=list)
 
     async def call(self, path: str, request: bytes, timeout: float) -> bytes:
@@ -54,6 +56,9 @@ class ScriptedReplica:
         assert isinstance(data, bytes)
         values = list(memoryview(data).cast("f"))
         self.sent.append(Sent(loop.time(), call.rows, timeout, values))
+        if self.models is not None and call.model_name not in self.models:
+            raise ProxyError(grpc.StatusCode.NOT_FOUND,
+                             f"Servable not found for request: Latest({call.model_name})")
         await self._spend(timeout)
         if self.refuse_negative and any(v < 0 for v in values):
             raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT, "x must not be negative")

@@ -266,3 +266,26 @@ def test_bisection_of_differently_failing_calls_is_bounded(vrun):
     results = vrun(main())
     assert all(isinstance(r, ProxyError) for r in results)
     assert len(replica.sent) <= 1 + 6 * 5
+
+
+def test_a_batch_for_a_model_one_replica_lacks_goes_to_one_that_has_it(vrun):
+    # No health check has asked about "echo" yet: the first replica tried may lack it. Its
+    # NOT_FOUND marks it, and the batch goes to the other replica instead of failing.
+    lacking = ScriptedReplica(cost_s=0.01, models={"m"})
+    having = ScriptedReplica(cost_s=0.01, models={"echo"})
+
+    async def main():
+        engine = make_engine({"a": lacking, "b": having})
+        engine.pool.replicas["b"].outstanding = 1  # the first batch goes to "a"
+        first = asyncio.ensure_future(outcome(engine.submit(make_call([5.0], model="echo"))))
+        await asyncio.sleep(0.005)
+        engine.pool.release(engine.pool.replicas["b"])
+        answer = await first
+        nowhere = await outcome(engine.submit(make_call([1.0], model="nosuch")))
+        await engine.close()
+        return answer, nowhere
+
+    answer, nowhere = vrun(main())
+    assert answer_values(answer) == [5.0]
+    assert len(lacking.sent) == 2 and len(having.sent) == 2  # "nosuch": each asked once
+    assert isinstance(nowhere, ProxyError) and nowhere.code is grpc.StatusCode.NOT_FOUND

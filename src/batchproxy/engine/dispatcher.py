@@ -124,6 +124,13 @@ class Dispatcher:
                     timed_out = err.code is grpc.StatusCode.DEADLINE_EXCEEDED and ours
                     if timed_out:
                         pool.record_failure(used, err)  # a hung replica is ejected too
+                    if self._not_there(used, batch.model, err):
+                        # The replica lacks a model no health check has asked it about
+                        # yet (fleets may serve different models): send the batch to one
+                        # that may have it. Each replica is asked once, as the mark holds.
+                        failed = used
+                        batch = batch.without_answered()
+                        continue
                     if (self.retry.should_retry(err, retries, timed_out)
                             and pool.can_serve(batch.model, exclude=used)):
                         retries += 1
@@ -167,6 +174,15 @@ class Dispatcher:
         refused, batch = await self._attempt(batch, None)
         if refused is not None:
             await self._bisect(batch, refused, budget)
+
+    def _not_there(self, replica: Endpoint, model: str, error: ProxyError) -> bool:
+        """Whether a NOT_FOUND from `replica` only says that this replica lacks `model`
+        (marked so now) while another may still have it."""
+        if error.code is not grpc.StatusCode.NOT_FOUND or model in replica.models:
+            return False
+        self.pool.note_missing(replica, model)
+        return replica.models.get(model) is not None and self.pool.can_serve(
+            model, exclude=replica)
 
     async def _bisect(self, batch: Batch, error: ProxyError, budget: list[int]) -> None:
         """One call may have poisoned the batch: send each half on its own, recursively, so
