@@ -59,20 +59,28 @@ class PredictionHandlers:
             self.service.metrics.reject("unauthenticated")
             raise ProxyError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
+    async def _answer(self, record: CallRecord, context: grpc.aio.ServicerContext,
+                      call: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Authenticate, run `call`, and turn its ProxyError (or a bug) into the gRPC status
+        every handler answers with."""
+        try:
+            self._authenticate(context)
+            return await call()
+        except ProxyError as err:
+            record.code = err.code.name
+            await context.abort(err.code, err.message)
+        except Exception:
+            await self._internal_error(record, context)
+        raise AssertionError("unreachable: abort() raises")  # for the type checker
+
     async def predict(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         with self.service.observe("grpc", "Predict") as record:
-            try:
-                self._authenticate(context)
+            async def call() -> bytes:
                 with self.service.validating():  # a bad value is the caller's mistake
                     priority = priority_of_metadata(context.invocation_metadata())
                 return await self.service.predict_bytes(request, context.time_remaining(),
                                                         record, priority)
-            except ProxyError as err:
-                record.code = err.code.name
-                await context.abort(err.code, err.message)
-            except Exception:
-                await self._internal_error(record, context)
-            raise AssertionError("unreachable: abort() raises")  # for the type checker
+            return await self._answer(record, context, call)
 
     def forwarder(self, path: str) -> Handler:
         method = path.rsplit("/", 1)[1]
@@ -82,28 +90,16 @@ class PredictionHandlers:
             # Counted under the model the request names, as a Predict is.
             model = model_of(request) if routed else ""
             with self.service.observe("grpc", method, model) as record:
-                try:
-                    self._authenticate(context)
-                    return await self.service.forward(path, request, context.time_remaining(),
-                                                      model=model)
-                except ProxyError as err:
-                    record.code = err.code.name
-                    await context.abort(err.code, err.message)
-                except Exception:
-                    await self._internal_error(record, context)
-                raise AssertionError("unreachable: abort() raises")  # for the type checker
+                return await self._answer(record, context, lambda: self.service.forward(
+                    path, request, context.time_remaining(), model=model))
 
         return forward
 
     async def reload_config(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         with self.service.observe("grpc", HANDLE_RELOAD_CONFIG.rsplit("/", 1)[1]) as record:
-            try:
-                self._authenticate(context)
+            async def refuse() -> bytes:
                 raise ProxyError(grpc.StatusCode.UNIMPLEMENTED, RELOAD_REFUSAL)
-            except ProxyError as err:
-                record.code = err.code.name
-                await context.abort(err.code, err.message)
-            raise AssertionError("unreachable: abort() raises")  # for the type checker
+            return await self._answer(record, context, refuse)
 
     @staticmethod
     async def _internal_error(record: CallRecord, context: grpc.aio.ServicerContext) -> None:
