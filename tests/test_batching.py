@@ -58,7 +58,9 @@ async def test_every_caller_gets_exactly_its_own_rows(identity_fleet):
     histograms = [batch_rows_histogram(r.rest_url) for r in replicas]
     calls = sum(h["count"] for h in histograms) - sum(before)
     assert sum(h["sum"] for h in histograms) >= sum(rows)
-    assert calls < callers / 2, f"{calls} replica calls for {callers} callers: no batching"
+    # Fewer replica calls than callers, by a margin that holds however slowly the calls
+    # trickle in on a busy machine (how much fewer is a benchmark's business).
+    assert calls < 0.8 * callers, f"{calls} replica calls for {callers} callers: no batching"
     # Some batch held more rows than any single caller sent (8): rows of several callers.
     assert any(h["count"] > h["le=8"] for h in histograms)
 

@@ -15,9 +15,12 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 
 
 def dry_run(target: str, venv: Path, *args: str) -> list[str]:
-    proc = subprocess.run(["make", "-n", target, f"VENV={venv}", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, check=True)
-    return proc.stdout.splitlines()
+    # --no-print-directory: under another make (CI runs the suite from `make test`) the
+    # recursion would add "Entering directory" lines around the commands.
+    proc = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=True)
+    return [line for line in proc.stdout.splitlines() if not line.startswith("make[")]
 
 
 def installs(lines: list[str]) -> list[str]:
