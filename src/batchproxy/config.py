@@ -24,6 +24,9 @@ class BatchingConfig:
     # Hedges (engine/hedging.py) as a percentage of batches sent; 0 turns hedging off. None:
     # on (5 %) with the adaptive policy, off with "fixed", which keeps TFS's behaviour.
     hedge_budget_percent: float | None = None
+    # A latency objective for every call (0: none): admission refuses at once a call the
+    # queue ahead would keep past it, as it does one past its own deadline.
+    latency_slo_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -36,6 +39,8 @@ class BatchingConfig:
             raise ValueError("max_enqueued_bytes and max_forwarded_calls must be positive")
         if self.hedge_budget_percent is not None and not 0 <= self.hedge_budget_percent <= 100:
             raise ValueError("hedge_budget_percent must be between 0 and 100")
+        if self.latency_slo_ms < 0:
+            raise ValueError("latency_slo_ms must not be negative")
 
     @property
     def batch_timeout_s(self) -> float:

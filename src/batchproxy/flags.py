@@ -10,7 +10,7 @@ from batchproxy.batching_file import parse_batching_parameters
 from batchproxy.config import DEFAULT_HEDGE_PERCENT, BatchingConfig, ProxyConfig
 
 BATCHING_FLAGS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows",
-                  "hedge_budget_percent")
+                  "hedge_budget_percent", "latency_slo_ms")
 
 
 def add_batching_flags(group: argparse._ArgumentGroup) -> None:
@@ -32,6 +32,12 @@ def add_batching_flags(group: argparse._ArgumentGroup) -> None:
                             "again to another; hedges are at most PERCENT %% of batches sent, "
                             "plus one a second; 0 turns hedging off (default "
                             f"{DEFAULT_HEDGE_PERCENT:g} with the adaptive policy, 0 with fixed)")
+
+
+    group.add_argument("--latency_slo_ms", type=float, default=None, metavar="MS",
+                       help="latency objective of every call: one that the queue ahead "
+                            "would keep longer is refused at once with UNAVAILABLE, as one "
+                            "past its own deadline is (default 0: none)")
 
 
 def add_replica_flags(group: argparse._ArgumentGroup) -> None:

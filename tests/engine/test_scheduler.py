@@ -179,3 +179,29 @@ def test_a_full_queue_answers_unavailable_at_once(vrun):
 
     assert vrun(main()) == [0.1] * 4
     assert [s.rows for s in replica.sent] == [2, 2, 2]
+
+
+def test_a_latency_objective_refuses_at_once_what_the_queue_would_keep_past_it(vrun):
+    # One replica at 100 ms a batch of 4, 12 rows queued behind a batch in flight: a new
+    # call would wait about 400 ms. With a 200 ms objective it is refused on arrival (and
+    # says why); without one, the same call (no deadline) is admitted and answered.
+    async def main(slo_ms: float):
+        replica = ScriptedReplica(cost_s=0.1)
+        engine = make_engine({"a": replica}, max_batch_size=4, batch_timeout_micros=0,
+                             latency_slo_ms=slo_ms)
+        # Admitted before any batch was timed (no estimate yet, so nothing is refused).
+        queued = [asyncio.ensure_future(engine.submit(make_call(4))) for _ in range(5)]
+        await asyncio.sleep(0.15)  # the first batch was answered at 0.1: now it estimates
+        try:
+            result = await engine.submit(make_call(1))
+        except ProxyError as err:
+            result = err
+        await asyncio.gather(*queued)
+        await engine.close()
+        return result
+
+    refused = vrun(main(200))
+    assert isinstance(refused, ProxyError)
+    assert refused.code is grpc.StatusCode.UNAVAILABLE
+    assert "latency objective" in refused.message
+    assert answer_values(vrun(main(0))) == [0.0]

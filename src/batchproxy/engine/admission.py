@@ -80,17 +80,23 @@ class Admission:
                 grpc.StatusCode.UNAVAILABLE,
                 f"The batch scheduling queue to which this task was submitted is full "
                 f"({self.queued_bytes} bytes queued, limit {config.max_enqueued_bytes})")
-        if timeout is not None:
+        slo = config.latency_slo_ms / 1000
+        budget, what = timeout, "deadline"
+        if slo and (budget is None or slo < budget):
+            # The objective binds before the caller's deadline: the call still runs to its
+            # own deadline once admitted; only its admission is judged by the objective.
+            budget, what = slo, "latency objective"
+        if budget is not None:
             wait = self.expected_wait_s(rows, sheddable)
             # 0.8: a margin for what the estimate leaves out (the way back, jitter). A
             # sheddable call gets less: critical calls arriving later still go first.
             share = SHEDDABLE_DEADLINE_SHARE if sheddable else 0.8
-            if wait > 0 and wait > share * timeout:
+            if wait > 0 and wait > share * budget:
                 self.metrics.reject("deadline_unreachable")
                 raise ProxyError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"The batch queue is too long for this call's deadline (expected wait "
-                    f"{wait * 1000:.0f} ms, deadline {timeout * 1000:.0f} ms)")
+                    f"The batch queue is too long for this call's {what} (expected wait "
+                    f"{wait * 1000:.0f} ms, {what} {budget * 1000:.0f} ms)")
 
     def admit_forwarded(self) -> None:
         if self.forwarded >= self.config.max_forwarded_calls:

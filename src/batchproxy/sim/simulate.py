@@ -40,6 +40,7 @@ class SimConfig:
     batch_timeout_micros: int = 2000
     max_enqueued_rows: int | None = None  # None: as `serve`, max(3200, 100 * batch)
     hedge_budget_percent: float | None = None  # None: as `serve`, the policy's default
+    latency_slo_ms: float = 0.0  # the proxy's --latency_slo_ms (0: none)
     max_inflight_per_replica: int = 2
     replica_timeout_s: float = 30.0
     health_interval_ms: int = 1000
@@ -142,7 +143,7 @@ def make_system(kind: str, config: SimConfig, replicas: list[SimReplica],
                           config.ejection_base_s)
     batching = batching_config(config.max_batch_size, config.batch_timeout_micros,
                                config.enqueued_rows, policy or None,
-                               config.hedge_budget_percent)
+                               config.hedge_budget_percent, config.latency_slo_ms)
     return ProxySystem(replicas, shapes, batching, fleet, config.seed, name=kind)
 
 
