@@ -24,6 +24,11 @@ def test_proxy_logs_banner_and_state_changes_as_json():
     replica = start_replica("identity")
     proxy = start_proxy([replica], log_format="json", health_interval_ms=200)
     try:
+        # The first health check may finish after the ports open (a busy machine): let the
+        # replica turn healthy before taking it away.
+        deadline = time.monotonic() + 10
+        while "joining -> healthy" not in proxy.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
         replica.stop()
         deadline = time.monotonic() + 10
         while "-> ejected" not in proxy.output() and time.monotonic() < deadline:
