@@ -249,13 +249,7 @@ def _map_entries(
     for f, entry in _len_fields(buf):
         if f != field:
             continue
-        key = b""
-        values = []
-        for ef, payload in _len_fields(entry):
-            if ef == 1:
-                key = payload
-            elif ef == 2:
-                values.append(payload)
+        key, values = _split_map_entry(entry)
         name = key.decode("utf-8")
         if unique and name in out:
             raise CodecError("INVALID_ARGUMENT", _duplicate_message(name))
@@ -631,6 +625,19 @@ def encode_predict_request(pieces: list[tuple[PredictCall, int, int]]) -> bytes:
     return b"".join(out)
 
 
+def _split_map_entry(entry: bytes) -> tuple[bytes, list[bytes]]:
+    """A map<string, TensorProto> entry's key (the last one given wins) and the pieces of its
+    value, which protobuf merges when the value is given more than once."""
+    key = b""
+    values = []
+    for field, payload in _len_fields(entry):
+        if field == 1:
+            key = payload
+        elif field == 2:
+            values.append(payload)
+    return key, values
+
+
 def _first_unparsable_input(data: bytes) -> str | None:
     """Best effort, for the message only: the name of the first input whose value does not
     parse on its own in a request protobuf refused. None when that cannot be told (the
@@ -639,13 +646,7 @@ def _first_unparsable_input(data: bytes) -> str | None:
         for f, entry in _len_fields(data):
             if f != 2:
                 continue
-            key = b""
-            values = []
-            for ef, payload in _len_fields(entry):
-                if ef == 1:
-                    key = payload
-                elif ef == 2:
-                    values.append(payload)
+            key, values = _split_map_entry(entry)
             for value in values:
                 try:
                     tensor_pb2.TensorProto.FromString(value)
