@@ -42,6 +42,10 @@ class CostModel:
     batches: int = 0
     # Slowdown (observed / predicted alone) by how many other batches ran beside it.
     _slowdown: dict[int, list[float]] = field(default_factory=dict)
+    # What the policy reads on every decision, kept current by observe() rather than
+    # recomputed per question: the fit (None: not yet computed) and the concurrency.
+    _fitted: tuple[float, float] | None = None
+    _concurrency: int = 1
 
     @property
     def a_s(self) -> float:
@@ -52,6 +56,11 @@ class CostModel:
         return self._fit()[1]
 
     def _fit(self) -> tuple[float, float]:
+        if self._fitted is None:
+            self._fitted = self._solve()
+        return self._fitted
+
+    def _solve(self) -> tuple[float, float]:
         if self.batches == 0:
             return self.prior_a_s, self.prior_b_s
         mean_x = self._x / self._w
@@ -80,6 +89,7 @@ class CostModel:
                 ratios = self._slowdown.setdefault(min(beside, self.max_concurrency), [])
                 ratios.append(seconds / alone)
                 del ratios[:-32]  # the recent ones
+                self._concurrency = self._solve_concurrency()
             return  # only batches that ran alone teach the single-batch cost
         if self.batches >= WARM and self._abs_residual > 0:
             limit = CLIP * self._abs_residual
@@ -95,11 +105,16 @@ class CostModel:
         else:  # few batches: the widest residual yet, so early clipping is lenient
             self._abs_residual = max(self._abs_residual, residual)
         self.batches += 1
+        self._fitted = None
 
     @property
     def concurrency(self) -> int:
-        """How many batches the replica runs at once without slowing down: one more than
-        the most batches seen beside another whose slowdown stayed small."""
+        """How many batches the replica runs at once without slowing down."""
+        return self._concurrency
+
+    def _solve_concurrency(self) -> int:
+        """One more than the most batches seen beside another whose median slowdown stayed
+        small."""
         level = 1
         for beside in range(1, self.max_concurrency):
             ratios = self._slowdown.get(beside)
