@@ -11,11 +11,13 @@ import grpc
 from batchproxy.config import BatchingConfig
 from batchproxy.engine.priorities import SHEDDABLE_DEADLINE_SHARE, SHEDDABLE_QUEUE_SHARE
 from batchproxy.errors import ProxyError
+from batchproxy.fleet.slots import ReplicaPool
 from batchproxy.metrics import ProxyMetrics
 
 
 class Admission:
-    def __init__(self, config: BatchingConfig, metrics: ProxyMetrics) -> None:
+    def __init__(self, config: BatchingConfig, metrics: ProxyMetrics,
+                 pool: ReplicaPool) -> None:
         self.config = config
         self.metrics = metrics
         self.queued_rows = 0
@@ -23,7 +25,7 @@ class Admission:
         self.sheddable_rows = 0  # the part of queued_rows that sheddable calls hold
         self.forwarded = 0  # unbatched calls in flight
         self.service_time_s: float | None = None  # mean replica time per batch
-        self.slots = 1  # replica slots in the fleet, kept current by the engine
+        self.pool = pool  # its replica slots serve the batches ahead
 
     def note_service_time(self, seconds: float) -> None:
         # An exponentially weighted mean: recent batches matter most (replicas slow down).
@@ -44,7 +46,8 @@ class Admission:
         batches_ahead = (ahead + rows) // self.config.max_batch_size
         if batches_ahead == 0:
             return 0.0
-        return (batches_ahead / max(self.slots, 1) + 1) * self.service_time_s
+        slots = self.pool.max_inflight * max(len(self.pool.replicas), 1)
+        return (batches_ahead / slots + 1) * self.service_time_s
 
     def overflow(self, rows: int, nbytes: int) -> tuple[int, int]:
         """(rows, bytes) by which a call of `rows` rows and `nbytes` bytes would pass the

@@ -32,7 +32,7 @@ class Engine:
         self.config = config
         self.pool = pool
         self.metrics = metrics if metrics is not None else ProxyMetrics()
-        self.admission = Admission(config, self.metrics)
+        self.admission = Admission(config, self.metrics, pool)
         self.dispatcher = Dispatcher(pool, self.admission, self.metrics,
                                      abandon=self._abandon, retry=retry,
                                      hedge_percent=config.hedge_percent)
@@ -65,7 +65,6 @@ class Engine:
                      priority: Priority = Priority.CRITICAL) -> bytes:
         """A batchable call (call.rows >= 1): queued, batched, answered with its own rows.
         Critical calls go first; sheddable ones fill room and are shed first."""
-        self.admission.slots = self.pool.max_inflight * max(len(self.pool.replicas), 1)
         code = "OK"
         try:
             return await self.scheduler.submit(call, timeout, priority)

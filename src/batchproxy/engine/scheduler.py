@@ -54,10 +54,6 @@ class Scheduler:
         self._woken = False
         pool.capacity_listeners.append(self.wake)
 
-    @property
-    def queued_rows(self) -> int:
-        return self.admission.queued_rows
-
     # -- submitting ------------------------------------------------------------------------
 
     async def submit(self, call: codec.PredictCall, timeout: float | None = None,
