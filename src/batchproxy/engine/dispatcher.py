@@ -124,7 +124,10 @@ class Dispatcher:
                     timed_out = err.code is grpc.StatusCode.DEADLINE_EXCEEDED and ours
                     if timed_out:
                         pool.record_failure(used, err)  # a hung replica is ejected too
-                    if self._not_there(used, batch.model, err):
+                    if (err.code is grpc.StatusCode.NOT_FOUND
+                            and batch.model not in used.models
+                            and batch.model in pool.known_models  # so the mark holds
+                            and pool.lacks(used, batch.model)):
                         # The replica lacks a model no health check has asked it about
                         # yet (fleets may serve different models): send the batch to one
                         # that may have it. Each replica is asked once, as the mark holds.
@@ -174,15 +177,6 @@ class Dispatcher:
         refused, batch = await self._attempt(batch, None)
         if refused is not None:
             await self._bisect(batch, refused, budget)
-
-    def _not_there(self, replica: Endpoint, model: str, error: ProxyError) -> bool:
-        """Whether a NOT_FOUND from `replica` only says that this replica lacks `model`
-        (marked so now) while another may still have it."""
-        if error.code is not grpc.StatusCode.NOT_FOUND or model in replica.models:
-            return False
-        self.pool.note_missing(replica, model)
-        return replica.models.get(model) is not None and self.pool.can_serve(
-            model, exclude=replica)
 
     async def _bisect(self, batch: Batch, error: ProxyError, budget: list[int]) -> None:
         """One call may have poisoned the batch: send each half on its own, recursively, so
@@ -293,8 +287,12 @@ class Dispatcher:
                     return await self.pool.call(replica, path, request, remaining)
                 except ProxyError as err:
                     if model and err.code is grpc.StatusCode.NOT_FOUND:
+                        # A replica not yet health-checked for the model is tried as if it
+                        # had it (a joining one too); the answer is NOT_FOUND once every
+                        # replica that might have it said so.
                         said_not_found.append(replica)
-                        if self._ask_another(model, said_not_found, failed):
+                        if self.pool.lacks(replica, model, exclude=failed,
+                                           skip=said_not_found):
                             continue
                         raise
                     timed_out = (deadline is None
@@ -314,12 +312,3 @@ class Dispatcher:
         finally:
             admission.forwarded -= 1
 
-    def _ask_another(self, model: str, said_not_found: list[Endpoint],
-                     failed: Endpoint | None) -> bool:
-        """After a NOT_FOUND: whether another replica may still have `model`. Replicas of
-        one fleet may serve different models, and one not yet health-checked for `model`
-        is tried as if it had it (a joining one too: the replicas that passed their first
-        check may all lack it); the answer is NOT_FOUND once every replica that might have
-        it said so, each asked once."""
-        self.pool.note_missing(said_not_found[-1], model)
-        return self.pool.can_serve(model, exclude=failed, skip=said_not_found)

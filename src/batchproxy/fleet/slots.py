@@ -354,6 +354,15 @@ class ReplicaPool:
         if replica.outstanding <= 1:
             replica.free_at = loop_time()
 
+    def lacks(self, replica: Endpoint, model: str, exclude: Endpoint | None = None,
+              skip: Collection[Endpoint] = ()) -> bool:
+        """`replica` answered NOT_FOUND for `model`: marked as lacking it (note_missing).
+        Returns whether another replica (not `exclude`, not in `skip`) may still have it,
+        so the call is worth sending on: fleets may serve different models, and each
+        replica is asked once."""
+        self.note_missing(replica, model)
+        return self.can_serve(model, exclude=exclude, skip=(*skip, replica))
+
     def can_serve(self, model: str, exclude: Endpoint | None = None,
                   skip: Collection[Endpoint] = ()) -> bool:
         """Whether a replica other than `exclude` (and those in `skip`) could take `model` now
