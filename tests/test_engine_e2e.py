@@ -81,7 +81,9 @@ async def test_a_caller_with_no_deadline_never_inherits_a_batch_mates_deadline()
             client = stub(channel)
             await client.Predict(predict_request("identity", {"x": rows(1)}), timeout=10)
             hung.signal(signal.SIGSTOP)
-            for round_ in range(6):
+            # The fleet picks a replica at random: rounds until one batch meets the stopped
+            # one (a round on the healthy one takes ~50 ms; 20 misses have odds of 1e-6).
+            for round_ in range(20):
                 tight = [client.Predict(predict_request("identity", {"x": rows(1, i)}),
                                         timeout=2) for i in range(3)]
                 patient = client.Predict(
