@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import grpc
 from scripted import ScriptedReplica, answer_values, make_call, make_engine
+
+from batchproxy.errors import ProxyError
 
 
 def steady(engine, calls: int, every_s: float):
@@ -94,3 +97,55 @@ def test_a_full_batch_leaves_at_once_whatever_the_spacing(vrun):
     # although the spacing alone would hold it for 50 ms.
     assert sorted((s.at, s.rows) for r in replicas.values() for s in r.sent) == [
         (0.0, 4), (0.001, 4)]
+
+
+def _late_call_after_a_full_batch(vrun, policy: str, timeout_s: float):
+    """Warm the costs, occupy the one replica with a full batch, then submit a call whose
+    deadline admission accepts (nothing is queued) but that must wait for the replica."""
+    replicas = {"only": ScriptedReplica(cost_s=0.1)}
+
+    async def main():
+        engine = make_engine(replicas, max_batch_size=4, max_inflight=1, policy=policy)
+        await steady(engine, 12, 0.15)  # 12 batches of one: the fit is warm
+        loop = asyncio.get_running_loop()
+        full = asyncio.ensure_future(engine.submit(make_call(4)))
+        await asyncio.sleep(0.01)
+        started = loop.time()
+        try:
+            result = await engine.submit(make_call([7.0]), timeout_s)
+        except Exception as err:  # the test looks at the error itself
+            result = err
+        took = loop.time() - started
+        await full
+        await engine.close()
+        return took, result
+
+    took, result = vrun(main())
+    sent_tagged = [s for s in replicas["only"].sent if 7.0 in s.values]
+    return took, result, sent_tagged
+
+
+def test_a_call_its_replica_cannot_answer_in_time_is_refused_when_its_batch_forms(vrun):
+    # The replica frees 90 ms after the call arrives and needs 100 ms: a 150 ms deadline
+    # cannot be met, so the call is refused then (UNAVAILABLE), never sent.
+    took, result, sent = _late_call_after_a_full_batch(vrun, "adaptive", 0.15)
+    assert isinstance(result, ProxyError)
+    assert result.code is grpc.StatusCode.UNAVAILABLE
+    assert "within its deadline" in result.message
+    assert abs(took - 0.09) < 1e-6
+    assert sent == []
+
+
+def test_the_fixed_policy_sends_the_same_call_to_be_late(vrun):
+    took, result, sent = _late_call_after_a_full_batch(vrun, "fixed", 0.15)
+    assert isinstance(result, ProxyError)
+    assert result.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert abs(took - 0.15) < 1e-6
+    assert len(sent) == 1
+
+
+def test_a_call_that_can_make_its_deadline_waits_for_the_busy_replica(vrun):
+    took, result, sent = _late_call_after_a_full_batch(vrun, "adaptive", 0.3)
+    assert answer_values(result) == [7.0]
+    assert abs(took - 0.19) < 1e-3
+    assert len(sent) == 1

@@ -50,6 +50,12 @@ class FlushPolicy(Protocol):
         """A batch of `rows` rows of `queue` left for `replica`."""
         ...
 
+    def answer_by(self, replica: Endpoint, model: str, rows: int, now: float) -> float | None:
+        """The earliest time `replica` can be expected to answer a batch of `rows` rows of
+        `model` that starts now; a call whose deadline falls before it is refused at once
+        rather than sent to be late. None: the policy does not judge deadlines."""
+        ...
+
 
 class FixedTimeoutPolicy:
     """TFS's rule, as TensorFlow's shared batch scheduler applies it: a full batch leaves at
@@ -86,6 +92,9 @@ class FixedTimeoutPolicy:
 
     def on_dispatch(self, queue: KeyQueue, replica: Endpoint, rows: int, now: float) -> None:
         pass
+
+    def answer_by(self, replica: Endpoint, model: str, rows: int, now: float) -> float | None:
+        return None  # TFS sends every call it took, however late it will be
 
 
 class AdaptivePolicy:
@@ -204,6 +213,14 @@ class AdaptivePolicy:
         mean = self._mean_rows.get(model)
         self._mean_rows[model] = rows if mean is None else mean + ROWS_EWMA * (rows - mean)
 
+    def answer_by(self, replica: Endpoint, model: str, rows: int, now: float) -> float | None:
+        cost = replica.cost(model)
+        if not cost.warm:
+            return None  # a guess from the prior must not refuse anyone
+        # The batch starts now on a replica the plan found ready; a margin under the
+        # expected time, so that only calls that would surely be late are refused.
+        return now + DEADLINE_MARGIN * cost.predict(rows)
+
 
 # A queue holding this many times the usual batch's rows leaves at once for a free replica.
 BACKLOG_ROWS = 1.5
@@ -217,6 +234,9 @@ LATE_S = 0.001
 IDLE_RECHECK_S = 0.05
 # Weight of each new batch in the mean batch size that sets the spacing.
 ROWS_EWMA = 0.1
+# A call is refused before it is sent when its deadline falls before this share of the
+# batch's expected time at its replica: an answer it would surely miss.
+DEADLINE_MARGIN = 0.9
 
 POLICIES = ("fixed", "adaptive")
 

@@ -124,6 +124,14 @@ class Scheduler:
                               f"Deadline exceeded while waiting {where}"))
         self.abandon(entry)
 
+    def _refuse_unreachable(self, entry: Entry, expected_s: float) -> None:
+        self.metrics.reject("deadline_unreachable")
+        entry.fail(ProxyError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"The call cannot be answered within its deadline: the replica needs about "
+            f"{expected_s * 1000:.0f} ms for its batch"))
+        self.abandon(entry)
+
     def abandon(self, entry: Entry) -> None:
         """Take an answered-early call's untaken rows out of the counts; they are never sent."""
         if entry.dead:
@@ -204,7 +212,9 @@ class Scheduler:
                     if self.pool.route(queue.model) is Route.NOWHERE:
                         self._fail_queue(queue, no_replica(queue.model))
                     break
-                batch = self.take_batch(queue, now)
+                answer_by = self.policy.answer_by(
+                    replica, queue.model, min(queue.rows, self.config.max_batch_size), now)
+                batch = self.take_batch(queue, now, answer_by)
                 if batch is None:
                     self.pool.release(replica)
                     break
@@ -212,9 +222,13 @@ class Scheduler:
                 self.dispatch(replica, batch)
         return next_due
 
-    def take_batch(self, queue: KeyQueue, now: float) -> Batch | None:
+    def take_batch(self, queue: KeyQueue, now: float,
+                   answer_by: float | None = None) -> Batch | None:
         """Up to a full batch of rows: critical calls first, then sheddable ones into the
-        room left (a promoted sheddable call by its arrival among the critical ones)."""
+        room left (a promoted sheddable call by its arrival among the critical ones).
+        A call whose deadline falls before `answer_by` (when its replica is expected to
+        answer) is refused now instead: sent, it would only be late, and its rows would
+        slow the batch for everyone else in it."""
         room = self.config.max_batch_size
         pieces: list[Piece] = []
         waited = self.metrics.queue_wait.observe
@@ -225,6 +239,10 @@ class Scheduler:
             if entry is None:
                 break
             start = entry.next_row
+            if start == 0 and answer_by is not None and entry.deadline is not None \
+                    and entry.deadline < answer_by:
+                self._refuse_unreachable(entry, answer_by - now)
+                continue
             if start == 0:
                 waited(now - entry.enqueued_at)
             take = min(room, entry.rows - start)

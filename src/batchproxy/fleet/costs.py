@@ -73,6 +73,11 @@ class CostModel:
         a = max(mean_y - b * mean_x, 0.0)
         return a, b
 
+    @property
+    def warm(self) -> bool:
+        """Whether enough batches were timed for the fit to be trusted over the prior."""
+        return self.batches >= WARM
+
     def predict(self, rows: int) -> float:
         """Expected seconds for a batch of `rows` rows on its own."""
         a, b = self._fit()
