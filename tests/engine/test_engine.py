@@ -48,3 +48,23 @@ def test_a_scheduler_that_dies_is_restarted_and_readiness_follows(vrun, caplog):
     # at once.
     assert abs(answered_at - (0.05 + 0.1)) < 1e-9
     assert "background task scheduler failed" in caplog.text
+
+
+def test_drain_returns_when_the_last_queued_row_is_answered_and_not_later(vrun):
+    # Rows held for the batch timeout, then a 100 ms batch: drain ends exactly when the
+    # answer does, without a poll in between.
+    replicas = {"a": ScriptedReplica(cost_s=0.1)}
+
+    async def main():
+        engine = make_engine(replicas, max_batch_size=8, batch_timeout_micros=20_000)
+        loop = asyncio.get_running_loop()
+        calls = [asyncio.ensure_future(engine.submit(make_call(1))) for _ in range(3)]
+        await asyncio.sleep(0)
+        started = loop.time()
+        await engine.drain()
+        drained = loop.time() - started
+        assert all(call.done() for call in calls)
+        await engine.close()
+        return drained
+
+    assert abs(vrun(main()) - 0.12) < 1e-6

@@ -84,12 +84,14 @@ class Engine:
 
     async def drain(self) -> None:
         """Wait until every queued row has been sent and answered."""
+        self.scheduler.wake()
         while self.admission.queued_rows or self.dispatcher.sending:
-            self.scheduler.wake()
-            if self.admission.queued_rows:
-                await asyncio.sleep(0.005)  # rows leave on the scheduler's own timing
-            else:
-                await asyncio.wait(set(self.dispatcher.sending))
+            # Rows leave on the scheduler's own timing (or when a slot frees, which is a
+            # send ending): wake on whichever comes first, then look again.
+            progress = self.scheduler.progress()
+            await asyncio.wait({progress, *self.dispatcher.sending},
+                               return_when=asyncio.FIRST_COMPLETED)
+            progress.cancel()
 
     async def close(self, grace_s: float | None = None) -> None:
         """Stop taking batches; in-flight batches get `grace_s` to finish (then their callers

@@ -52,6 +52,9 @@ class Scheduler:
         self.queues: dict[tuple, KeyQueue] = {}
         self._waiter: asyncio.Future[None] | None = None
         self._woken = False
+        # Futures resolved after the next pass of the loop or the next call taken out of
+        # the queues: what a drain waits on instead of polling.
+        self._progress: list[asyncio.Future[None]] = []
         pool.capacity_listeners.append(self.wake)
 
     # -- submitting ------------------------------------------------------------------------
@@ -137,6 +140,7 @@ class Scheduler:
         if entry.dead:
             return
         entry.dead = True
+        self._notify_progress()
         untaken = entry.rows - entry.next_row
         self.admission.queued_bytes -= entry.nbytes - row_bytes(entry, entry.next_row)
         entry.next_row = entry.rows
@@ -166,11 +170,26 @@ class Scheduler:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def progress(self) -> asyncio.Future[None]:
+        """A future resolved once the loop has looked at the queues again, or a queued call
+        was answered early: the moment the queued row count may have moved."""
+        future = asyncio.get_running_loop().create_future()
+        self._progress.append(future)
+        return future
+
+    def _notify_progress(self) -> None:
+        waiters, self._progress = self._progress, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._woken = False
             next_due = self.dispatch_due(loop.time())
+            if self._progress:
+                self._notify_progress()
             if not self._woken:  # a dispatch may itself have freed or changed something
                 await self._sleep_until(loop, next_due)
 
