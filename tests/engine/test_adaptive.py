@@ -149,3 +149,39 @@ def test_a_call_that_can_make_its_deadline_waits_for_the_busy_replica(vrun):
     assert answer_values(result) == [7.0]
     assert abs(took - 0.19) < 1e-3
     assert len(sent) == 1
+
+
+def test_a_fleet_too_large_to_scan_is_sampled_and_still_spreads_the_load(vrun):
+    # 100 replicas at 100 ms a batch of 8 (8000 rows/s), 1000 calls/s for 2 s: each decision
+    # weighs 2 idle and 2 busy replicas, yet every call is answered within about two
+    # batch times and the batches reach most of the fleet.
+    from batchproxy.engine.policy import SAMPLED_REPLICAS, AdaptivePolicy
+
+    replicas = {f"r{i}": ScriptedReplica(cost_s=0.1) for i in range(100)}
+    waits: list[float] = []
+
+    async def main():
+        engine = make_engine(replicas, max_batch_size=8, max_inflight=1,
+                             max_enqueued_rows=4000, policy="adaptive")
+        policy = engine.scheduler.policy
+        assert isinstance(policy, AdaptivePolicy)
+        weighed, weight = policy._candidates("m")
+        assert len(weighed) == SAMPLED_REPLICAS and weight == 50.0  # all idle at first
+        loop = asyncio.get_running_loop()
+
+        async def one():
+            started = loop.time()
+            await engine.submit(make_call(1))
+            waits.append(loop.time() - started)
+
+        tasks = []
+        for _ in range(2000):
+            tasks.append(asyncio.ensure_future(one()))
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*tasks)
+        await engine.close()
+
+    vrun(main())
+    assert len(waits) == 2000
+    assert max(waits) < 0.25
+    assert sum(1 for r in replicas.values() if r.sent) > 50

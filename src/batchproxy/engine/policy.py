@@ -128,9 +128,8 @@ class AdaptivePolicy:
         limit = self.pool.max_inflight
         # When each replica serving the model could start a batch, and what it costs there.
         starts: list[tuple[float, Endpoint, CostModel, bool]] = []
-        for replica in self.pool.replicas.values():
-            if not replica.serves(model):
-                continue
+        candidates, weight = self._candidates(model)
+        for replica in candidates:
             cost = replica.cost(model)
             ready = replica.outstanding < min(cost.concurrency, limit)
             # A busy replica past its expected free time is late by an unknown amount: it
@@ -157,7 +156,7 @@ class AdaptivePolicy:
             return Flush(idle_only=False, replica=best)
         typical = round(mean_rows)
         batch_s = best_cost.predict(typical)
-        spacing = batch_s / self._parallel(starts, typical, batch_s)
+        spacing = batch_s / max(self._parallel(starts, typical, batch_s) * weight, 1.0)
         head = queue.head()
         waited_since = now if head is None else head.enqueued_at
         latest = waited_since + max(self.timeout_s, spacing)
@@ -165,6 +164,23 @@ class AdaptivePolicy:
         if now >= start_at or now >= latest:
             return Flush(idle_only=False, replica=best)
         return Hold(min(start_at, latest))
+
+    def _candidates(self, model: str) -> tuple[list[Endpoint], float]:
+        """The replicas serving `model` that a decision weighs, and how many replicas each
+        stands for. A fleet too large to scan on every decision is sampled: power of two
+        choices (here, of SAMPLED_REPLICAS), by expected finish time instead of by load,
+        and the spacing counts each sampled replica for its share of the fleet."""
+        serving = [r for r in self.pool.replicas.values() if r.serves(model)]
+        if len(serving) <= SCAN_LIMIT:
+            return serving, 1.0
+        # Drawn apart from the idle and the busy ones, so that a decision never holds rows
+        # for a busy replica while idle ones exist, nor misses a busy one about to free.
+        idle = [r for r in serving if not r.outstanding]
+        busy = [r for r in serving if r.outstanding]
+        draw = self.pool.random.sample
+        sample = (draw(idle, min(SAMPLED_REPLICAS, len(idle)))
+                  + draw(busy, min(SAMPLED_REPLICAS, len(busy))))
+        return sample, len(serving) / len(sample)
 
     @staticmethod
     def _parallel(starts: list[tuple[float, Endpoint, CostModel, bool]], rows: int,
@@ -178,7 +194,7 @@ class AdaptivePolicy:
             share = batch_s / max(cost.predict(rows), 1e-9)
             if share >= SLOW_SHARE:
                 total += min(share, 1.0) * cost.concurrency
-        return max(total, 1.0)
+        return total
 
     def _plan(self, rows: int, starts: list[tuple[float, Endpoint, CostModel, bool]]
               ) -> tuple[tuple[float, Endpoint, CostModel, bool],
@@ -222,6 +238,10 @@ class AdaptivePolicy:
         return now + DEADLINE_MARGIN * cost.predict(rows)
 
 
+# Fleets up to this many replicas serving a model are scanned whole on every decision;
+# larger ones are sampled, SAMPLED_REPLICAS idle and as many busy ones at a time.
+SCAN_LIMIT = 64
+SAMPLED_REPLICAS = 2
 # A queue holding this many times the usual batch's rows leaves at once for a free replica.
 BACKLOG_ROWS = 1.5
 # A replica slower than this share of the fastest's speed does not set the spacing.
