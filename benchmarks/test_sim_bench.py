@@ -43,3 +43,27 @@ def test_simulate_60s(benchmark, system: str) -> None:
     benchmark.extra_info["virtual_over_wall"] = round(VIRTUAL_S / wall_s, 2)
     benchmark.extra_info["p99_ms"] = result.p99_ms
     benchmark.extra_info["mean_batch_rows"] = result.mean_batch_rows
+
+
+# What watching every batch for a hedge costs the engine: the same run with the adaptive
+# policy, hedging on (5 % budget) and off (0 %). The figure that matters is calls per CPU
+# second in extra_info, as a ratio between the two rows of this group.
+@pytest.mark.benchmark(group="hedging: 60 virtual s, 16 replicas, 2000 calls/s, adaptive")
+@pytest.mark.parametrize("budget", [0.0, 5.0])
+def test_hedging_cost(benchmark, budget: float) -> None:
+    config = SimConfig(**CONFIG, systems=("proxy:adaptive",), hedge_budget_percent=budget)
+    cpu_s: list[float] = []
+
+    def run() -> SimReport:
+        started = time.process_time()
+        report = simulate(config)
+        cpu_s.append(time.process_time() - started)
+        return report
+
+    report: SimReport = benchmark.pedantic(run, rounds=1, iterations=1)
+    result = report.run("proxy:adaptive")
+    assert result.requests > 0.95 * VIRTUAL_S * 2000
+    benchmark.extra_info["cpu_s"] = round(cpu_s[0], 2)
+    benchmark.extra_info["calls_per_cpu_s"] = round(result.requests / cpu_s[0])
+    benchmark.extra_info["batches"] = result.batches
+    benchmark.extra_info["cpu_us_per_batch"] = round(cpu_s[0] / max(result.batches, 1) * 1e6)

@@ -123,9 +123,32 @@ async def _settle(task: asyncio.Task[bytes] | None) -> None:
     until it is gone, so its slot is released only once nothing uses it."""
     if task is None:
         return
-    if not task.done():
-        task.cancel()
+    if task.done():
+        if not task.cancelled():
+            task.exception()  # retrieved: a lost call's error is not "never retrieved"
+        return
+    task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def _wake(waiter: asyncio.Future[None], *_: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _done_within(task: asyncio.Task[bytes], delay: float) -> bool:
+    """Whether `task` finishes within `delay` seconds (it keeps running either way). One
+    future, one timer and one callback: asyncio.wait's sets and waiter, per batch, were
+    most of what watching for a hedge cost."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    timer = loop.call_later(delay, _wake, waiter)
+    task.add_done_callback(lambda _: _wake(waiter))
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+    return task.done()
 
 
 class Hedger:
@@ -151,8 +174,7 @@ class Hedger:
         loop = asyncio.get_running_loop()
         first = loop.create_task(pool.predict(replica, batch.request, patience))
         try:
-            await asyncio.wait((first,), timeout=delay)
-            if first.done():
+            if await _done_within(first, delay):
                 return first.result()
             return await self._hedge(first, replica, batch)
         finally:
