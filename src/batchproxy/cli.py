@@ -92,6 +92,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     lim.add_argument("--rest_body_timeout_s", type=float, default=defaults.rest_body_timeout_s,
                      help="answer 408 when a REST body takes longer than this to arrive "
                           "(default %(default)s)")
+    warm = parser.add_argument_group("warm-up")
+    warm.add_argument("--no_warmup", dest="warmup", action="store_false",
+                      help="send real calls to a replica (or a new version) at once, without "
+                           "first warming it with one batch at each batch size")
+    warm.add_argument("--warmup_requests_file", default=None, metavar="FILE",
+                      help="TFS warm-up records (a TFRecord of PredictionLog, as in "
+                           "assets.extra/tf_serving_warmup_requests) to warm with; without "
+                           "it, warm-up batches are zeros shaped by the model's signature")
     parser.add_argument("--drain_timeout_s", type=float, default=defaults.drain_timeout_s,
                         help="on SIGTERM, time to answer accepted calls before exiting "
                              "(default %(default)s)")

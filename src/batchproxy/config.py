@@ -91,5 +91,9 @@ class ProxyConfig:
     # A slow REST sender cannot hold a connection forever.
     rest_header_timeout_s: float = 30.0
     rest_body_timeout_s: float = 30.0
+    # Warm-up (fleet/warmup.py): replicas and new versions get one batch at each batch
+    # size before real calls; from TFS warm-up records when a file is given.
+    warmup: bool = True
+    warmup_requests_file: str | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 

@@ -75,6 +75,11 @@ class ProxyMetrics:
         self.retries = Counter(
             "batchproxy_retries", "Batches sent again to another replica after a failure",
             registry=registry)
+        # Apart from calls and batches: warm-up Predicts go to a replica before it serves.
+        self.warmup_calls = Counter(
+            "batchproxy_warmup_calls", "Warm-up Predict calls sent to replicas (or new "
+            "versions) before real calls, by model and outcome (ok, failed)",
+            ["model", "outcome"], registry=registry)
         self.hedged = Counter(
             "batchproxy_hedged_batches", "Batches overdue on their replica, by what became of "
             "the hedge: won, lost, failed, budget_exceeded, no_replica", ["outcome"],
@@ -159,6 +164,9 @@ class ProxyMetrics:
         if child is None:
             child = self._priority_children[key] = self.priority_requests.labels(*key)
         child.inc()
+
+    def warmup_call(self, model: str, outcome: str) -> None:
+        self.warmup_calls.labels(model, outcome).inc()
 
     def hedge(self, outcome: str) -> None:
         self._hedge_children[outcome].inc()

@@ -23,6 +23,7 @@ from batchproxy.fleet.discovery import DnsDiscovery
 from batchproxy.fleet.health_checks import HealthChecker
 from batchproxy.fleet.slots import Endpoint, ReplicaPool, ReplicaState
 from batchproxy.fleet.transport import grpc_transports
+from batchproxy.fleet.warmup import WarmingPool, WarmupConfig
 from batchproxy.frontends.grpc import PredictionHandlers, generic_handlers
 from batchproxy.frontends.grpc_options import queue_limits
 from batchproxy.frontends.limits import RequestLimits
@@ -71,11 +72,15 @@ class Proxy:
         transports = grpc_transports(
             replica_credentials(config.replica_ca, config.replica_cert, config.replica_key),
             reconnect_backoff_ms=max(config.health_interval_ms, 100))
-        self.pool = ReplicaPool(replicas, config.max_inflight_per_replica,
-                                config.replica_timeout_s,
-                                eject_after_failures=config.eject_after_failures,
-                                ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
-                                transports=transports)
+        # Replicas and new versions are warmed before real calls (fleet/warmup.py).
+        warmup = WarmupConfig(config.warmup, config.batching.max_batch_size,
+                              config.warmup_requests_file, config.replica_timeout_s)
+        self.pool: ReplicaPool = WarmingPool(
+            replicas, config.max_inflight_per_replica, config.replica_timeout_s,
+            eject_after_failures=config.eject_after_failures,
+            ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
+            transports=transports, warmup=warmup,
+            count=lambda model, outcome: self.metrics.warmup_call(model, outcome))
         self.pool.listeners.append(log_state_change)
         self.metrics = ProxyMetrics()
         self.pool.listeners.append(self._count_ejection)
