@@ -95,5 +95,10 @@ class ProxyConfig:
     # size before real calls; from TFS warm-up records when a file is given.
     warmup: bool = True
     warmup_requests_file: str | None = None
+    # Per-model config (model_config.py): TFS's ModelServerConfig text file, the proxy's
+    # own TOML settings, and how often to look for changes (0: only SIGHUP and the RPC).
+    model_config_file: str | None = None
+    proxy_config_file: str | None = None
+    model_config_file_poll_wait_seconds: float = 0.0
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 

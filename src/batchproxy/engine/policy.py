@@ -120,7 +120,7 @@ class AdaptivePolicy:
         # When each replica serving the model could start a batch, and what it costs there.
         starts: list[tuple[float, Endpoint, CostModel, bool]] = []
         for replica in self.pool.replicas.values():
-            if not replica.serves(model):
+            if not replica.serves(model, queue.version):
                 continue
             cost = replica.cost(model)
             ready = replica.outstanding < min(cost.concurrency, limit)
