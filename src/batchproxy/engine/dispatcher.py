@@ -45,7 +45,9 @@ def bisect_budget(calls: int) -> int:
 
 # Times a batch may be sent on after replicas answer NOT_FOUND for its version (a version
 # rolled back before a health check said so): enough for a fleet that changes under it.
-MAX_VERSION_MOVES = 4
+MAX_VERSION_MOVES = 8
+# How often a `latest` batch with no version to go to looks at the fleet again.
+VERSION_WAIT_S = 0.05
 
 # Below this a caller's remaining time counts as spent (timers and replies race by this much).
 SPENT_S = 1e-3
@@ -137,7 +139,7 @@ class Dispatcher:
                     if (err.code is grpc.StatusCode.NOT_FOUND and batch.version is not None
                             and moves < MAX_VERSION_MOVES
                             and batch.model in used.versions):
-                        moved = self._move_version(used, batch)
+                        moved = await self._move_version(used, batch)
                         if moved is not None:
                             moves += 1
                             failed = used
@@ -187,21 +189,32 @@ class Dispatcher:
             if held is not None:
                 pool.release(held)
 
-    def _move_version(self, used: Endpoint, batch: Batch) -> Batch | None:
+    async def _move_version(self, used: Endpoint, batch: Batch) -> Batch | None:
         """`used` answered NOT_FOUND for the batch's version, which it listed before (a
         version removed since the last health check): it is routed around for that version,
         and the batch goes on, to another replica that holds it, or, for `latest` calls, to
-        the version the policy picks now. None: nowhere to go; the callers get the answer."""
+        the version the policy picks now. While a roll-back leaves nothing to serve a
+        `latest` batch (the old version still loading again), it waits for the fleet to
+        change, within its callers' patience: an accepted call is not failed for a moment's
+        gap. None: nowhere to go; the callers get the replica's answer."""
         assert batch.version is not None
         pool = self.pool
         pool.note_version_gone(used, batch.model, batch.version)
-        if batch.latest and self.versions is not None:
-            version = self.versions.resolve_latest(batch.model)
-            if version is not None and version != batch.version:
-                return batch.without_answered().for_version(version)
-        if pool.can_serve(batch.model, exclude=used, version=batch.version):
-            return batch.without_answered()
-        return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + batch.patience(loop.time(), pool.default_timeout_s)
+        while True:
+            if batch.latest and self.versions is not None:
+                version = self.versions.resolve_latest(batch.model)
+                if (version is not None and version != batch.version
+                        and pool.can_serve(batch.model, version=version)):
+                    return batch.without_answered().for_version(version)
+            if pool.can_serve(batch.model, exclude=used, version=batch.version):
+                return batch.without_answered()
+            remaining = deadline - loop.time()
+            if not batch.latest or remaining <= SPENT_S or not batch.waiting():
+                return None
+            await asyncio.wait((pool.capacity_changed(),),
+                               timeout=min(remaining, VERSION_WAIT_S))
 
     async def _resolve(self, batch: Batch, error: ProxyError, budget: list[int]) -> None:
         """Send `batch` on a slot of its own and, if it is refused for its content, bisect.
