@@ -29,6 +29,7 @@ PROXY_FILE = """[models.my_mnist_model]
 latest = "share:0.5"   # the newest version once on half the fleet
 weights = { "2" = 5 }
 shadow = { version = 3, sample = 0.25, max_inflight = 1 }
+latency_slo_ms = 50
 """
 
 
@@ -42,7 +43,7 @@ def test_both_files_combine_into_each_models_settings(tmp_path: Path) -> None:
     settings = files(tmp_path).load()
     assert settings["my_mnist_model"] == ModelSettings(
         labels={"stable": 1, "canary": 2}, latest=LatestPolicy("share", 0.5),
-        weights={2: 5.0}, shadow=ShadowSettings(3, 0.25, 1))
+        weights={2: 5.0}, shadow=ShadowSettings(3, 0.25, 1), latency_slo_ms=50.0)
     assert settings["other"] == ModelSettings()
 
 
@@ -57,6 +58,8 @@ def test_both_files_combine_into_each_models_settings(tmp_path: Path) -> None:
      "proxy.toml, line 3: model 'my_mnist_model': weights add up to more than 100"),
     (TFS_FILE, PROXY_FILE.replace("sample = 0.25", "sample = 2"),
      "proxy.toml, line 4: model 'my_mnist_model': sample is between 0 and 1"),
+    (TFS_FILE, PROXY_FILE.replace("= 50", "= -1"),
+     "proxy.toml, line 5: model 'my_mnist_model': a number of milliseconds"),
     (TFS_FILE, "[models.m\nlatest = 1\n", "proxy.toml: not valid TOML"),
     (TFS_FILE, "latest = \"highest\"\n", "proxy.toml, line 1: unknown table or key 'latest'"),
 ])

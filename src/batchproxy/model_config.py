@@ -12,6 +12,7 @@ version_labels from it; base_path, model_platform and the version policy are the
     latest = "share:0.5"        # highest (default) | share:F | pinned:N
     weights = { "2" = 10 }      # percent of latest calls per version (a canary)
     shadow = { version = 2, sample = 0.1, max_inflight = 2 }
+    latency_slo_ms = 50         # this model's latency objective (--latency_slo_ms's role)
 
 Both are read again on SIGHUP, every `--model_config_file_poll_wait_seconds` when the
 files changed, and on ModelService/HandleReloadConfigRequest (whose ModelServerConfig takes
@@ -38,7 +39,7 @@ from batchproxy.protos import model_server_config_pb2
 log = logging.getLogger(__name__)
 
 _LOCATION = re.compile(r"^\d+:\d+ : ")
-PROXY_KEYS = ("latest", "weights", "shadow")
+PROXY_KEYS = ("latest", "weights", "shadow", "latency_slo_ms")
 SHADOW_KEYS = ("version", "sample", "max_inflight")
 
 
@@ -151,6 +152,11 @@ def parse_proxy_config(text: str, source: str) -> dict[str, dict[str, Any]]:
             if not 0 <= s.sample <= 1 or s.max_inflight < 1:
                 raise refuse(model, "shadow", "sample is between 0 and 1, max_inflight at "
                              "least 1")
+        slo = table.get("latency_slo_ms")
+        if slo is not None and (isinstance(slo, bool) or not isinstance(slo, (int, float))
+                                or slo < 0):
+            raise refuse(model, "latency_slo_ms", "a number of milliseconds >= 0")
+        settings["latency_slo_ms"] = None if slo is None else float(slo)
         out[model] = settings
     return out
 
@@ -164,7 +170,8 @@ def combine(labels: Mapping[str, Mapping[str, int]],
             labels=dict(labels.get(model, {})),
             latest=extra.get("latest", LatestPolicy()),
             weights=dict(extra.get("weights", {})),
-            shadow=extra.get("shadow"))
+            shadow=extra.get("shadow"),
+            latency_slo_ms=extra.get("latency_slo_ms"))
     return settings
 
 

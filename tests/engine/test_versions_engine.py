@@ -211,3 +211,26 @@ def test_a_shadow_version_is_compared_and_never_answers_a_caller(vrun):
                                           {"model": "m", "le": "1.0"})
     assert below_one == 0
     assert not math.isnan(compared)
+
+
+def test_a_models_own_latency_objective_governs_its_admission(vrun):
+    a = VersionedReplica(cost_s=0.1)
+    settings = {"m": ModelSettings(latency_slo_ms=50.0)}
+
+    async def main():
+        engine, _, _ = await fleet({"a": a}, settings, max_inflight=1)
+        await engine.submit(make_call(1))  # a batch timed: admission can estimate
+        # Another model, with no objective of its own (and none by flag), queues freely.
+        queued = [asyncio.ensure_future(engine.submit(make_call(8, model="n")))
+                  for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(ProxyError) as raised:
+            await engine.submit(make_call(8))
+        served = asyncio.ensure_future(engine.submit(make_call(8, model="n")))
+        await asyncio.gather(*queued, served)
+        await engine.close()
+        return raised.value
+
+    error = vrun(main())
+    assert error.code is grpc.StatusCode.UNAVAILABLE
+    assert "latency objective" in error.message

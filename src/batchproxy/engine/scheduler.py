@@ -74,7 +74,8 @@ class Scheduler:
         sheddable = priority is Priority.SHEDDABLE
         if not sheddable:
             self._evict_for(rows, nbytes)
-        admission.admit_rows(rows, nbytes, timeout, sheddable)
+        admission.admit_rows(rows, nbytes, timeout, sheddable, None if self.versions is None
+                             else self.versions.settings_of(model).latency_slo_ms)
         loop = asyncio.get_running_loop()
         now = loop.time()
         # The resolved version is part of the key: no batch mixes versions.

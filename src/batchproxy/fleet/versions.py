@@ -98,6 +98,8 @@ class ModelSettings:
     # version -> percent of `latest` calls sent to it; the rest go to the policy's version.
     weights: Mapping[int, float] = field(default_factory=dict)
     shadow: ShadowSettings | None = None
+    # The model's latency objective for admission (None: --latency_slo_ms; 0: none).
+    latency_slo_ms: float | None = None
 
 
 NO_SETTINGS = ModelSettings()
