@@ -1,7 +1,7 @@
 """The reference replica's versions from a model base path, as a real process: TFS's
 roll-over (LOADING, AVAILABLE, UNLOADING, END), `latest` as the highest AVAILABLE version,
-pending calls finishing on their version, roll-back, version policies, labels, REST status,
-failed loads, and the slow first call at each new batch size.
+pending calls finishing on their version, roll-back, version policies, labels, REST status
+and predict, failed loads, and the slow first call at each new batch size.
 """
 
 from __future__ import annotations
@@ -183,6 +183,25 @@ def test_specific_versions_and_labels(tmp_path: Path) -> None:
         req.model_spec.version.value = 1
         stub = services_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(proc.address))
         assert stub.GetModelMetadata(req, timeout=10).model_spec.version.value == 1
+
+        # REST predict resolves versions and labels the same way.
+        url = f"{proc.rest_url}/v1/models/{NAME}"
+        body = {"instances": [[1.0, 1.0]]}
+        resp = requests.post(f"{url}:predict", json=body, timeout=10)
+        assert resp.status_code == 200 and resp.json() == {"predictions": [[2.0, 2.0]]}
+        resp = requests.post(f"{url}/versions/1:predict", json=body, timeout=10)
+        assert resp.json() == {"predictions": [[1.0, 1.0]]}
+        resp = requests.post(f"{url}/labels/stable:predict",
+                             json={"inputs": {"x": [[0.5]]}}, timeout=10)
+        assert resp.json() == {"outputs": [[1.5]]}
+        resp = requests.post(f"{url}/labels/nightly:predict", json=body, timeout=10)
+        assert resp.status_code == 400
+        assert resp.json() == {"error": "Unrecognized servable version label: nightly"}
+        resp = requests.post(f"{url}/versions/7:predict", json=body, timeout=10)
+        assert resp.status_code == 404
+        assert resp.json() == {"error": f"Servable not found for request: Specific({NAME}, 7)"}
+        resp = requests.post(f"{url}:predict", json={"instances": [["a"]]}, timeout=10)
+        assert resp.status_code == 400
 
         # A specific-version policy keeps only what it names.
     with replica(base, model_version_policy="specific:1") as proc:

@@ -8,6 +8,9 @@ Development and test fixture only: not for production traffic.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, Protocol
+
 import grpc
 import numpy as np
 
@@ -35,6 +38,30 @@ from batchproxy.replica.versions import Servable, VersionManager
 MODEL_STATES = ("START", "LOADING", "AVAILABLE", "UNLOADING", "END")
 ADMIN_STATES = (*MODEL_STATES, "UNAVAILABLE")
 _States = get_model_status_pb2.ModelVersionStatus.State
+
+
+class _TensorLike(Protocol):
+    @property
+    def dtype(self) -> int: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def data(self) -> bytes | list[bytes]: ...
+
+
+class PredictCallLike(Protocol):
+    """What Predict reads of a decoded call: the core's PredictCall, or the REST app's."""
+
+    model_spec: Any
+    model_name: str
+    version: int | None
+    version_label: str | None
+    signature_name: str
+
+    @property
+    def inputs(self) -> Mapping[str, _TensorLike]: ...
+    output_filter: tuple[str, ...]
+    rows: int
 
 
 def not_implemented(method: str, why: str) -> ReplicaError:
@@ -234,17 +261,33 @@ class ReplicaService:
         """A serialized PredictRequest in, a serialized PredictResponse out."""
         self.check_available()
         call = codec.decode_predict_request(data)
+        servable, name, outputs = await self.predict_call(call)
+        signature = servable.model.signatures[name]
+        encoded = {
+            alias: _encode_output(signature.outputs[alias][0], array, self.typed)
+            for alias, array in outputs.items()
+        }
+        return codec.encode_predict_response(encoded, servable.response_specs[name])
+
+    async def predict_call(
+        self, call: PredictCallLike
+    ) -> tuple[Servable, str, dict[str, np.ndarray]]:
+        """Run a decoded call (gRPC's PredictCall, or the REST app's): the version that
+        ran it, the signature's name and the outputs asked for, in order."""
         if not call.model_spec:
             raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         servable = self.resolve(call.model_name, call.version, call.version_label)
         # From here the call belongs to this version: an unload waits for it.
         servable.enter()
         try:
-            return await self._predict(servable, call)
+            name, outputs = await self._predict(servable, call)
         finally:
             servable.leave()
+        return servable, name, outputs
 
-    async def _predict(self, servable: Servable, call: codec.PredictCall) -> bytes:
+    async def _predict(
+        self, servable: Servable, call: PredictCallLike
+    ) -> tuple[str, dict[str, np.ndarray]]:
         model = servable.model
         name = self.signature(servable, call.signature_name)
         signature = model.signatures[name]
@@ -271,11 +314,7 @@ class ReplicaService:
             outputs = await servable.run(name, arrays, rows)
         finally:
             self.metrics.inflight.dec()
-        encoded = {
-            alias: _encode_output(signature.outputs[alias][0], outputs[alias], self.typed)
-            for alias in aliases
-        }
-        return codec.encode_predict_response(encoded, servable.response_specs[name])
+        return name, {alias: outputs[alias] for alias in aliases}
 
     # -- metadata and status -------------------------------------------------------------
 
