@@ -197,6 +197,21 @@ async def test_a_replica_that_goes_down_while_warming_is_warmed_again() -> None:
     await pool.close()
 
 
+async def test_a_failed_check_while_warming_is_not_undone_by_the_warmup() -> None:
+    pool, stub, _ = pool_with_stub(batch=2)
+    pool.note_model(MODEL)
+    replica = pool.replicas["r:1"]
+    pool.record_check(replica, True, "ok", {MODEL: ModelState.AVAILABLE})
+    await settle()
+    pool.record_check(replica, False, "refused")
+    assert replica.state is ReplicaState.EJECTED
+    replica.ejected_until = 0.0  # its back-off over: only a passing check may bring it back
+    stub.release.set()
+    await settle()
+    assert replica.state is ReplicaState.EJECTED
+    await pool.close()
+
+
 async def test_a_warmup_the_model_refuses_does_not_keep_the_replica_out() -> None:
     pool, stub, counted = pool_with_stub(batch=2)
     pool.note_model(MODEL)

@@ -282,6 +282,9 @@ class WarmingPool(ReplicaPool):
             more.update(zip(("versions",), extra, strict=False))
         if not (self.warmup.enabled and passed and models) \
                 or replica.state is ReplicaState.DRAINING:
+            if not passed:
+                # A held passing check is stale now: the warm-up must not replay it.
+                self._last.pop(replica.address, None)
             super().record_check(replica, passed, reason, models, certain, **more)
             return
         check = _Check(passed, reason, models, certain, dict(more))
