@@ -92,6 +92,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     lim.add_argument("--rest_body_timeout_s", type=float, default=defaults.rest_body_timeout_s,
                      help="answer 408 when a REST body takes longer than this to arrive "
                           "(default %(default)s)")
+    mod = parser.add_argument_group("models and versions")
+    mod.add_argument("--model_config_file", default=None,
+                     help="TFS's model config (text ModelServerConfig): each model's name and "
+                          "version_labels, resolved by the proxy for the whole fleet")
+    mod.add_argument("--proxy_config_file", default=None,
+                     help="per-model settings of the proxy (TOML, [models.NAME]): latest "
+                          "policy, canary weights, shadow version")
+    mod.add_argument("--model_config_file_poll_wait_seconds", type=float,
+                     default=defaults.model_config_file_poll_wait_seconds,
+                     help="re-read both config files this often when they change; SIGHUP "
+                          "and HandleReloadConfigRequest reload at once (default "
+                          "%(default)s: no poll)")
+    warm = parser.add_argument_group("warm-up")
+    warm.add_argument("--no_warmup", dest="warmup", action="store_false",
+                      help="send real calls to a replica (or a new version) at once, without "
+                           "first warming it with one batch at each batch size")
+    warm.add_argument("--warmup_requests_file", default=None, metavar="FILE",
+                      help="TFS warm-up records (a TFRecord of PredictionLog, as in "
+                           "assets.extra/tf_serving_warmup_requests) to warm with; without "
+                           "it, warm-up batches are zeros shaped by the model's signature")
     parser.add_argument("--drain_timeout_s", type=float, default=defaults.drain_timeout_s,
                         help="on SIGTERM, time to answer accepted calls before exiting "
                              "(default %(default)s)")
@@ -126,10 +146,13 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from batchproxy import server
+    from batchproxy.model_config import ConfigFiles
     from batchproxy.ports import ListenError
 
     try:
         config = proxy_config(args)
+        # A bad model config stops start-up with its line, before any replica starts.
+        ConfigFiles(config.model_config_file, config.proxy_config_file).load()
     except ValueError as err:
         sys.exit(f"batchproxy serve: {err}")
     try:

@@ -91,5 +91,14 @@ class ProxyConfig:
     # A slow REST sender cannot hold a connection forever.
     rest_header_timeout_s: float = 30.0
     rest_body_timeout_s: float = 30.0
+    # Warm-up (fleet/warmup.py): replicas and new versions get one batch at each batch
+    # size before real calls; from TFS warm-up records when a file is given.
+    warmup: bool = True
+    warmup_requests_file: str | None = None
+    # Per-model config (model_config.py): TFS's ModelServerConfig text file, the proxy's
+    # own TOML settings, and how often to look for changes (0: only SIGHUP and the RPC).
+    model_config_file: str | None = None
+    proxy_config_file: str | None = None
+    model_config_file_poll_wait_seconds: float = 0.0
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 

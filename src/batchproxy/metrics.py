@@ -45,6 +45,12 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # failed; budget_exceeded, the hedge budget had none left; no_replica, no other replica had
 # a slot before the first call ended. Each exported from the start, at 0.
 HEDGE_OUTCOMES = ("won", "lost", "failed", "budget_exceeded", "no_replica")
+# Shadow copies (engine/shadow.py): compared, the answers were compared; skipped, no slot or
+# the cap on shadow batches in flight; and the mismatches: shape (outputs or shapes differ),
+# error (the shadow failed), dtype.
+SHADOW_OUTCOMES = ("compared", "skipped", "shape", "error", "dtype")
+# Max abs difference between a shadow's answer and the primary's.
+DIFFERENCE_BUCKETS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 
 
 def multiprocess_dir() -> str | None:
@@ -75,6 +81,11 @@ class ProxyMetrics:
         self.retries = Counter(
             "batchproxy_retries", "Batches sent again to another replica after a failure",
             registry=registry)
+        # Apart from calls and batches: warm-up Predicts go to a replica before it serves.
+        self.warmup_calls = Counter(
+            "batchproxy_warmup_calls", "Warm-up Predict calls sent to replicas (or new "
+            "versions) before real calls, by model and outcome (ok, failed)",
+            ["model", "outcome"], registry=registry)
         self.hedged = Counter(
             "batchproxy_hedged_batches", "Batches overdue on their replica, by what became of "
             "the hedge: won, lost, failed, budget_exceeded, no_replica", ["outcome"],
@@ -111,6 +122,19 @@ class ProxyMetrics:
             "without slowing down", ["replica", "model"], multiprocess_mode="liveall",
             registry=registry)
         self._cost_labels: set[tuple[str, str]] = set()
+        self.model_versions = Gauge(
+            "batchproxy_model_version_replicas", "Replicas listing each version of a model in "
+            "each state (GetModelStatus)", ["model", "version", "state"],
+            multiprocess_mode="livemax", registry=registry)
+        self._version_labels: set[tuple[str, str, str]] = set()
+        self.shadow_batches = Counter(
+            "batchproxy_shadow_batches", "Shadow copies of batches by outcome: compared, "
+            "skipped, or a mismatch (shape, dtype, error)", ["model", "outcome"],
+            registry=registry)
+        self.shadow_difference = Histogram(
+            "batchproxy_shadow_max_abs_difference", "Largest absolute difference between a "
+            "shadow version's answer and the primary's, per compared batch", ["model"],
+            buckets=DIFFERENCE_BUCKETS, registry=registry)
         self.worker_calls = Gauge(
             "batchproxy_worker_calls", "Calls answered by each worker process (pid label "
             "with --workers)", multiprocess_mode="all", registry=registry)
@@ -160,6 +184,9 @@ class ProxyMetrics:
             child = self._priority_children[key] = self.priority_requests.labels(*key)
         child.inc()
 
+    def warmup_call(self, model: str, outcome: str) -> None:
+        self.warmup_calls.labels(model, outcome).inc()
+
     def hedge(self, outcome: str) -> None:
         self._hedge_children[outcome].inc()
 
@@ -194,6 +221,20 @@ class ProxyMetrics:
                 self.batch_cost.remove(address, model, part)
             self.concurrency.remove(address, model)
         self._cost_labels = set(costs)
+
+    def sample_versions(self, counts: Mapping[tuple[str, str, str], int]) -> None:
+        """The version gauge from {(model, version, state): replicas}; a combination no
+        replica lists any longer reads 0 (then goes), so a roll-back shows on the panel."""
+        for key, value in counts.items():
+            self.model_versions.labels(*key).set(value)
+        for key in self._version_labels - counts.keys():
+            self.model_versions.remove(*key)
+        self._version_labels = set(counts)
+
+    def shadow(self, model: str, outcome: str, difference: float | None = None) -> None:
+        self.shadow_batches.labels(model, outcome).inc()
+        if difference is not None:
+            self.shadow_difference.labels(model).observe(difference)
 
     def _forget_replica(self, address: str) -> None:
         self._batch_children.pop(address, None)

@@ -23,6 +23,8 @@ from batchproxy.fleet.discovery import DnsDiscovery
 from batchproxy.fleet.health_checks import HealthChecker
 from batchproxy.fleet.slots import Endpoint, ReplicaPool, ReplicaState
 from batchproxy.fleet.transport import grpc_transports
+from batchproxy.fleet.versions import ModelSettings, VersionRouter
+from batchproxy.fleet.warmup import WarmingPool, WarmupConfig
 from batchproxy.frontends.grpc import PredictionHandlers, generic_handlers
 from batchproxy.frontends.grpc_options import queue_limits
 from batchproxy.frontends.limits import RequestLimits
@@ -30,6 +32,7 @@ from batchproxy.frontends.predict_service import PredictService
 from batchproxy.frontends.rest import RestServer
 from batchproxy.local_replicas import LocalReplicas
 from batchproxy.metrics import GaugeSampler, ProxyMetrics
+from batchproxy.model_config import ConfigFiles, ConfigReloader
 from batchproxy.readiness import Readiness
 from batchproxy.supervisor import Supervisor
 from batchproxy.tls import ServerTLS, replica_credentials
@@ -71,11 +74,15 @@ class Proxy:
         transports = grpc_transports(
             replica_credentials(config.replica_ca, config.replica_cert, config.replica_key),
             reconnect_backoff_ms=max(config.health_interval_ms, 100))
-        self.pool = ReplicaPool(replicas, config.max_inflight_per_replica,
-                                config.replica_timeout_s,
-                                eject_after_failures=config.eject_after_failures,
-                                ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
-                                transports=transports)
+        # Replicas and new versions are warmed before real calls (fleet/warmup.py).
+        warmup = WarmupConfig(config.warmup, config.batching.max_batch_size,
+                              config.warmup_requests_file, config.replica_timeout_s)
+        self.pool: ReplicaPool = WarmingPool(
+            replicas, config.max_inflight_per_replica, config.replica_timeout_s,
+            eject_after_failures=config.eject_after_failures,
+            ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
+            transports=transports, warmup=warmup,
+            count=lambda model, outcome: self.metrics.warmup_call(model, outcome))
         self.pool.listeners.append(log_state_change)
         self.metrics = ProxyMetrics()
         self.pool.listeners.append(self._count_ejection)
@@ -89,13 +96,19 @@ class Proxy:
                                           config.dns_refresh_s, config.dns_server)
             self.discovery.on_change.append(self.health_checker.check_soon)
         self.readiness = Readiness(self.pool, self.supervisor)
-        self.engine = Engine(config.batching, self.pool, self.metrics)
+        self.versions = VersionRouter(self.pool)
+        # A bad file stops start-up here (ConfigError names its line).
+        self.model_config = ConfigReloader(
+            ConfigFiles(config.model_config_file, config.proxy_config_file),
+            self._apply_model_settings, config.model_config_file_poll_wait_seconds)
+        self.engine = Engine(config.batching, self.pool, self.metrics, versions=self.versions)
         self.service = PredictService(
             self.engine, self.metrics, RequestLimits(config.max_rows_per_request,
                                                      config.max_rank))
         self.grpc_server = grpc.aio.server(
             options=[*server_options(config), ports.reuse_port_option(config.workers)])
-        handlers = PredictionHandlers(self.service, auth=self.auth)
+        handlers = PredictionHandlers(self.service, auth=self.auth,
+                                      reload=self.model_config.reload)
         self.grpc_server.add_generic_rpc_handlers(
             [*generic_handlers(handlers), self.readiness.grpc_handler()])
         address = f"{config.host}:{config.port}"
@@ -115,12 +128,20 @@ class Proxy:
                 self.service, config.host, config.rest_api_port,
                 max_body_bytes=config.rest_max_body_bytes,
                 extra_routes=self.metrics.routes() + self.readiness.routes()
-                + debug_routes(self.pool),
+                + debug_routes(self.pool, self.versions),
                 reuse_port=config.workers > 1, shutdown_timeout_s=config.drain_timeout_s,
                 auth=self.auth,
                 ssl_context=self.tls.ssl_context() if self.tls is not None else None,
                 header_timeout_s=config.rest_header_timeout_s,
                 body_timeout_s=config.rest_body_timeout_s)
+
+    def _apply_model_settings(self, settings: dict[str, ModelSettings]) -> None:
+        """A (re)loaded config takes effect for the next call: the settings are swapped whole."""
+        self.versions.settings = settings
+        for model in settings:
+            self.pool.note_model(model)
+        self.health_checker.configured.update(settings)
+        self.health_checker.check_soon()
 
     def _count_ejection(self, replica: Endpoint, old: ReplicaState, reason: str) -> None:
         if replica.state is ReplicaState.EJECTED:
@@ -136,13 +157,14 @@ class Proxy:
             (replica.address, model): (cost.a_s, cost.b_s, cost.concurrency)
             for replica in self.pool.replicas.values()
             for model, cost in replica.costs.items()})
+        self.metrics.sample_versions(self.versions.state_counts())
 
     async def _start_monitoring(self) -> None:
         """Metrics on a port of their own (--monitoring_port), e.g. bound to another address
         than the traffic ports."""
         app = web.Application()
         app.add_routes(self.metrics.routes() + self.readiness.routes()
-                       + debug_routes(self.pool))
+                       + debug_routes(self.pool, self.versions))
         self.monitoring_runner = web.AppRunner(app, access_log=None)
         await self.monitoring_runner.setup()
         site = web.TCPSite(self.monitoring_runner, self.config.monitoring_host,
@@ -163,6 +185,9 @@ class Proxy:
             await self.discovery.refresh()
             self.discovery.start(supervisor)
         self.health_checker.start(supervisor)
+        if self.config.model_config_file_poll_wait_seconds > 0 and (
+                self.config.model_config_file or self.config.proxy_config_file):
+            supervisor.spawn("model_config_poll", self.model_config.run)
         self.engine.start(supervisor)
         await self.grpc_server.start()
         if self.rest is not None:
@@ -287,6 +312,8 @@ async def run(config: ProxyConfig, replicas: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # As TFS re-reads its config on the poll, the proxy also re-reads it on SIGHUP.
+    loop.add_signal_handler(signal.SIGHUP, proxy.model_config.reload_logged)
     await stop.wait()
     if gave_up:
         log.error("stopping: background task %s kept failing", ", ".join(gave_up))

@@ -60,7 +60,9 @@ class Admission:
         return rows_over, bytes_over
 
     def admit_rows(self, rows: int, nbytes: int, timeout: float | None,
-                   sheddable: bool = False) -> None:
+                   sheddable: bool = False, slo_ms: float | None = None) -> None:
+        """Admit a call's rows or refuse it (UNAVAILABLE). `slo_ms`: the model's own latency
+        objective (its per-model setting), in place of --latency_slo_ms."""
         config = self.config
         shed_bound = int(SHEDDABLE_QUEUE_SHARE * config.max_enqueued_rows)
         if sheddable and self.queued_rows and self.queued_rows + rows > shed_bound:
@@ -83,7 +85,7 @@ class Admission:
                 grpc.StatusCode.UNAVAILABLE,
                 f"The batch scheduling queue to which this task was submitted is full "
                 f"({self.queued_bytes} bytes queued, limit {config.max_enqueued_bytes})")
-        slo = config.latency_slo_ms / 1000
+        slo = (config.latency_slo_ms if slo_ms is None else slo_ms) / 1000
         budget, what = timeout, "deadline"
         if slo and (budget is None or slo < budget):
             # The objective binds before the caller's deadline: the call still runs to its

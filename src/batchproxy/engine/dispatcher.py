@@ -22,8 +22,10 @@ from batchproxy.engine.admission import Admission
 from batchproxy.engine.hedging import Hedger, HedgeWin
 from batchproxy.engine.queues import Batch, Entry
 from batchproxy.engine.retry import RetryPolicy
+from batchproxy.engine.shadow import Shadower
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.slots import Endpoint, ReplicaPool
+from batchproxy.fleet.versions import VersionRouter
 from batchproxy.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,12 @@ def bisect_budget(calls: int) -> int:
     return 6 * max(1, math.ceil(math.log2(calls)))
 
 
+# Times a batch may be sent on after replicas answer NOT_FOUND for its version (a version
+# rolled back before a health check said so): enough for a fleet that changes under it.
+MAX_VERSION_MOVES = 8
+# How often a `latest` batch with no version to go to looks at the fleet again.
+VERSION_WAIT_S = 0.05
+
 # Below this a caller's remaining time counts as spent (timers and replies race by this much).
 SPENT_S = 1e-3
 
@@ -54,13 +62,16 @@ def same_failure(a: ProxyError, b: ProxyError) -> bool:
 class Dispatcher:
     def __init__(self, pool: ReplicaPool, admission: Admission, metrics: ProxyMetrics,
                  abandon: Callable[[Entry], None], retry: RetryPolicy | None = None,
-                 hedge_percent: float = 0.0) -> None:
+                 hedge_percent: float = 0.0,
+                 versions: VersionRouter | None = None) -> None:
         self.pool = pool
         self.admission = admission
         self.metrics = metrics
         self.abandon = abandon
         self.retry = retry or RetryPolicy()
         self.hedger = Hedger(pool, admission, metrics, hedge_percent)
+        self.versions = versions
+        self.shadow = Shadower(pool, metrics, versions) if versions is not None else None
         self.sending: set[asyncio.Task[None]] = set()
 
     # -- batches ---------------------------------------------------------------------------
@@ -98,6 +109,7 @@ class Dispatcher:
         held = replica
         failed: Endpoint | None = None
         retries = 0
+        moves = 0
         try:
             while True:
                 if not batch.waiting():
@@ -106,7 +118,7 @@ class Dispatcher:
                 if held is None:
                     try:
                         held = await pool.acquire(batch.model, exclude=failed,
-                                                  timeout=patience)
+                                                  timeout=patience, version=batch.version)
                     except ProxyError as err:
                         return err, batch
                     patience = batch.patience(loop.time(), pool.default_timeout_s)
@@ -124,6 +136,15 @@ class Dispatcher:
                     timed_out = err.code is grpc.StatusCode.DEADLINE_EXCEEDED and ours
                     if timed_out:
                         pool.record_failure(used, err)  # a hung replica is ejected too
+                    if (err.code is grpc.StatusCode.NOT_FOUND and batch.version is not None
+                            and moves < MAX_VERSION_MOVES
+                            and batch.model in used.versions):
+                        moved = await self._move_version(used, batch)
+                        if moved is not None:
+                            moves += 1
+                            failed = used
+                            batch = moved
+                            continue
                     if (err.code is grpc.StatusCode.NOT_FOUND
                             and batch.model not in used.models
                             and batch.model in pool.known_models  # so the mark holds
@@ -135,7 +156,8 @@ class Dispatcher:
                         batch = batch.without_answered()
                         continue
                     if (self.retry.should_retry(err, retries, timed_out)
-                            and pool.can_serve(batch.model, exclude=used)):
+                            and pool.can_serve(batch.model, exclude=used,
+                                               version=batch.version)):
                         retries += 1
                         failed = used
                         self.metrics.retries.inc()
@@ -160,10 +182,39 @@ class Dispatcher:
                 pool.release(held)
                 held = None
                 self._deliver(batch, response, address)
+                if self.shadow is not None:
+                    self.shadow.maybe_copy(batch, response)
                 return None, batch
         finally:
             if held is not None:
                 pool.release(held)
+
+    async def _move_version(self, used: Endpoint, batch: Batch) -> Batch | None:
+        """`used` answered NOT_FOUND for the batch's version, which it listed before (a
+        version removed since the last health check): it is routed around for that version,
+        and the batch goes on, to another replica that holds it, or, for `latest` calls, to
+        the version the policy picks now. While a roll-back leaves nothing to serve a
+        `latest` batch (the old version still loading again), it waits for the fleet to
+        change, within its callers' patience: an accepted call is not failed for a moment's
+        gap. None: nowhere to go; the callers get the replica's answer."""
+        assert batch.version is not None
+        pool = self.pool
+        pool.note_version_gone(used, batch.model, batch.version)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + batch.patience(loop.time(), pool.default_timeout_s)
+        while True:
+            if batch.latest and self.versions is not None:
+                version = self.versions.resolve_latest(batch.model)
+                if (version is not None and version != batch.version
+                        and pool.can_serve(batch.model, version=version)):
+                    return batch.without_answered().for_version(version)
+            if pool.can_serve(batch.model, exclude=used, version=batch.version):
+                return batch.without_answered()
+            remaining = deadline - loop.time()
+            if not batch.latest or remaining <= SPENT_S or not batch.waiting():
+                return None
+            await asyncio.wait((pool.capacity_changed(),),
+                               timeout=min(remaining, VERSION_WAIT_S))
 
     async def _resolve(self, batch: Batch, error: ProxyError, budget: list[int]) -> None:
         """Send `batch` on a slot of its own and, if it is refused for its content, bisect.
@@ -247,6 +298,8 @@ class Dispatcher:
     async def close(self, grace_s: float | None = None) -> None:
         """Let in-flight batches finish within `grace_s`, then cancel them: their callers
         are told the proxy is shutting down, and no hung replica holds the exit."""
+        if self.shadow is not None:
+            await self.shadow.close()  # copies nobody waits for
         if not self.sending:
             return
         _, pending = await asyncio.wait(set(self.sending), timeout=grace_s)

@@ -18,6 +18,7 @@ from batchproxy.engine.retry import RetryPolicy
 from batchproxy.engine.scheduler import Scheduler
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.slots import ReplicaPool
+from batchproxy.fleet.versions import VersionRouter
 from batchproxy.metrics import ProxyMetrics
 from batchproxy.priority import Priority
 
@@ -28,17 +29,19 @@ if TYPE_CHECKING:
 class Engine:
     def __init__(self, config: BatchingConfig, pool: ReplicaPool,
                  metrics: ProxyMetrics | None = None, *, policy: FlushPolicy | None = None,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None,
+                 versions: VersionRouter | None = None) -> None:
         self.config = config
         self.pool = pool
         self.metrics = metrics if metrics is not None else ProxyMetrics()
         self.admission = Admission(config, self.metrics, pool)
         self.dispatcher = Dispatcher(pool, self.admission, self.metrics,
                                      abandon=self._abandon, retry=retry,
-                                     hedge_percent=config.hedge_percent)
+                                     hedge_percent=config.hedge_percent,
+                                     versions=versions)
         self.policy = policy or make_policy(config.policy, config, pool)
         self.scheduler = Scheduler(config, pool, self.policy, self.admission,
-                                   self.dispatcher.dispatch, self.metrics)
+                                   self.dispatcher.dispatch, self.metrics, versions)
         self._task: asyncio.Task[None] | None = None
         self._supervisor: Supervisor | None = None
 

@@ -188,7 +188,7 @@ class Hedger:
         if not self.budget.available(loop.time()):
             self.metrics.hedge("budget_exceeded")
             return await first
-        spare = await self._spare_slot(first, replica, batch.model)
+        spare = await self._spare_slot(first, replica, batch.model, batch.version)
         if spare is None:
             if not first.done():
                 self.metrics.hedge("no_replica")
@@ -235,16 +235,16 @@ class Hedger:
             pool.release(spare)
 
     async def _spare_slot(self, first: asyncio.Task[bytes], replica: Endpoint,
-                          model: str) -> Endpoint | None:
+                          model: str, version: int | None = None) -> Endpoint | None:
         """A slot on a replica other than `replica` that serves `model`: at once, or when
         one frees before `first` answers. None when `first` answered first, or when no other
         replica could serve the model."""
         pool = self.pool
         while not first.done():
-            spare = pool.try_acquire(model, exclude=replica)
+            spare = pool.try_acquire(model, exclude=replica, version=version)
             if spare is not None:
                 return spare
-            if not pool.can_serve(model, exclude=replica):
+            if not pool.can_serve(model, exclude=replica, version=version):
                 return None
             await asyncio.wait((first, pool.capacity_changed()),
                                return_when=asyncio.FIRST_COMPLETED)

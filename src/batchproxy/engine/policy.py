@@ -128,7 +128,7 @@ class AdaptivePolicy:
         limit = self.pool.max_inflight
         # When each replica serving the model could start a batch, and what it costs there.
         starts: list[tuple[float, Endpoint, CostModel, bool]] = []
-        candidates, weight = self._candidates(model)
+        candidates, weight = self._candidates(model, queue.version)
         for replica in candidates:
             cost = replica.cost(model)
             ready = replica.outstanding < min(cost.concurrency, limit)
@@ -165,12 +165,13 @@ class AdaptivePolicy:
             return Flush(idle_only=False, replica=best)
         return Hold(min(start_at, latest))
 
-    def _candidates(self, model: str) -> tuple[list[Endpoint], float]:
+    def _candidates(self, model: str, version: int | None = None
+                    ) -> tuple[list[Endpoint], float]:
         """The replicas serving `model` that a decision weighs, and how many replicas each
         stands for. A fleet too large to scan on every decision is sampled: power of two
         choices (here, of SAMPLED_REPLICAS), by expected finish time instead of by load,
         and the spacing counts each sampled replica for its share of the fleet."""
-        serving = [r for r in self.pool.replicas.values() if r.serves(model)]
+        serving = [r for r in self.pool.replicas.values() if r.serves(model, version)]
         if len(serving) <= SCAN_LIMIT:
             return serving, 1.0
         # Drawn apart from the idle and the busy ones, so that a decision never holds rows

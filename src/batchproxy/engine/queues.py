@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from batchproxy import codec
 from batchproxy.errors import ProxyError
+from batchproxy.fleet.versions import version_override
 
 
 def call_bytes(call: codec.PredictCall) -> int:
@@ -97,11 +98,17 @@ class KeyQueue:
     """The calls waiting for one batch key: critical ones and sheddable ones, each class
     oldest first. A batch takes critical rows first; sheddable rows fill the room left."""
 
-    __slots__ = ("entries", "key", "model", "rows", "sheddable", "sheddable_rows")
+    __slots__ = ("entries", "key", "latest", "model", "rows", "sheddable", "sheddable_rows",
+                 "version")
 
-    def __init__(self, key: tuple) -> None:
+    def __init__(self, key: tuple, version: int | None = None, latest: bool = False) -> None:
         self.key = key
         self.model: str = key[0]
+        # The version every batch of this queue is sent for (the calls' own, a label's, or
+        # the one a `latest` call was given); None: as the calls name it. `latest`: the
+        # proxy chose it, so it may choose again if that version goes away.
+        self.version = version
+        self.latest = latest
         self.entries: collections.deque[Entry] = collections.deque()  # critical
         self.sheddable: collections.deque[Entry] = collections.deque()
         self.rows = 0  # rows of live entries not yet taken into a batch
@@ -159,19 +166,32 @@ Piece = tuple[Entry, int, int]  # rows [start, stop) of one call
 
 @dataclass
 class Batch:
-    """Rows [start, stop) of each entry, in order; encoded once, sent to one replica."""
+    """Rows [start, stop) of each entry, in order; encoded once, sent to one replica, for
+    one version (`version`; None: as its calls name it)."""
 
     model: str
     pieces: list[Piece]
     request: bytes
     rows: int
+    version: int | None = None
+    latest: bool = False  # the proxy chose the version for `latest` calls
 
     @classmethod
-    def of(cls, model: str, pieces: list[Piece]) -> Batch:
+    def of(cls, model: str, pieces: list[Piece], version: int | None = None,
+           latest: bool = False) -> Batch:
         request = codec.encode_predict_request(
             [(entry.call, start, stop) for entry, start, stop in pieces])
+        if version is not None:
+            request += version_override(version)
         rows = sum(stop - start for _, start, stop in pieces)
-        return cls(model, pieces, request, rows)
+        return cls(model, pieces, request, rows, version, latest)
+
+    def _of(self, pieces: list[Piece]) -> Batch:
+        return Batch.of(self.model, pieces, self.version, self.latest)
+
+    def for_version(self, version: int) -> Batch:
+        """The same calls, sent for another version (a `latest` batch whose version left)."""
+        return Batch.of(self.model, self.pieces, version, self.latest)
 
     def waiting(self) -> bool:
         """Whether any of its callers still waits for an answer."""
@@ -197,19 +217,18 @@ class Batch:
         live = [piece for piece in self.pieces if not piece[0].answered]
         if len(live) == len(self.pieces):
             return self
-        return Batch.of(self.model, live)
+        return self._of(live)
 
     def first(self) -> Batch:
-        return Batch.of(self.model, self.pieces[:1])
+        return self._of(self.pieces[:1])
 
     def rest(self) -> Batch:
         """All but the first call (an empty batch when there is no other)."""
         rest = self.pieces[1:]
         if not rest:
-            return Batch(self.model, [], b"", 0)
-        return Batch.of(self.model, rest)
+            return Batch(self.model, [], b"", 0, self.version, self.latest)
+        return self._of(rest)
 
     def halves(self) -> tuple[Batch, Batch]:
         middle = len(self.pieces) // 2
-        return (Batch.of(self.model, self.pieces[:middle]),
-                Batch.of(self.model, self.pieces[middle:]))
+        return (self._of(self.pieces[:middle]), self._of(self.pieces[middle:]))

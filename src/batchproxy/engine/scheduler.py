@@ -24,6 +24,7 @@ from batchproxy.engine.policy import FlushPolicy, Hold
 from batchproxy.engine.queues import Batch, Entry, KeyQueue, Piece, call_bytes
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.slots import Endpoint, ReplicaPool, Route
+from batchproxy.fleet.versions import VersionRouter
 from batchproxy.metrics import ProxyMetrics
 from batchproxy.priority import Priority
 
@@ -42,8 +43,10 @@ def row_bytes(entry: Entry, rows: int) -> int:
 
 class Scheduler:
     def __init__(self, config: BatchingConfig, pool: ReplicaPool, policy: FlushPolicy,
-                 admission: Admission, dispatch: Dispatch, metrics: ProxyMetrics) -> None:
+                 admission: Admission, dispatch: Dispatch, metrics: ProxyMetrics,
+                 versions: VersionRouter | None = None) -> None:
         self.config = config
+        self.versions = versions
         self.pool = pool
         self.policy = policy
         self.admission = admission
@@ -68,17 +71,21 @@ class Scheduler:
         if self.pool.route(model) is Route.NOWHERE:
             self.metrics.reject("no_replica")
             raise no_replica(model)
+        version, latest = self._target(call)
         nbytes = call_bytes(call)
         admission = self.admission
         sheddable = priority is Priority.SHEDDABLE
         if not sheddable:
             self._evict_for(rows, nbytes)
-        admission.admit_rows(rows, nbytes, timeout, sheddable)
+        admission.admit_rows(rows, nbytes, timeout, sheddable, None if self.versions is None
+                             else self.versions.settings_of(model).latency_slo_ms)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        queue = self.queues.get(call.key)
+        # The resolved version is part of the key: no batch mixes versions.
+        key = call.key if version is None else (*call.key, version)
+        queue = self.queues.get(key)
         if queue is None:
-            queue = self.queues[call.key] = KeyQueue(call.key)
+            queue = self.queues[key] = KeyQueue(key, version, latest)
         deadline = None if timeout is None else now + timeout
         entry = Entry(call, loop.create_future(), deadline, now, queue, nbytes, sheddable,
                       priorities.promote_at(now, timeout) if sheddable else now)
@@ -100,6 +107,20 @@ class Scheduler:
         finally:
             if entry.timer is not None:
                 entry.timer.cancel()
+
+    def _target(self, call: codec.PredictCall) -> tuple[int | None, bool]:
+        """The version the call is sent for, and whether the proxy chose it (a `latest`
+        call): its own, its label's (refused when the label is unknown), or the latest
+        policy's; None while the proxy knows no versions of the model (sent as named)."""
+        if call.version is not None:
+            return call.version, False
+        router = self.versions
+        if router is None:
+            return None, False
+        if call.version_label is not None:
+            return router.resolve_label(call.model_name, call.version_label), False
+        version = router.resolve_latest(call.model_name)
+        return version, version is not None
 
     def _evict_for(self, rows: int, nbytes: int) -> None:
         """A critical call that finds the queues full makes room by failing queued
@@ -224,11 +245,13 @@ class Scheduler:
                         next_due = decision.until
                     break
                 if decision.replica is not None:
-                    replica = self.pool.try_acquire_on(decision.replica, queue.model)
+                    replica = self.pool.try_acquire_on(decision.replica, queue.model,
+                                                       queue.version)
                 else:
-                    replica = self.pool.try_acquire(queue.model, idle_only=decision.idle_only)
+                    replica = self.pool.try_acquire(queue.model, idle_only=decision.idle_only,
+                                                    version=queue.version)
                 if replica is None:
-                    if self.pool.route(queue.model) is Route.NOWHERE:
+                    if self.pool.route(queue.model, queue.version) is Route.NOWHERE:
                         self._fail_queue(queue, no_replica(queue.model))
                     break
                 answer_by = self.policy.answer_by(
@@ -281,4 +304,4 @@ class Scheduler:
         queue.sheddable_rows -= sheddable_rows
         self.admission.sheddable_rows -= sheddable_rows
         self.admission.queued_bytes -= freed_bytes
-        return Batch.of(queue.model, pieces)
+        return Batch.of(queue.model, pieces, queue.version, queue.latest)

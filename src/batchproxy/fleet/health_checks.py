@@ -35,10 +35,17 @@ def status_request(model: str) -> bytes:
 
 
 def model_state(response: bytes) -> ModelState:
+    return read_status(response)[0]
+
+
+def read_status(response: bytes) -> tuple[ModelState, dict[int, int]]:
+    """The model's state on the replica (AVAILABLE when any version is) and every version it
+    lists, version -> state: the fleet-wide view of versions is built from these."""
     status = get_model_status_pb2.GetModelStatusResponse.FromString(response)
-    if any(v.state == AVAILABLE for v in status.model_version_status):
-        return ModelState.AVAILABLE
-    return ModelState.UNAVAILABLE
+    versions = {v.version: int(v.state) for v in status.model_version_status}
+    if any(state == AVAILABLE for state in versions.values()):
+        return ModelState.AVAILABLE, versions
+    return ModelState.UNAVAILABLE, versions
 
 
 class HealthChecker:
@@ -93,6 +100,7 @@ class HealthChecker:
     async def check(self, replica: Endpoint) -> None:
         models = sorted(self.pool.known_models)
         states: dict[str, ModelState] = {}
+        versions: dict[str, dict[int, int]] = {}
         for model in models or [""]:
             try:
                 response = await replica.transport.call(GET_MODEL_STATUS, status_request(model),
@@ -108,5 +116,6 @@ class HealthChecker:
                     states[model] = ModelState.MISSING
                 continue  # UNIMPLEMENTED and the like: up, but says nothing of the model
             if model:
-                states[model] = model_state(response)
-        self.pool.record_check(replica, True, "health check passed", states)
+                states[model], versions[model] = read_status(response)
+        self.pool.record_check(replica, True, "health check passed", states,
+                               versions=versions)

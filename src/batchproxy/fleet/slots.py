@@ -27,6 +27,9 @@ from batchproxy.methods import PREDICT
 
 log = logging.getLogger(__name__)
 
+# TFS's ModelVersionStatus.State AVAILABLE.
+AVAILABLE_STATE = 30
+
 # Model names come from clients: bound what is tracked per name.
 MAX_TRACKED_MODELS = 256
 
@@ -86,6 +89,9 @@ class Endpoint:
         self.batches_sent = 0
         # What the last health check said of each model; absent: not checked yet.
         self.models: dict[str, ModelState] = {}
+        # Every version the last health check listed, per model: version -> state (TFS's
+        # ModelVersionStatus.State number). Absent: the replica has not said.
+        self.versions: dict[str, dict[int, int]] = {}
         self.consecutive_failures = 0
         self.ejections = 0
         self.ejected_until = 0.0
@@ -104,9 +110,16 @@ class Endpoint:
             model_cost = self.costs[model] = CostModel()
         return model_cost
 
-    def serves(self, model: str) -> bool:
-        return self.state is ReplicaState.HEALTHY and self.models.get(
-            model, ModelState.AVAILABLE) is ModelState.AVAILABLE
+    def serves(self, model: str, version: int | None = None) -> bool:
+        """Healthy and serving `model`; with `version`, that version is AVAILABLE here (or
+        the replica has not listed its versions yet, as a model not yet checked counts)."""
+        if not (self.state is ReplicaState.HEALTHY and self.models.get(
+                model, ModelState.AVAILABLE) is ModelState.AVAILABLE):
+            return False
+        if version is None:
+            return True
+        versions = self.versions.get(model)
+        return versions is None or versions.get(version) == AVAILABLE_STATE
 
     def __repr__(self) -> str:
         return f"Endpoint({self.address}, {self.state.value}, outstanding={self.outstanding})"
@@ -132,7 +145,7 @@ class ReplicaPool:
         # The choice of replica is random (power of two choices); seeded, it is repeatable.
         self.random = random.Random(seed)
         self.replicas: dict[str, Endpoint] = {}
-        self._routes: dict[str, Route] = {}
+        self._routes: dict[tuple[str, int | None], Route] = {}
         self.known_models: set[str] = set()
         # Called on every state change (replica, old state, reason): logs, metrics, waiters.
         self.listeners: list[StateListener] = []
@@ -193,9 +206,23 @@ class ReplicaPool:
 
     def record_check(self, replica: Endpoint, passed: bool, reason: str = "",
                      models: dict[str, ModelState] | None = None,
-                     certain: bool = True) -> None:
+                     certain: bool = True,
+                     versions: dict[str, dict[int, int]] | None = None) -> None:
         """The result of an active health check. A failure that is not `certain` (a check
-        that timed out) ejects only when the check before it failed too."""
+        that timed out) ejects only when the check before it failed too. `versions`: every
+        version listed per model (version -> state)."""
+        if versions is not None:
+            for name, listed in versions.items():
+                old = replica.versions.get(name)
+                if old != listed:
+                    self._routes.clear()
+                    replica.versions[name] = listed
+                    if any(state == AVAILABLE_STATE and (old or {}).get(version) != state
+                           for version, state in listed.items()):
+                        self._notify_capacity()  # a version queued calls wait for arrived
+            for name in list(replica.versions):
+                if models is not None and models.get(name) is ModelState.MISSING:
+                    del replica.versions[name]
         if models:
             became_available = any(
                 state is ModelState.AVAILABLE and replica.models.get(name) is not state
@@ -258,7 +285,15 @@ class ReplicaPool:
         model: route around it now, not after the next check (which has the last word)."""
         if model in self.known_models and model not in replica.models:
             replica.models[model] = ModelState.MISSING
-            self._routes.pop(model, None)
+            self._routes.clear()
+
+    def note_version_gone(self, replica: Endpoint, model: str, version: int) -> None:
+        """`replica` answered NOT_FOUND for `version` of `model` before a health check said
+        it was gone (a roll-back): route calls for it elsewhere now."""
+        versions = replica.versions.setdefault(model, {})
+        if versions.get(version) == AVAILABLE_STATE or version not in versions:
+            versions[version] = 0  # UNKNOWN: listed by no check, so not served
+            self._routes.clear()
 
     def forget_missing_models(self, keep: set[str]) -> None:
         """Stop health-checking models that every replica reports missing."""
@@ -269,16 +304,24 @@ class ReplicaPool:
                 self.known_models.discard(model)
                 for replica in self.replicas.values():
                     replica.models.pop(model, None)
-                self._routes.pop(model, None)
+                    replica.versions.pop(model, None)
+                self._routes.clear()
 
-    def route(self, model: str) -> Route:
-        """Where calls for `model` can go now (see Route). Asked on every call: cached until
-        a replica's state, a model's state or the membership changes."""
-        route = self._routes.get(model)
+    def route(self, model: str, version: int | None = None) -> Route:
+        """Where calls for `model` (and `version`, when given) can go now (see Route).
+        Asked on every call: cached until a replica's state, a model's state or the
+        membership changes."""
+        route = self._routes.get((model, version))
         if route is None:
             if len(self._routes) >= MAX_TRACKED_MODELS:
                 self._routes.clear()  # model names come from clients: keep the cache small
-            route = self._routes[model] = self._compute_route(model)
+            route = self._compute_route(model)
+            if version is not None and route is Route.SERVED and not any(
+                    r.serves(model, version) for r in self.replicas.values()):
+                # No replica holds that version: one that serves the model answers with
+                # TFS's own NOT_FOUND for it.
+                route = Route.MISSING
+            self._routes[(model, version)] = route
         return route
 
     def _compute_route(self, model: str) -> Route:
@@ -300,14 +343,16 @@ class ReplicaPool:
         return Route.NOWHERE
 
     def try_acquire(self, model: str, exclude: Endpoint | None = None,
-                    idle_only: bool = False) -> Endpoint | None:
-        """Reserve a slot on a replica serving `model` (power of two choices), or None.
-        `idle_only`: only a replica with no batch in flight will do."""
-        route = self.route(model)
+                    idle_only: bool = False, version: int | None = None) -> Endpoint | None:
+        """Reserve a slot on a replica serving `model` (and `version`, when given) by the
+        power of two choices, or None. `idle_only`: only a replica with no batch in flight
+        will do."""
+        route = self.route(model, version)
         limit = 1 if idle_only else self.max_inflight
         if route is Route.SERVED:
             eligible = [r for r in self.replicas.values()
-                        if r.outstanding < limit and r is not exclude and r.serves(model)]
+                        if r.outstanding < limit and r is not exclude
+                        and r.serves(model, version)]
         elif route is Route.MISSING:
             # No replica has the model: one of them answers with TFS's own NOT_FOUND.
             eligible = [r for r in self.replicas.values()
@@ -324,10 +369,11 @@ class ReplicaPool:
         replica.batches_sent += 1
         return replica
 
-    def try_acquire_on(self, replica: Endpoint, model: str) -> Endpoint | None:
+    def try_acquire_on(self, replica: Endpoint, model: str,
+                       version: int | None = None) -> Endpoint | None:
         """Reserve a slot on `replica` itself (a policy chose it), or None if it has none
-        free or no longer serves `model`."""
-        if replica.outstanding >= self.max_inflight or not replica.serves(model) \
+        free or no longer serves `model` (and `version`)."""
+        if replica.outstanding >= self.max_inflight or not replica.serves(model, version) \
                 or self.replicas.get(replica.address) is not replica:
             return None
         replica.outstanding += 1
@@ -355,30 +401,31 @@ class ReplicaPool:
             replica.free_at = loop_time()
 
     def lacks(self, replica: Endpoint, model: str, exclude: Endpoint | None = None,
-              skip: Collection[Endpoint] = ()) -> bool:
+              skip: Collection[Endpoint] = (), version: int | None = None) -> bool:
         """`replica` answered NOT_FOUND for `model`: marked as lacking it (note_missing).
         Returns whether another replica (not `exclude`, not in `skip`) may still have it,
         so the call is worth sending on: fleets may serve different models, and each
         replica is asked once."""
         self.note_missing(replica, model)
-        return self.can_serve(model, exclude=exclude, skip=(*skip, replica))
+        return self.can_serve(model, exclude=exclude, skip=(*skip, replica), version=version)
 
     def can_serve(self, model: str, exclude: Endpoint | None = None,
-                  skip: Collection[Endpoint] = ()) -> bool:
+                  skip: Collection[Endpoint] = (), version: int | None = None) -> bool:
         """Whether a replica other than `exclude` (and those in `skip`) could take `model` now
         or soon (healthy and serving it, or joining and not yet checked): what makes a retry
         worth waiting for."""
         for replica in self.replicas.values():
             if replica is exclude or replica in skip:
                 continue
-            if replica.serves(model):
+            if replica.serves(model, version):
                 return True
             if replica.state is ReplicaState.JOINING:
                 return True
         return False
 
     async def acquire(self, model: str, exclude: Endpoint | None = None,
-                      timeout: float | None = None) -> Endpoint:
+                      timeout: float | None = None,
+                      version: int | None = None) -> Endpoint:
         """Wait for a slot on a replica serving `model`. Gives up with UNAVAILABLE as soon as
         no replica but `exclude` could serve it, and with DEADLINE_EXCEEDED after `timeout`
         (the pool's default replica timeout when None: no wait is unbounded)."""
@@ -387,11 +434,12 @@ class ReplicaPool:
             timeout = self.default_timeout_s
         deadline = loop.time() + timeout
         while True:
-            replica = self.try_acquire(model, exclude)
+            replica = self.try_acquire(model, exclude, version=version)
             if replica is not None:
                 return replica
-            if self.route(model) is Route.NOWHERE or not (
-                    self.route(model) is Route.MISSING or self.can_serve(model, exclude)):
+            route = self.route(model, version)
+            if route is Route.NOWHERE or not (
+                    route is Route.MISSING or self.can_serve(model, exclude, version=version)):
                 raise ProxyError(grpc.StatusCode.UNAVAILABLE,
                                  f"no healthy replica serves model '{model}'")
             remaining = deadline - loop.time()

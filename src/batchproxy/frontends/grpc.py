@@ -3,7 +3,10 @@
 Handlers are generic and take raw bytes (no Python protobuf objects on the hot path):
 Predict goes to the predict service (core decoder, then the engine's batch queues);
 everything else is forwarded to a replica untouched, and its status code and message come
-back unchanged; but HandleReloadConfigRequest, which is refused (RELOAD_REFUSAL says why)."""
+back unchanged; but HandleReloadConfigRequest, which the proxy answers itself: its
+ModelServerConfig becomes the proxy's model config (names and version_labels, resolved for
+the whole fleet). Forwarded, it would reconfigure one replica and leave the rest as they
+were."""
 
 from __future__ import annotations
 
@@ -26,8 +29,14 @@ from batchproxy.methods import (
     PREDICTION_SERVICE,
     REGRESS,
 )
+from batchproxy.model_config import ConfigError
 from batchproxy.priority import priority_of_metadata
-from batchproxy.protos import model_spec_holder_pb2
+from batchproxy.protos import (
+    get_model_status_pb2,
+    model_server_config_pb2,
+    model_spec_holder_pb2,
+    services_pb2,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +44,8 @@ log = logging.getLogger(__name__)
 # is not routed by model.
 FORWARDED = (CLASSIFY, REGRESS, MULTI_INFERENCE, GET_MODEL_METADATA, GET_MODEL_STATUS)
 UNROUTED = frozenset({MULTI_INFERENCE})
-# Forwarded, a reload would reconfigure whichever one replica took the call and leave the
-# rest of the fleet as it was; the proxy has no model config of its own to reload.
-RELOAD_REFUSAL = (
-    "HandleReloadConfigRequest is not supported by batchproxy: it would reconfigure one "
-    "replica of the fleet, not all of them, and the proxy has no model config of its own. "
-    "Send it to each TensorFlow Serving replica directly.")
+# What the proxy does with a ReloadConfigRequest's ModelServerConfig (model_config.py).
+Reload = Callable[[model_server_config_pb2.ModelServerConfig | None], None]
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
@@ -49,9 +54,11 @@ class PredictionHandlers:
     """gRPC transport only: authentication, deadlines and status codes. What a call means
     is the predict service's business."""
 
-    def __init__(self, service: PredictService, *, auth: TokenAuth | None = None) -> None:
+    def __init__(self, service: PredictService, *, auth: TokenAuth | None = None,
+                 reload: Reload | None = None) -> None:
         self.service = service
         self.auth = auth
+        self.reload = reload
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         if self.auth is not None and not self.auth.accepts_metadata(
@@ -97,9 +104,23 @@ class PredictionHandlers:
 
     async def reload_config(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         with self.service.observe("grpc", HANDLE_RELOAD_CONFIG.rsplit("/", 1)[1]) as record:
-            async def refuse() -> bytes:
-                raise ProxyError(grpc.StatusCode.UNIMPLEMENTED, RELOAD_REFUSAL)
-            return await self._answer(record, context, refuse)
+            async def apply() -> bytes:
+                try:
+                    message = services_pb2.ReloadConfigRequest.FromString(request)
+                except DecodeError:
+                    raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT,
+                                     "Could not parse ReloadConfigRequest") from None
+                if self.reload is None:
+                    raise ProxyError(grpc.StatusCode.UNIMPLEMENTED,
+                                     "this proxy has no model config to reload")
+                try:
+                    # No config in the request: read the config files again.
+                    self.reload(message.config if message.HasField("config") else None)
+                except ConfigError as err:  # refused: the old config stays
+                    raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+                return services_pb2.ReloadConfigResponse(
+                    status=get_model_status_pb2.StatusProto()).SerializeToString()
+            return await self._answer(record, context, apply)
 
     @staticmethod
     async def _internal_error(record: CallRecord, context: grpc.aio.ServicerContext) -> None:

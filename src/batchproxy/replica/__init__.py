@@ -41,6 +41,9 @@ async def serve_replica(
     check_numerics: bool = False,
     ssl_config_file: str | None = None,
     host: str = "0.0.0.0",
+    model_base_path: str | None = None,
+    file_system_poll_wait_seconds: float = 1.0,
+    model_version_policy: str = "latest",
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve until `stop` is set or, without one, until SIGINT or SIGTERM."""
@@ -56,6 +59,9 @@ async def serve_replica(
         check_numerics=check_numerics,
         ssl_config_file=ssl_config_file,
         host=host,
+        model_base_path=model_base_path,
+        file_system_poll_wait_seconds=file_system_poll_wait_seconds,
+        model_version_policy=model_version_policy,
     )
     if stop is None:
         stop = asyncio.Event()
@@ -86,7 +92,19 @@ def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_name", default=None,
                         help="name clients use for the model (default: the --model kind)")
     parser.add_argument("--model_version", type=int, default=1,
-                        help="version served (default %(default)s)")
+                        help="version served without --model_base_path (default %(default)s)")
+    parser.add_argument("--model_base_path", default=None, metavar="DIR",
+                        help="serve the versions under DIR as TFS does: numbered folders "
+                             "(1/, 0002/) each with a replica.json naming the model and its "
+                             "options (keys it leaves out come from --model, --batch_cost_ms, "
+                             "--row_cost_us); DIR/labels.json maps version labels")
+    parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
+                        help="seconds between polls of --model_base_path; 0 polls once "
+                             "(default %(default)s)")
+    parser.add_argument("--model_version_policy", default="latest",
+                        help="versions of --model_base_path served: latest (TFS's default: "
+                             "the highest), latest:N, all, or specific:V1,V2 "
+                             "(default %(default)s)")
     parser.add_argument("--batch_cost_ms", type=float, default=0.0,
                         help="simulated time per Predict call (default %(default)s)")
     parser.add_argument("--row_cost_us", type=float, default=0.0,
@@ -117,5 +135,8 @@ def run_replica(args: argparse.Namespace) -> None:
         check_numerics=args.check_numerics,
         ssl_config_file=args.ssl_config_file,
         host=args.host,
+        model_base_path=args.model_base_path,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        model_version_policy=args.model_version_policy,
     )
     run_loop(main, not getattr(args, "no_uvloop", False))

@@ -15,6 +15,7 @@ import grpc
 from batchproxy.protos import example_pb2, inference_pb2
 from batchproxy.replica.models import SERVING_DEFAULT, Classifier, Regressor, ReplicaError
 from batchproxy.replica.service import ReplicaService, not_implemented
+from batchproxy.replica.versions import Servable
 
 ExampleRequest = inference_pb2.ClassificationRequest | inference_pb2.RegressionRequest
 SERVICE = "tensorflow.serving.PredictionService"
@@ -35,7 +36,7 @@ def _examples(
     return examples, context
 
 
-def _lookup(service: ReplicaService, request: ExampleRequest) -> str:
+def _lookup(service: ReplicaService, request: ExampleRequest) -> tuple[Servable, str]:
     """Servable, then signature lookup with classifier.cc's and regressor.cc's wording;
     returns the signature name to echo. TFS then also wants the signature's method to be
     classify or regress; this stand-in does not check it: the model's own rule answers, and
@@ -43,23 +44,36 @@ def _lookup(service: ReplicaService, request: ExampleRequest) -> str:
     if not request.HasField("model_spec"):
         raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
     spec = request.model_spec
-    service.resolve(spec.name, *service.spec_version(spec))
+    servable = service.resolve(spec.name, *service.spec_version(spec))
     name = spec.signature_name or SERVING_DEFAULT
-    if name not in service.model.signatures:
+    if name not in servable.model.signatures:
         raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"No signature was found with the name: {name}")
-    return name
+    return servable, name
+
+
+def _lookup_with(
+    service: ReplicaService, request: ExampleRequest, kind: type, method: str
+) -> tuple[Servable, str]:
+    """The method's model kind is checked first, then the servable (the version the call
+    names; before versions, the one model): UNIMPLEMENTED for a model without it."""
+    model = service.model
+    if service.versions is None and not isinstance(model, kind):
+        raise not_implemented(f"{SERVICE}/{method}", f"its {model.name} model has none")
+    servable, name = _lookup(service, request)
+    if not isinstance(servable.model, kind):
+        raise not_implemented(f"{SERVICE}/{method}", f"its {servable.model.name} model has none")
+    return servable, name
 
 
 def classify(
     service: ReplicaService, request: inference_pb2.ClassificationRequest
 ) -> inference_pb2.ClassificationResponse:
     service.check_available()
-    model = service.model
-    if not isinstance(model, Classifier):
-        raise not_implemented(f"{SERVICE}/Classify", f"its {model.name} model has none")
-    name = _lookup(service, request)
-    response = inference_pb2.ClassificationResponse(model_spec=service.response_spec(name))
+    servable, name = _lookup_with(service, request, Classifier, "Classify")
+    model = servable.model
+    assert isinstance(model, Classifier)
+    response = inference_pb2.ClassificationResponse(model_spec=servable.response_spec(name))
     for classes in model.classify(*_examples(request)):
         result = response.result.classifications.add()
         for label, score in classes:
@@ -71,11 +85,10 @@ def regress(
     service: ReplicaService, request: inference_pb2.RegressionRequest
 ) -> inference_pb2.RegressionResponse:
     service.check_available()
-    model = service.model
-    if not isinstance(model, Regressor):
-        raise not_implemented(f"{SERVICE}/Regress", f"its {model.name} model has none")
-    name = _lookup(service, request)
-    response = inference_pb2.RegressionResponse(model_spec=service.response_spec(name))
+    servable, name = _lookup_with(service, request, Regressor, "Regress")
+    model = servable.model
+    assert isinstance(model, Regressor)
+    response = inference_pb2.RegressionResponse(model_spec=servable.response_spec(name))
     for value in model.regress(*_examples(request)):
         response.result.regressions.add(value=value)
     return response

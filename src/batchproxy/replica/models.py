@@ -259,6 +259,24 @@ def load_model(kind: str) -> Model:
     return factory()
 
 
+class Device:
+    """One simulated GPU: one batch at a time. Several cost models (the versions of a
+    model) may share one, as TFS runs every loaded version on the same device."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        # One thread: one simulated device. A call cancelled while "running" keeps it busy
+        # until its time is up, as a GPU finishes a batch nobody waits for any more.
+        self.sleeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cost-model")
+        # Virtual clock: when the simulated device is next free. A call that queued while
+        # the device was busy starts when it frees, not when the event loop got round to
+        # it, so wake-up delays never add up into lost throughput.
+        self.free_at = 0.0
+
+    def close(self) -> None:
+        self.sleeper.shutdown(wait=False)
+
+
 @dataclass
 class CostModel:
     """Makes every Predict take batch_cost_ms + rows x row_cost_us, one at a time, as one
@@ -268,16 +286,12 @@ class CostModel:
     model: Model
     batch_cost_ms: float = 0.0
     row_cost_us: float = 0.0
+    device: Device | None = None
 
     def __post_init__(self) -> None:
-        self._lock = asyncio.Lock()
-        # One thread: one simulated device. A call cancelled while "running" keeps it busy
-        # until its time is up, as a GPU finishes a batch nobody waits for any more.
-        self._sleeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cost-model")
-        # Virtual clock: when the simulated device is next free. A call that queued while
-        # the device was busy starts when it frees, not when the event loop got round to
-        # it, so wake-up delays never add up into lost throughput.
-        self._free_at = 0.0
+        if self.device is None:
+            self.device = Device()
+        self._device: Device = self.device
 
     def cost_s(self, rows: int) -> float:
         return self.batch_cost_ms / 1e3 + max(rows, 0) * self.row_cost_us / 1e6
@@ -289,15 +303,16 @@ class CostModel:
         if cost <= 0:
             return self.model.predict(signature, inputs)
         arrived = time.perf_counter()
-        async with self._lock:
-            start = max(arrived, self._free_at)
-            end = self._free_at = start + cost
+        device = self._device
+        async with device.lock:
+            start = max(arrived, device.free_at)
+            end = device.free_at = start + cost
             outputs = self.model.predict(signature, inputs)
             if end > time.perf_counter():
                 # Event-loop timers tick in whole milliseconds (uvloop rounds to the nearest
                 # one): a sleeping thread keeps sub-millisecond costs exact, without spinning.
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._sleeper, _sleep_until, end)
+                await loop.run_in_executor(device.sleeper, _sleep_until, end)
             return outputs
 
 

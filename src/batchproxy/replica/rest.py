@@ -8,7 +8,10 @@ metadata, and a small admin endpoint that changes the replica's state at runtime
          UNLOADING, END (what GetModelStatus reports; Predict gets NOT_FOUND unless
          AVAILABLE) or UNAVAILABLE (every RPC fails with UNAVAILABLE: a broken replica)
 
-REST Predict, Classify and Regress answer 501: this replica serves them over gRPC only.
+    POST /v1/models/<name>[/versions/<n>|/labels/<l>]:predict   TFS's JSON, row or
+         columnar, typed by the signature of the version it resolves to
+
+REST Classify and Regress answer 501: this replica serves them over gRPC only.
 Development and test fixture only: not for production traffic.
 """
 
@@ -16,13 +19,18 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from batchproxy.codec import dtypes
+from batchproxy.errors import ProxyError
+from batchproxy.frontends import rest_json
 from batchproxy.protos import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 from batchproxy.replica.models import ReplicaError
 from batchproxy.replica.service import ADMIN_STATES, ReplicaService
@@ -99,6 +107,36 @@ def metadata_json(response: get_model_metadata_pb2.GetModelMetadataResponse) -> 
     }
 
 
+@dataclass
+class RestCall:
+    """A REST predict body as the service's Predict reads a decoded call."""
+
+    model_name: str
+    version: int | None
+    version_label: str | None
+    signature_name: str
+    inputs: dict[str, rest_json.JsonTensor]
+    output_filter: tuple[str, ...] = ()
+    rows: int = -1
+    model_spec: bool = True
+
+
+@dataclass
+class _Output:
+    """An output as rest_json writes it: the core's normalized tensor form."""
+
+    dtype: int
+    shape: tuple[int, ...]
+    data: bytes | list[bytes]
+
+
+def _json_tensor(dtype: int, array: np.ndarray) -> _Output:
+    if dtype == dtypes.DT_STRING:
+        return _Output(dtype, array.shape, [bytes(v) for v in array.ravel()])
+    array = np.ascontiguousarray(array, dtype=dtypes.NUMPY_DTYPES[dtype])
+    return _Output(dtype, array.shape, array.tobytes())
+
+
 def make_app(service: ReplicaService) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=service.metrics.render(),
@@ -121,6 +159,8 @@ def make_app(service: ReplicaService) -> web.Application:
             return _error(f"Malformed request: {request.method} {request.path}", 400)
         if match["name"] is None:
             return _error("Missing model name in request.", 400)
+        if match["verb"] and match["verb"].lower() == "predict" and request.method == "POST":
+            return await rest_predict(request, match)
         if match["verb"]:
             return _error(f"REST :{match['verb'].lower()} is not implemented by the "
                           "batchproxy reference replica; use gRPC", 501)
@@ -136,6 +176,29 @@ def make_app(service: ReplicaService) -> web.Application:
             return _json(status_json(service.status(status_req)))
         except ReplicaError as err:
             return _error(err.message, HTTP_STATUS.get(err.code, 500))
+
+    async def rest_predict(request: web.Request, match: re.Match[str]) -> web.Response:
+        try:
+            service.check_available()
+            version = int(match["version"]) if match["version"] is not None else None
+            doc = rest_json.loads(await request.read())
+            # Typed by the signature of the version it resolves to.
+            servable = service.resolve(match["name"], version, match["label"])
+            signature = service.signature(servable, rest_json.signature_name(doc))
+            inputs = {alias: spec[0]
+                      for alias, spec in servable.model.signatures[signature].inputs.items()}
+            fmt, tensors = rest_json.parse_predict(doc, inputs, signature)
+            call = RestCall(match["name"], version, match["label"], signature, tensors)
+            servable, signature, outputs = await service.predict_call(call)
+            dtypes_out = servable.model.signatures[signature].outputs
+            body = rest_json.predict_response(
+                {alias: _json_tensor(dtypes_out[alias][0], array)
+                 for alias, array in outputs.items()}, fmt)
+        except (ReplicaError, ProxyError) as err:
+            service.metrics.count("Predict", err.code)
+            return _error(err.message, HTTP_STATUS.get(err.code, 500))
+        service.metrics.count("Predict", grpc.StatusCode.OK)
+        return web.Response(body=body, content_type="application/json")
 
     async def fallback(request: web.Request) -> web.Response:
         path = request.path.lower()

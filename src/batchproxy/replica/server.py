@@ -25,6 +25,7 @@ from batchproxy.replica.metrics import ReplicaMetrics
 from batchproxy.replica.models import ReplicaError, load_model
 from batchproxy.replica.rest import make_app
 from batchproxy.replica.service import ReplicaService, not_implemented
+from batchproxy.replica.versions import VersionDefaults, VersionManager, VersionPolicy
 from batchproxy.tls import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -174,20 +175,34 @@ class Replica:
         check_numerics: bool = False,
         host: str = "0.0.0.0",
         ssl_config_file: str | None = None,
+        model_base_path: str | None = None,
+        file_system_poll_wait_seconds: float = 1.0,
+        model_version_policy: str = "latest",
     ) -> None:
         self.host = host
         self.ssl_config_file = ssl_config_file
         self.requested_port = port
         self.requested_rest_port = rest_api_port
+        name = model_name or model_kind
+        # With a base path the versions come from its folders (versions.py); without, one
+        # fixed version of --model.
+        self.versions = None if model_base_path is None else VersionManager(
+            model_base_path,
+            name,
+            policy=VersionPolicy.parse(model_version_policy),
+            poll_s=file_system_poll_wait_seconds,
+            defaults=VersionDefaults(model_kind, batch_cost_ms, row_cost_us),
+        )
         self.service = ReplicaService(
             load_model(model_kind),
-            model_name or model_kind,
+            name,
             model_version,
             tensor_content=tensor_content,
             check_numerics=check_numerics,
             batch_cost_ms=batch_cost_ms,
             row_cost_us=row_cost_us,
             metrics=ReplicaMetrics(),
+            versions=self.versions,
         )
         self.port = 0
         self.rest_port: int | None = None
@@ -195,6 +210,9 @@ class Replica:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
+        if self.versions is not None:
+            # As TFS: the versions there now are loaded before the ports open.
+            await self.versions.start()
         # REST first: once the gRPC port answers (what callers wait for), REST is up too.
         if self.requested_rest_port:
             self._runner = web.AppRunner(make_app(self.service), access_log=None)
@@ -213,11 +231,14 @@ class Replica:
         await self._server.start()
         svc = self.service
         runner = svc.runner
+        served = (f"versions {sorted(svc.servables)} (policy {self.versions.policy.kind}) of "
+                  f"{self.versions.base}, latest" if self.versions is not None else "version")
         log.info(
             "batchproxy reference replica (development and tests only, not for production "
-            "traffic): model %s served as %r version %d, gRPC port %d, REST port %s, "
+            "traffic): model %s served as %r %s %d, gRPC port %d, REST port %s, "
             "core %s, cost %.3f ms + %.3f us/row, outputs as %s",
-            svc.model.name, svc.model_name, svc.version, self.port, self.rest_port or "off",
+            svc.model.name, svc.model_name, served, svc.version, self.port,
+            self.rest_port or "off",
             codec.IMPLEMENTATION, runner.batch_cost_ms, runner.row_cost_us,
             "typed fields" if svc.typed else "tensor_content",
         )
@@ -229,3 +250,5 @@ class Replica:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.versions is not None:
+            await self.versions.stop()

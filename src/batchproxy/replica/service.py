@@ -8,6 +8,9 @@ Development and test fixture only: not for production traffic.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, Protocol
+
 import grpc
 import numpy as np
 
@@ -26,13 +29,39 @@ from batchproxy.replica.models import (
     Model,
     ReplicaError,
     Signature,
+    load_model,
 )
+from batchproxy.replica.versions import Servable, VersionManager
 
 # ModelVersionStatus states the admin endpoint may set; "UNAVAILABLE" is not a model state
 # but a broken server: every RPC then fails with UNAVAILABLE (for retry and ejection tests).
 MODEL_STATES = ("START", "LOADING", "AVAILABLE", "UNLOADING", "END")
 ADMIN_STATES = (*MODEL_STATES, "UNAVAILABLE")
 _States = get_model_status_pb2.ModelVersionStatus.State
+
+
+class _TensorLike(Protocol):
+    @property
+    def dtype(self) -> int: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def data(self) -> bytes | list[bytes]: ...
+
+
+class PredictCallLike(Protocol):
+    """What Predict reads of a decoded call: the core's PredictCall, or the REST app's."""
+
+    model_spec: Any
+    model_name: str
+    version: int | None
+    version_label: str | None
+    signature_name: str
+
+    @property
+    def inputs(self) -> Mapping[str, _TensorLike]: ...
+    output_filter: tuple[str, ...]
+    rows: int
 
 
 def not_implemented(method: str, why: str) -> ReplicaError:
@@ -94,6 +123,9 @@ def _encode_output(dtype: int, array: np.ndarray, typed: bool) -> bytes:
 
 
 class ReplicaService:
+    """One model name, served either as one fixed version (`model`, `version`) or, given a
+    VersionManager, as the versions of a model base path."""
+
     def __init__(
         self,
         model: Model,
@@ -105,25 +137,65 @@ class ReplicaService:
         batch_cost_ms: float = 0.0,
         row_cost_us: float = 0.0,
         metrics: ReplicaMetrics | None = None,
+        versions: VersionManager | None = None,
     ) -> None:
-        self.model = model
         self.model_name = model_name
-        self.version = version
         self.typed = not tensor_content
         self.check_numerics = check_numerics
-        self.runner = CostModel(model, batch_cost_ms, row_cost_us)
         self.metrics = metrics or ReplicaMetrics()
+        # The admin override (/admin/state): AVAILABLE leaves each version its own state.
         self.state = "AVAILABLE"
-        # An answer echoes name, version and the signature used: each serialized once.
-        self.response_specs = {
-            name: self.response_spec(name).SerializeToString() for name in model.signatures
-        }
-        self.signature_map = signature_map(model)
+        self.versions = versions
+        self._static: Servable | None = None
+        if versions is None:
+            runner = CostModel(model, batch_cost_ms, row_cost_us)
+            self._static = Servable(version, model, runner, model_name, state="AVAILABLE")
+
+    @property
+    def servables(self) -> dict[int, Servable]:
+        if self.versions is not None:
+            return self.versions.servables
+        assert self._static is not None
+        return {self._static.version: self._static}
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return self.versions.labels if self.versions is not None else {}
+
+    def _default(self) -> Servable | None:
+        if self._static is not None:
+            return self._static
+        assert self.versions is not None
+        return self.versions.latest()
+
+    # The fixed version's (or, with versions, the latest's) model, version and cost model:
+    # what the start-up line describes.
+    @property
+    def model(self) -> Model:
+        servable = self._default()
+        if servable is not None:
+            return servable.model
+        assert self.versions is not None
+        model = self.versions.any_model()
+        return model if model is not None else load_model(self.versions.defaults.model_kind)
+
+    @property
+    def version(self) -> int:
+        servable = self._default()
+        return servable.version if servable is not None else 0
+
+    @property
+    def runner(self) -> CostModel:
+        servable = self._default()
+        return servable.runner if servable is not None else CostModel(self.model)
 
     def response_spec(self, signature: str) -> model_pb2.ModelSpec:
-        spec = model_pb2.ModelSpec(name=self.model_name, signature_name=signature)
-        spec.version.value = self.version
-        return spec
+        servable = self._default()
+        assert servable is not None
+        return servable.response_spec(signature)
+
+    def state_of(self, servable: Servable) -> str:
+        return servable.state if self.state == "AVAILABLE" else self.state
 
     # -- servable lookup ------------------------------------------------------------------
 
@@ -133,27 +205,33 @@ class ReplicaService:
                 grpc.StatusCode.UNAVAILABLE, "replica made unavailable through /admin/state"
             )
 
-    def resolve(self, name: str, version: int | None, label: str | None) -> None:
-        """ServerCore::GetServableHandle: labels first (this replica has none), then the
-        name and version; a version not AVAILABLE is not served, as in TFS."""
+    def resolve(self, name: str, version: int | None, label: str | None) -> Servable:
+        """ServerCore::GetServableHandle: labels first, then the name and version (none:
+        the highest AVAILABLE one); a version not AVAILABLE is not served, as in TFS."""
         if label:
-            raise ReplicaError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"Unrecognized servable version label: {label}"
-            )
-        if (
-            name != self.model_name
-            or (version is not None and version != self.version)
-            or self.state != "AVAILABLE"
-        ):
+            if name != self.model_name or label not in self.labels:
+                raise ReplicaError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Unrecognized servable version label: {label}",
+                )
+            version = self.labels[label]
+        servable = None
+        if name == self.model_name and self.state == "AVAILABLE":
+            servable = self._default() if version is None else self.servables.get(version)
+            if servable is not None and servable.state != "AVAILABLE":
+                servable = None
+        if servable is None:
             what = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
             raise ReplicaError(
                 grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}"
             )
+        return servable
 
-    def signature(self, name: str) -> str:
+    @staticmethod
+    def signature(servable: Servable, name: str) -> str:
         """The signature a call names ("" is serving_default), or FAILED_PRECONDITION."""
         name = name or SERVING_DEFAULT
-        if name not in self.model.signatures:
+        if name not in servable.model.signatures:
             raise ReplicaError(
                 grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{name}" not found.'
             )
@@ -183,12 +261,37 @@ class ReplicaService:
         """A serialized PredictRequest in, a serialized PredictResponse out."""
         self.check_available()
         call = codec.decode_predict_request(data)
+        servable, name, outputs = await self.predict_call(call)
+        signature = servable.model.signatures[name]
+        encoded = {
+            alias: _encode_output(signature.outputs[alias][0], array, self.typed)
+            for alias, array in outputs.items()
+        }
+        return codec.encode_predict_response(encoded, servable.response_specs[name])
+
+    async def predict_call(
+        self, call: PredictCallLike
+    ) -> tuple[Servable, str, dict[str, np.ndarray]]:
+        """Run a decoded call (gRPC's PredictCall, or the REST app's): the version that
+        ran it, the signature's name and the outputs asked for, in order."""
         if not call.model_spec:
             raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
-        self.resolve(call.model_name, call.version, call.version_label)
-        name = self.signature(call.signature_name)
-        signature = self.model.signatures[name]
-        self.model.validate(name, {alias: (t.dtype, t.shape) for alias, t in call.inputs.items()})
+        servable = self.resolve(call.model_name, call.version, call.version_label)
+        # From here the call belongs to this version: an unload waits for it.
+        servable.enter()
+        try:
+            name, outputs = await self._predict(servable, call)
+        finally:
+            servable.leave()
+        return servable, name, outputs
+
+    async def _predict(
+        self, servable: Servable, call: PredictCallLike
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        model = servable.model
+        name = self.signature(servable, call.signature_name)
+        signature = model.signatures[name]
+        model.validate(name, {alias: (t.dtype, t.shape) for alias, t in call.inputs.items()})
         aliases = self._output_aliases(signature, call.output_filter)
         arrays = {
             alias: dtypes.to_numpy(t.dtype, t.shape, t.data) for alias, t in call.inputs.items()
@@ -208,14 +311,10 @@ class ReplicaService:
         self.metrics.batch_rows.observe(rows)
         self.metrics.inflight.inc()
         try:
-            outputs = await self.runner.run(name, arrays, rows)
+            outputs = await servable.run(name, arrays, rows)
         finally:
             self.metrics.inflight.dec()
-        encoded = {
-            alias: _encode_output(signature.outputs[alias][0], outputs[alias], self.typed)
-            for alias in aliases
-        }
-        return codec.encode_predict_response(encoded, self.response_specs[name])
+        return name, {alias: outputs[alias] for alias in aliases}
 
     # -- metadata and status -------------------------------------------------------------
 
@@ -245,11 +344,12 @@ class ReplicaService:
                 raise ReplicaError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported"
                 )
-        self.resolve(request.model_spec.name, *self.spec_version(request.model_spec))
+        servable = self.resolve(request.model_spec.name, *self.spec_version(request.model_spec))
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = self.model_name
-        response.model_spec.version.value = self.version
-        response.metadata["signature_def"].Pack(self.signature_map)
+        response.model_spec.version.value = servable.version
+        assert servable.signature_map is not None
+        response.metadata["signature_def"].Pack(servable.signature_map)
         return response
 
     def status(
@@ -261,20 +361,29 @@ class ReplicaService:
         if not request.HasField("model_spec"):
             raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         spec = request.model_spec
-        if spec.name != self.model_name:
+        servables = self.servables
+        if spec.name != self.model_name or not servables:
             raise ReplicaError(
                 grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {spec.name}"
             )
         version, _ = self.spec_version(spec)
-        if version is not None and version != self.version:
+        if version is not None and version not in servables:
             raise ReplicaError(
                 grpc.StatusCode.NOT_FOUND,
                 f"Could not find version {version} of model {spec.name}",
             )
         response = get_model_status_pb2.GetModelStatusResponse()
-        response.model_version_status.add(
-            version=self.version,
-            state=_States.Value(self.state),
-            status=get_model_status_pb2.StatusProto(),  # error_code 0: OK, as TFS sends
-        )
+        # Newest first, as TFS's ServableStateMonitor orders versions.
+        for servable in sorted(servables.values(), key=lambda s: -s.version):
+            if version is not None and servable.version != version:
+                continue
+            response.model_version_status.add(
+                version=servable.version,
+                state=_States.Value(self.state_of(servable)),
+                # error_code 0: OK, as TFS sends; a failed load carries its error.
+                status=get_model_status_pb2.StatusProto(
+                    error_code=servable.error_code,
+                    error_message=servable.error_message,
+                ),
+            )
         return response

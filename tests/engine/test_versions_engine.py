@@ -1,0 +1,236 @@
+"""Versions across a fleet, in virtual time: a call naming a version goes only where it is
+AVAILABLE, labels resolve in the proxy, `latest` follows the model's policy and canary
+weights, a version rolled back before the health checks noticed costs no call, and a shadow
+version is compared without reaching callers."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from scripted import ScriptedReplica, answer_values, make_call, make_pool
+
+from batchproxy import codec
+from batchproxy.config import BatchingConfig
+from batchproxy.engine import Engine
+from batchproxy.errors import ProxyError
+from batchproxy.fleet.health_checks import HealthChecker
+from batchproxy.fleet.versions import LatestPolicy, ModelSettings, ShadowSettings, VersionRouter
+from batchproxy.methods import GET_MODEL_STATUS, PREDICT
+from batchproxy.protos import get_model_status_pb2, predict_pb2
+
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+LOADING = get_model_status_pb2.ModelVersionStatus.LOADING
+
+
+@dataclass
+class VersionedReplica(ScriptedReplica):
+    """Serves model "m" at the versions in `versions` (version -> state); answers with the
+    version that computed the batch, scaled by `scale[version]` so versions differ."""
+
+    versions: dict[int, int] = field(default_factory=lambda: {1: AVAILABLE})
+    scale: dict[int, float] = field(default_factory=dict)
+    batches: list[int] = field(default_factory=list)  # the version of each batch
+
+    async def call(self, path: str, request: bytes, timeout: float) -> bytes:
+        if path == GET_MODEL_STATUS:
+            status = get_model_status_pb2.GetModelStatusResponse()
+            for version, state in sorted(self.versions.items()):
+                status.model_version_status.add(version=version, state=state)
+            return status.SerializeToString()
+        assert path == PREDICT
+        message = predict_pb2.PredictRequest.FromString(request)
+        spec = message.model_spec
+        available = [v for v, s in self.versions.items() if s == AVAILABLE]
+        version = spec.version.value if spec.HasField("version") else max(available)
+        if version not in available:
+            raise ProxyError(grpc.StatusCode.NOT_FOUND,
+                             f"Servable not found for request: Specific(m, {version})")
+        self.batches.append(version)
+        await asyncio.sleep(self.cost_s)
+        call = codec.decode_predict_request(request)
+        x = call.inputs["x"]
+        assert isinstance(x.data, bytes)
+        factor = self.scale.get(version, 1.0)
+        values = [v * factor for v in memoryview(x.data).cast("f")]
+        data = struct.pack(f"<{len(values)}f", *values)
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = "m"
+        response.model_spec.version.value = version
+        outputs = {"x": codec.encode_tensor(x.dtype, x.shape, data, True)}
+        return codec.encode_predict_response(outputs, response.model_spec.SerializeToString())
+
+
+def version_of(response: bytes) -> int:
+    return predict_pb2.PredictResponse.FromString(response).model_spec.version.value
+
+
+async def fleet(replicas: dict[str, VersionedReplica],
+                settings: dict[str, ModelSettings] | None = None,
+                max_inflight: int = 2) -> tuple[Engine, HealthChecker, VersionRouter]:
+    pool = make_pool(replicas, max_inflight)  # type: ignore[arg-type]
+    router = VersionRouter(pool, settings, seed=7)
+    checker = HealthChecker(pool, 1.0, ("m",))
+    await checker.check_all()
+    engine = Engine(BatchingConfig(max_batch_size=8, batch_timeout_micros=1000), pool,
+                    versions=router)
+    engine.start()
+    return engine, checker, router
+
+
+def test_latest_is_the_highest_available_and_named_versions_go_where_they_are(vrun):
+    a = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE})
+    b = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE, 2: LOADING})
+
+    async def main():
+        engine, checker, _ = await fleet({"a": a, "b": b})
+        answers = await asyncio.gather(*(engine.submit(make_call(2)) for _ in range(20)))
+        assert {version_of(r) for r in answers} == {1}
+        b.versions[2] = AVAILABLE  # version 2 appears on one replica
+        await checker.check_all()
+        answers = await asyncio.gather(*(engine.submit(make_call(2)) for _ in range(20)))
+        assert {version_of(r) for r in answers} == {2}
+        assert all(answer_values(r) == [0.0, 1.0] for r in answers)
+        one = make_call(2)
+        one.version = 1
+        one.key = (one.model_name, 1, *one.key[2:])
+        assert version_of(await engine.submit(one)) == 1
+        await engine.close()
+
+    vrun(main())
+    assert set(a.batches) == {1}  # a never held version 2: nothing for 2 went there
+
+
+def test_share_policy_waits_for_the_share_of_capacity(vrun):
+    replicas = {name: VersionedReplica(cost_s=0.01) for name in "abcd"}
+    settings = {"m": ModelSettings(latest=LatestPolicy.parse("share:0.5"))}
+
+    async def main():
+        engine, checker, _ = await fleet(replicas, settings)
+        replicas["a"].versions[2] = AVAILABLE
+        await checker.check_all()
+        first = await asyncio.gather(*(engine.submit(make_call(1)) for _ in range(16)))
+        replicas["b"].versions[2] = AVAILABLE  # now on half the fleet
+        await checker.check_all()
+        second = await asyncio.gather(*(engine.submit(make_call(1)) for _ in range(16)))
+        await engine.close()
+        return first, second
+
+    first, second = vrun(main())
+    assert {version_of(r) for r in first} == {1}
+    assert {version_of(r) for r in second} == {2}
+
+
+def test_labels_resolve_in_the_proxy_and_an_unknown_one_is_refused(vrun):
+    a = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE, 2: AVAILABLE})
+    settings = {"m": ModelSettings(labels={"stable": 1, "canary": 2})}
+
+    async def main():
+        engine, _, _ = await fleet({"a": a}, settings)
+        stable, canary = make_call(1), make_call(1)
+        stable.version_label, canary.version_label = "stable", "canary"
+        assert version_of(await engine.submit(stable)) == 1
+        assert version_of(await engine.submit(canary)) == 2
+        bad = make_call(1)
+        bad.version_label = "nope"
+        with pytest.raises(ProxyError) as raised:
+            await engine.submit(bad)
+        await engine.close()
+        return raised.value
+
+    error = vrun(main())
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.message == "Unrecognized servable version label: nope"
+
+
+def test_a_canary_weight_draws_its_share_of_latest_calls_and_no_batch_mixes(vrun):
+    replicas = {name: VersionedReplica(cost_s=0.005, versions={1: AVAILABLE, 2: AVAILABLE})
+                for name in "abc"}
+    settings = {"m": ModelSettings(latest=LatestPolicy.parse("pinned:1"), weights={2: 10.0})}
+
+    async def main():
+        engine, _, _ = await fleet(replicas, settings)
+        versions = []
+        for _ in range(20):
+            answers = await asyncio.gather(*(engine.submit(make_call(1)) for _ in range(100)))
+            versions += [version_of(r) for r in answers]
+        await engine.close()
+        return versions
+
+    versions = vrun(main())
+    assert len(versions) == 2000
+    assert abs(versions.count(2) / 2000 - 0.10) <= 0.02
+
+
+def test_a_version_rolled_back_before_the_checks_noticed_costs_no_call(vrun):
+    a = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE, 2: AVAILABLE})
+    b = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE, 2: AVAILABLE})
+
+    async def main():
+        engine, _, router = await fleet({"a": a, "b": b})
+        assert router.resolve_latest("m") == 2
+        del a.versions[2], b.versions[2]  # removed; no health check has run yet
+        answers = await asyncio.gather(*(engine.submit(make_call(2)) for _ in range(20)))
+        await engine.close()
+        return answers
+
+    answers = vrun(main())
+    assert {version_of(r) for r in answers} == {1}
+
+
+def test_a_shadow_version_is_compared_and_never_answers_a_caller(vrun):
+    a = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE, 2: AVAILABLE},
+                         scale={2: 1.5})
+    settings = {"m": ModelSettings(latest=LatestPolicy.parse("pinned:1"),
+                                   shadow=ShadowSettings(2, sample=1.0, max_inflight=1))}
+
+    async def main():
+        engine, _, _ = await fleet({"a": a}, settings)
+        answers = await asyncio.gather(*(engine.submit(make_call(4)) for _ in range(12)))
+        await asyncio.sleep(1.0)  # shadow copies finish
+        await engine.close()
+        return answers, engine.metrics
+
+    answers, metrics = vrun(main())
+    assert {version_of(r) for r in answers} == {1}
+    assert all(answer_values(r) == [0.0, 1.0, 2.0, 3.0] for r in answers)
+    registry = metrics.registry
+    compared = registry.get_sample_value("batchproxy_shadow_batches_total",
+                                         {"model": "m", "outcome": "compared"})
+    assert compared and compared >= 1
+    assert 2 in a.batches
+    count = registry.get_sample_value("batchproxy_shadow_max_abs_difference_count",
+                                      {"model": "m"})
+    assert count == compared
+    # 3 * 0.5 is the largest difference: in the bucket up to 10, not below 1.
+    below_one = registry.get_sample_value("batchproxy_shadow_max_abs_difference_bucket",
+                                          {"model": "m", "le": "1.0"})
+    assert below_one == 0
+    assert not math.isnan(compared)
+
+
+def test_a_models_own_latency_objective_governs_its_admission(vrun):
+    a = VersionedReplica(cost_s=0.1)
+    settings = {"m": ModelSettings(latency_slo_ms=50.0)}
+
+    async def main():
+        engine, _, _ = await fleet({"a": a}, settings, max_inflight=1)
+        await engine.submit(make_call(1))  # a batch timed: admission can estimate
+        # Another model, with no objective of its own (and none by flag), queues freely.
+        queued = [asyncio.ensure_future(engine.submit(make_call(8, model="n")))
+                  for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(ProxyError) as raised:
+            await engine.submit(make_call(8))
+        served = asyncio.ensure_future(engine.submit(make_call(8, model="n")))
+        await asyncio.gather(*queued, served)
+        await engine.close()
+        return raised.value
+
+    error = vrun(main())
+    assert error.code is grpc.StatusCode.UNAVAILABLE
+    assert "latency objective" in error.message

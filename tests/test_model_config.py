@@ -1,0 +1,95 @@
+"""The per-model config files: TFS's ModelServerConfig text (names, version_labels) and the
+proxy's TOML settings (latest policy, weights, shadow); bad files are refused naming the
+file and line, and a refused reload leaves the settings in force."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchproxy.fleet.versions import LatestPolicy, ModelSettings, ShadowSettings
+from batchproxy.model_config import ConfigError, ConfigFiles, ConfigReloader
+
+TFS_FILE = """# as TFS reads it
+model_config_list {
+  config {
+    name: "my_mnist_model"
+    base_path: "/models/my_mnist_model"
+    model_platform: "tensorflow"
+    model_version_policy { specific { versions: 1 versions: 2 } }
+    version_labels { key: "stable" value: 1 }
+    version_labels { key: "canary" value: 2 }
+  }
+  config { name: "other" base_path: "/models/other" }
+}
+"""
+
+PROXY_FILE = """[models.my_mnist_model]
+latest = "share:0.5"   # the newest version once on half the fleet
+weights = { "2" = 5 }
+shadow = { version = 3, sample = 0.25, max_inflight = 1 }
+latency_slo_ms = 50
+"""
+
+
+def files(tmp_path: Path, tfs: str = TFS_FILE, ours: str = PROXY_FILE) -> ConfigFiles:
+    (tmp_path / "models.config").write_text(tfs)
+    (tmp_path / "proxy.toml").write_text(ours)
+    return ConfigFiles(str(tmp_path / "models.config"), str(tmp_path / "proxy.toml"))
+
+
+def test_both_files_combine_into_each_models_settings(tmp_path: Path) -> None:
+    settings = files(tmp_path).load()
+    assert settings["my_mnist_model"] == ModelSettings(
+        labels={"stable": 1, "canary": 2}, latest=LatestPolicy("share", 0.5),
+        weights={2: 5.0}, shadow=ShadowSettings(3, 0.25, 1), latency_slo_ms=50.0)
+    assert settings["other"] == ModelSettings()
+
+
+@pytest.mark.parametrize(("tfs", "ours", "expected"), [
+    (TFS_FILE.replace("version_labels {", "version_label {", 1), PROXY_FILE,
+     "models.config, line 8: not a valid ModelServerConfig"),
+    (TFS_FILE, PROXY_FILE.replace("weights", "weigths"),
+     "proxy.toml, line 3: model 'my_mnist_model': unknown key 'weigths'"),
+    (TFS_FILE, PROXY_FILE.replace('"share:0.5"', '"newest"'),
+     "proxy.toml, line 2: model 'my_mnist_model': latest policy 'newest'"),
+    (TFS_FILE, PROXY_FILE.replace('"2" = 5', '"2" = 60, "3" = 60'),
+     "proxy.toml, line 3: model 'my_mnist_model': weights add up to more than 100"),
+    (TFS_FILE, PROXY_FILE.replace("sample = 0.25", "sample = 2"),
+     "proxy.toml, line 4: model 'my_mnist_model': sample is between 0 and 1"),
+    (TFS_FILE, PROXY_FILE.replace("= 50", "= -1"),
+     "proxy.toml, line 5: model 'my_mnist_model': a number of milliseconds"),
+    (TFS_FILE, "[models.m\nlatest = 1\n", "proxy.toml: not valid TOML"),
+    (TFS_FILE, "latest = \"highest\"\n", "proxy.toml, line 1: unknown table or key 'latest'"),
+])
+def test_a_bad_file_is_refused_naming_its_line(tmp_path: Path, tfs: str, ours: str,
+                                                expected: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        files(tmp_path, tfs, ours).load()
+    assert expected in str(raised.value).replace(str(tmp_path) + "/", "")
+
+
+def test_a_refused_reload_keeps_the_settings_in_force(tmp_path: Path) -> None:
+    applied: list[dict[str, ModelSettings]] = []
+    reloader = ConfigReloader(files(tmp_path), applied.append)
+    assert applied[-1]["my_mnist_model"].labels == {"stable": 1, "canary": 2}
+    (tmp_path / "proxy.toml").write_text("[models.my_mnist_model]\nlatest = \"pinned:x\"\n")
+    with pytest.raises(ConfigError):
+        reloader.reload()
+    assert len(applied) == 1
+    (tmp_path / "proxy.toml").write_text("[models.my_mnist_model]\nlatest = \"pinned:2\"\n")
+    reloader.reload()
+    assert applied[-1]["my_mnist_model"].latest == LatestPolicy("pinned", 2)
+
+
+def test_latest_policies_pick_from_what_the_fleet_holds() -> None:
+    available = {1: 3, 2: 1}
+    assert LatestPolicy.parse("highest").pick(available, 4) == 2
+    assert LatestPolicy.parse("share:0.5").pick(available, 4) == 1
+    assert LatestPolicy.parse("share:0.25").pick(available, 4) == 2
+    assert LatestPolicy.parse("pinned:1").pick({2: 4}, 4) == 1
+    assert LatestPolicy.parse("highest").pick({}, 0) is None
+    for bad in ("share:0", "share:1.5", "pinned:-1", "highest:1", "lowest"):
+        with pytest.raises(ValueError):
+            LatestPolicy.parse(bad)
