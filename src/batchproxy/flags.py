@@ -7,10 +7,25 @@ import argparse
 from typing import Any
 
 from batchproxy.batching_file import parse_batching_parameters
-from batchproxy.config import DEFAULT_HEDGE_PERCENT, BatchingConfig, ProxyConfig
+from batchproxy.config import (
+    DEFAULT_HEDGE_PERCENT,
+    PADDING_POLICIES,
+    BatchingConfig,
+    ProxyConfig,
+)
 
 BATCHING_FLAGS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_rows",
-                  "hedge_budget_percent", "latency_slo_ms")
+                  "hedge_budget_percent", "latency_slo_ms", "allowed_batch_sizes",
+                  "padding_policy")
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """`8,16,32` as a tuple; argparse reports the ValueError as a bad value."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of sizes") from None
 
 
 def add_batching_flags(group: argparse._ArgumentGroup) -> None:
@@ -33,7 +48,18 @@ def add_batching_flags(group: argparse._ArgumentGroup) -> None:
                             "plus one a second; 0 turns hedging off (default "
                             f"{DEFAULT_HEDGE_PERCENT:g} with the adaptive policy, 0 with fixed)")
 
-
+    group.add_argument("--allowed_batch_sizes", type=batch_sizes, default=None,
+                       metavar="N,N,...",
+                       help="batch sizes a replica accepts (a compiled model's): a batch is "
+                            "padded up to the next with copies of one of its rows, cut from "
+                            "the answer; strictly increasing, the last equal to "
+                            "max_batch_size (default: any size)")
+    group.add_argument("--padding_policy", default=None, choices=PADDING_POLICIES,
+                       help="with allowed sizes, a batch between two: pad_up pads it (TFS), "
+                            "batch_down sends the largest allowed size that fits and keeps "
+                            "the rest queued, min_cost picks the cheaper per real row by the "
+                            "replica's learned cost; applies to every model "
+                            f"(default {batching.padding_policy})")
     group.add_argument("--latency_slo_ms", type=float, default=None, metavar="MS",
                        help="latency objective of every call: one that the queue ahead "
                             "would keep longer is refused at once with UNAVAILABLE, as one "

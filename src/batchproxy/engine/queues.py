@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from batchproxy import codec
+from batchproxy.engine.padding import padding_for
 from batchproxy.errors import ProxyError
 
 
@@ -159,19 +160,36 @@ Piece = tuple[Entry, int, int]  # rows [start, stop) of one call
 
 @dataclass
 class Batch:
-    """Rows [start, stop) of each entry, in order; encoded once, sent to one replica."""
+    """Rows [start, stop) of each entry, in order; encoded once, sent to one replica. With
+    allowed batch sizes, `padding` copies of a real row follow them on the wire, so the
+    replica sees `sent_rows`; they are cut from the answer before it is split."""
 
     model: str
     pieces: list[Piece]
     request: bytes
     rows: int
+    sizes: tuple[int, ...] = ()  # the allowed batch sizes; () for any
+    padding: int = 0
 
     @classmethod
-    def of(cls, model: str, pieces: list[Piece]) -> Batch:
-        request = codec.encode_predict_request(
-            [(entry.call, start, stop) for entry, start, stop in pieces])
+    def of(cls, model: str, pieces: list[Piece], sizes: tuple[int, ...] = ()) -> Batch:
         rows = sum(stop - start for _, start, stop in pieces)
-        return cls(model, pieces, request, rows)
+        padding = padding_for(sizes, rows)
+        request = codec.encode_predict_request(
+            [(entry.call, start, stop) for entry, start, stop in pieces], padding)
+        return cls(model, pieces, request, rows, sizes, padding)
+
+    @property
+    def sent_rows(self) -> int:
+        """Rows the replica runs, padding included: what its cost depends on."""
+        return self.rows + self.padding
+
+    def answer_rows(self) -> list[int]:
+        """Rows of the answer per piece, then the padding's (cut off and dropped)."""
+        counts = [stop - start for _, start, stop in self.pieces]
+        if self.padding:
+            counts.append(self.padding)
+        return counts
 
     def waiting(self) -> bool:
         """Whether any of its callers still waits for an answer."""
@@ -197,19 +215,19 @@ class Batch:
         live = [piece for piece in self.pieces if not piece[0].answered]
         if len(live) == len(self.pieces):
             return self
-        return Batch.of(self.model, live)
+        return Batch.of(self.model, live, self.sizes)
 
     def first(self) -> Batch:
-        return Batch.of(self.model, self.pieces[:1])
+        return Batch.of(self.model, self.pieces[:1], self.sizes)
 
     def rest(self) -> Batch:
         """All but the first call (an empty batch when there is no other)."""
         rest = self.pieces[1:]
         if not rest:
             return Batch(self.model, [], b"", 0)
-        return Batch.of(self.model, rest)
+        return Batch.of(self.model, rest, self.sizes)
 
     def halves(self) -> tuple[Batch, Batch]:
         middle = len(self.pieces) // 2
-        return (Batch.of(self.model, self.pieces[:middle]),
-                Batch.of(self.model, self.pieces[middle:]))
+        return (Batch.of(self.model, self.pieces[:middle], self.sizes),
+                Batch.of(self.model, self.pieces[middle:], self.sizes))

@@ -20,6 +20,7 @@ from batchproxy import codec
 from batchproxy.config import BatchingConfig
 from batchproxy.engine import priorities
 from batchproxy.engine.admission import Admission
+from batchproxy.engine.padding import Padding
 from batchproxy.engine.policy import FlushPolicy, Hold
 from batchproxy.engine.queues import Batch, Entry, KeyQueue, Piece, call_bytes
 from batchproxy.errors import ProxyError
@@ -50,6 +51,7 @@ class Scheduler:
         self.dispatch = dispatch
         self.metrics = metrics
         self.queues: dict[tuple, KeyQueue] = {}
+        self.padding = Padding(config)
         self._waiter: asyncio.Future[None] | None = None
         self._woken = False
         pool.capacity_listeners.append(self.wake)
@@ -204,7 +206,7 @@ class Scheduler:
                     if self.pool.route(queue.model) is Route.NOWHERE:
                         self._fail_queue(queue, no_replica(queue.model))
                     break
-                batch = self.take_batch(queue, now)
+                batch = self.take_batch(queue, now, replica)
                 if batch is None:
                     self.pool.release(replica)
                     break
@@ -212,10 +214,15 @@ class Scheduler:
                 self.dispatch(replica, batch)
         return next_due
 
-    def take_batch(self, queue: KeyQueue, now: float) -> Batch | None:
+    def take_batch(self, queue: KeyQueue, now: float,
+                   replica: Endpoint | None = None) -> Batch | None:
         """Up to a full batch of rows: critical calls first, then sheddable ones into the
-        room left (a promoted sheddable call by its arrival among the critical ones)."""
-        room = self.config.max_batch_size
+        room left (a promoted sheddable call by its arrival among the critical ones). With
+        allowed batch sizes the padding policy may take fewer (batch down, by the cost of
+        `replica`, the one the batch goes to) and the batch is padded up to an allowed
+        size."""
+        cost = replica.cost(queue.model) if replica is not None else None
+        size = room = self.padding.room(queue.rows, cost)
         pieces: list[Piece] = []
         waited = self.metrics.queue_wait.observe
         freed_bytes = 0
@@ -238,10 +245,10 @@ class Scheduler:
                 queue.pop(entry)
         if not pieces:
             return None
-        rows = self.config.max_batch_size - room
+        rows = size - room
         queue.rows -= rows
         self.admission.queued_rows -= rows
         queue.sheddable_rows -= sheddable_rows
         self.admission.sheddable_rows -= sheddable_rows
         self.admission.queued_bytes -= freed_bytes
-        return Batch.of(queue.model, pieces)
+        return Batch.of(queue.model, pieces, self.padding.sizes)

@@ -22,6 +22,7 @@ import logging
 import signal
 
 from batchproxy.event_loop import run_loop
+from batchproxy.flags import batch_sizes
 from batchproxy.replica.models import MODELS
 from batchproxy.replica.server import Replica
 
@@ -42,6 +43,7 @@ async def serve_replica(
     ssl_config_file: str | None = None,
     host: str = "0.0.0.0",
     stop: asyncio.Event | None = None,
+    allowed_batch_sizes: tuple[int, ...] = (),
 ) -> None:
     """Serve until `stop` is set or, without one, until SIGINT or SIGTERM."""
     replica = Replica(
@@ -57,6 +59,8 @@ async def serve_replica(
         ssl_config_file=ssl_config_file,
         host=host,
     )
+    # As a compiled model (TensorRT, XLA): a batch of any other size is refused.
+    replica.service.allowed_batch_sizes = allowed_batch_sizes
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -101,6 +105,11 @@ def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail a Predict whose float inputs hold NaN or Inf with "
                              "INVALID_ARGUMENT, as a model with tf.debugging.check_numerics "
                              "does: one such row fails its whole batch")
+    parser.add_argument("--allowed_batch_sizes", type=batch_sizes, default=(),
+                        metavar="N,N,...",
+                        help="refuse a Predict whose batch is of any other size with "
+                             "INVALID_ARGUMENT, as a model compiled for these sizes does "
+                             "(default: any size)")
 
 
 def run_replica(args: argparse.Namespace) -> None:
@@ -117,5 +126,6 @@ def run_replica(args: argparse.Namespace) -> None:
         check_numerics=args.check_numerics,
         ssl_config_file=args.ssl_config_file,
         host=args.host,
+        allowed_batch_sizes=args.allowed_batch_sizes,
     )
     run_loop(main, not getattr(args, "no_uvloop", False))
