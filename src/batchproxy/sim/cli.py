@@ -125,6 +125,8 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         max_enqueued_rows=settings.get("max_enqueued_rows"),
         hedge_budget_percent=settings.get("hedge_budget_percent"),
         latency_slo_ms=settings.get("latency_slo_ms", 0.0),
+        allowed_batch_sizes=settings.get("allowed_batch_sizes", ()),
+        padding_policy=settings.get("padding_policy", BatchingConfig.padding_policy),
         max_inflight_per_replica=args.max_inflight_per_replica,
         replica_timeout_s=args.replica_timeout_s, health_interval_ms=args.health_interval_ms,
         eject_after_failures=args.eject_after_failures,
