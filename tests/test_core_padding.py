@@ -101,3 +101,30 @@ def _ints(rows: int, base: int) -> tensor_pb2.TensorProto:
     tp.tensor_shape.dim.add(size=rows)
     tp.int_val.extend(base * 100 + i for i in range(rows))
     return tp
+
+
+def test_pad_length_pads_dimension_one_after_each_row(core: ModuleType) -> None:
+    ints = core.Tensor(INT32, (2, 2, 1), np.array([1, 2, 3, 4], "<i4").tobytes())
+    padded = core.pad_length(ints, 4, np.array([9], "<i4").tobytes())
+    assert padded.shape == (2, 4, 1)
+    assert np.frombuffer(padded.data, "<i4").tolist() == [1, 2, 9, 9, 3, 4, 9, 9]
+    assert core.pad_length(ints, 2, bytes(4)) is ints
+    words = core.Tensor(STRING, (2, 1), [b"a", b"b"])
+    assert core.pad_length(words, 2, b"<pad>").data == [b"a", b"<pad>", b"b", b"<pad>"]
+    for bad in ((ints, 1, bytes(4)), (ints, 3, bytes(2)),
+                (core.Tensor(INT32, (2,), bytes(8)), 3, bytes(4))):
+        with pytest.raises(core.CodecError):
+            core.pad_length(*bad)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(0, 4), length=st.integers(0, 4), extra=st.integers(0, 4),
+       inner=st.integers(1, 3))
+def test_both_cores_pad_lengths_alike(both_cores: tuple[ModuleType, ModuleType], rows: int,
+                                      length: int, extra: int, inner: int) -> None:
+    data = np.arange(rows * length * inner, dtype="<f4").tobytes()
+    results = [core.pad_length(core.Tensor(FLOAT, (rows, length, inner), data),
+                               length + extra, np.array([-1], "<f4").tobytes())
+               for core in both_cores]
+    assert results[0].shape == results[1].shape == (rows, length + extra, inner)
+    assert results[0].data == results[1].data

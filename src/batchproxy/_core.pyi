@@ -86,6 +86,12 @@ def encode_predict_request(
     share one key; model_spec and output_filter come from the first. Numeric inputs travel
     as tensor_content, strings as string_val."""
 
+def pad_length(tensor: Tensor, length: int, pad: bytes) -> Tensor:
+    """`tensor` (rank 2 or more) with dimension 1 padded to `length` with the element `pad`
+    (its little-endian bytes, or for DT_STRING the string itself) after each row's own
+    elements: variable-length inputs made one length. CodecError("INTERNAL") for a shorter
+    length, a lower rank or a pad element of the wrong size."""
+
 def split_predict_response(data: bytes, rows: list[int]) -> list[bytes]:
     """Cut a serialized PredictResponse along dimension 0 into len(rows) responses of
     rows[i] rows each, keeping the replica's encoding and echoing its model_spec.

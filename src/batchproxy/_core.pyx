@@ -1383,6 +1383,52 @@ def encode_predict_request(list pieces, Py_ssize_t pad_rows=0):
     return out
 
 
+def pad_length(Tensor tensor, Py_ssize_t length, bytes pad):
+    """`tensor` with dimension 1 padded to `length` with the element `pad` (its
+    little-endian bytes; for DT_STRING the string itself) after each row's own elements."""
+    cdef tuple shape = tensor.shape
+    cdef Py_ssize_t rows, old, per = 1, keep, extra, size, block, row, i
+    cdef bytes content, fill, out
+    cdef char* dst
+    cdef const char* src
+    if len(shape) < 2 or length < <Py_ssize_t>shape[1]:
+        raise CodecError("INTERNAL", f"cannot pad shape {list(shape)} to length {length}")
+    if length == <Py_ssize_t>shape[1]:
+        return tensor
+    rows = shape[0]
+    old = shape[1]
+    for i in range(2, len(shape)):
+        per *= <Py_ssize_t>shape[i]
+    new_shape = (rows, length, *shape[2:])
+    keep = old * per
+    extra = (length - old) * per
+    if tensor.dtype == DT_STRING:
+        strings = tensor.data
+        padded = []
+        for row in range(rows):
+            padded.extend(strings[row * keep : (row + 1) * keep])
+            padded.extend([pad] * extra)
+        return _tensor(DT_STRING, new_shape, padded)
+    size = _itemsize(tensor.dtype)
+    if size <= 0 or PyBytes_GET_SIZE(pad) != size:
+        raise CodecError("INTERNAL", f"a pad element of {len(pad)} bytes for dtype "
+                                     f"{tensor.dtype}")
+    content = tensor.data
+    block = keep * size
+    if PyBytes_GET_SIZE(content) != rows * block:
+        raise CodecError("INTERNAL", "tensor data does not match its shape")
+    fill = pad * extra
+    out = PyBytes_FromStringAndSize(NULL, rows * (block + extra * size))
+    dst = PyBytes_AS_STRING(out)
+    src = PyBytes_AS_STRING(content)
+    for row in range(rows):
+        memcpy(dst, src + row * block, block)
+        dst += block
+        memcpy(dst, PyBytes_AS_STRING(fill), extra * size)
+        dst += extra * size
+    return _tensor(tensor.dtype, new_shape, out)
+
+
 # --- public API: responses ----------------------------------------------------------------
 
 

@@ -50,6 +50,13 @@ class BatchingConfig:
     # What a batch between two allowed sizes does (engine/padding.py): "pad_up" (TFS),
     # "batch_down" or "min_cost". Applies to every model: there are no per-model settings.
     padding_policy: str = "pad_up"
+    # Variable-length batching (engine/lengths.py), opt-in per input: (input name, pad
+    # value) pairs whose dimension 1 may differ between calls that share a batch, the
+    # length buckets that bound which lengths share one, and (output, axis, input) triples:
+    # that output's dimension `axis` follows the input's length and is cut back per caller.
+    variable_length_inputs: tuple[tuple[str, float | str], ...] = ()
+    length_buckets: tuple[int, ...] = ()
+    length_following_outputs: tuple[tuple[str, int, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -65,6 +72,16 @@ class BatchingConfig:
         if self.latency_slo_ms < 0:
             raise ValueError("latency_slo_ms must not be negative")
         check_allowed_batch_sizes(self.allowed_batch_sizes, self.max_batch_size)
+        if any(b <= a for a, b in itertools.pairwise(self.length_buckets)) or any(
+                size < 1 for size in self.length_buckets):
+            raise ValueError(f"length_buckets {list(self.length_buckets)} must be positive "
+                             "and strictly increasing")
+        variable = {name for name, _ in self.variable_length_inputs}
+        for output, axis, name in self.length_following_outputs:
+            if name not in variable or axis < 1:
+                raise ValueError(f"length_following_outputs {output}:{axis}={name}: the input "
+                                 "must be one of --variable_length_inputs and the axis at "
+                                 "least 1")
         if self.padding_policy not in PADDING_POLICIES:
             raise ValueError(f"padding_policy must be one of {', '.join(PADDING_POLICIES)}")
 

@@ -643,6 +643,39 @@ def encode_predict_request(
     return b"".join(out)
 
 
+def pad_length(tensor: Tensor, length: int, pad: bytes) -> Tensor:
+    """`tensor` with dimension 1 padded to `length` with the element `pad` (its
+    little-endian bytes; for DT_STRING the string itself) after each row's own elements."""
+    shape = tensor.shape
+    if len(shape) < 2 or length < shape[1]:
+        raise CodecError("INTERNAL", f"cannot pad shape {list(shape)} to length {length}")
+    if length == shape[1]:
+        return tensor
+    rows, old = shape[0], shape[1]
+    per = math.prod(shape[2:])
+    new_shape = (rows, length, *shape[2:])
+    keep, extra = old * per, (length - old) * per
+    if tensor.dtype == DT_STRING:
+        strings = tensor.strings
+        out: list[bytes] = []
+        for row in range(rows):
+            out.extend(strings[row * keep : (row + 1) * keep])
+            out.extend([pad] * extra)
+        return Tensor(DT_STRING, new_shape, out)
+    size = _ITEMSIZE.get(tensor.dtype, -1)
+    if size <= 0 or len(pad) != size:
+        raise CodecError("INTERNAL", f"a pad element of {len(pad)} bytes for dtype "
+                                     f"{tensor.dtype}")
+    content = tensor.content
+    block = keep * size
+    fill = pad * extra
+    parts: list[bytes] = []
+    for row in range(rows):
+        parts.append(content[row * block : (row + 1) * block])
+        parts.append(fill)
+    return Tensor(tensor.dtype, new_shape, b"".join(parts))
+
+
 def _split_map_entry(entry: bytes) -> tuple[bytes, list[bytes]]:
     """A map<string, TensorProto> entry's key (the last one given wins) and the pieces of its
     value, which protobuf merges when the value is given more than once."""

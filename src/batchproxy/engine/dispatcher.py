@@ -236,8 +236,16 @@ class Dispatcher:
                         address, error.message)
             self._fail(batch, error)
             return
+        lengths = batch.lengths
         for (entry, start, stop), part in zip(batch.pieces, parts[:len(batch.pieces)],
                                               strict=True):
+            if lengths is not None:
+                try:
+                    part = lengths.trim(part, entry.call)
+                except codec.CodecError as err:
+                    entry.fail(ProxyError.from_codec_error(err))
+                    self.abandon(entry)
+                    continue
             entry.deliver(start, stop, part)
 
     def _fail(self, batch: Batch, error: ProxyError) -> None:

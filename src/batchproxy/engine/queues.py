@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from batchproxy import codec
+from batchproxy.engine.lengths import Lengths
 from batchproxy.engine.padding import padding_for
 from batchproxy.errors import ProxyError
 
@@ -170,14 +171,23 @@ class Batch:
     rows: int
     sizes: tuple[int, ...] = ()  # the allowed batch sizes; () for any
     padding: int = 0
+    # Variable-length inputs padded to one length, outputs cut back (engine/lengths.py).
+    lengths: Lengths | None = None
 
     @classmethod
-    def of(cls, model: str, pieces: list[Piece], sizes: tuple[int, ...] = ()) -> Batch:
+    def of(cls, model: str, pieces: list[Piece], sizes: tuple[int, ...] = (),
+           lengths: Lengths | None = None) -> Batch:
         rows = sum(stop - start for _, start, stop in pieces)
         padding = padding_for(sizes, rows)
-        request = codec.encode_predict_request(
-            [(entry.call, start, stop) for entry, start, stop in pieces], padding)
-        return cls(model, pieces, request, rows, sizes, padding)
+        calls = [(entry.call, start, stop) for entry, start, stop in pieces]
+        if lengths is not None:
+            calls = lengths.pad(calls)
+        request = codec.encode_predict_request(calls, padding)
+        return cls(model, pieces, request, rows, sizes, padding, lengths)
+
+    def same(self, pieces: list[Piece]) -> Batch:
+        """A batch of other pieces of the same queue, shaped alike."""
+        return Batch.of(self.model, pieces, self.sizes, self.lengths)
 
     @property
     def sent_rows(self) -> int:
@@ -215,19 +225,18 @@ class Batch:
         live = [piece for piece in self.pieces if not piece[0].answered]
         if len(live) == len(self.pieces):
             return self
-        return Batch.of(self.model, live, self.sizes)
+        return self.same(live)
 
     def first(self) -> Batch:
-        return Batch.of(self.model, self.pieces[:1], self.sizes)
+        return self.same(self.pieces[:1])
 
     def rest(self) -> Batch:
         """All but the first call (an empty batch when there is no other)."""
         rest = self.pieces[1:]
         if not rest:
             return Batch(self.model, [], b"", 0)
-        return Batch.of(self.model, rest, self.sizes)
+        return self.same(rest)
 
     def halves(self) -> tuple[Batch, Batch]:
         middle = len(self.pieces) // 2
-        return (Batch.of(self.model, self.pieces[:middle], self.sizes),
-                Batch.of(self.model, self.pieces[middle:], self.sizes))
+        return self.same(self.pieces[:middle]), self.same(self.pieces[middle:])

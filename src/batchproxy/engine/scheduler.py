@@ -20,6 +20,7 @@ from batchproxy import codec
 from batchproxy.config import BatchingConfig
 from batchproxy.engine import priorities
 from batchproxy.engine.admission import Admission
+from batchproxy.engine.lengths import Lengths
 from batchproxy.engine.padding import Padding
 from batchproxy.engine.policy import FlushPolicy, Hold
 from batchproxy.engine.queues import Batch, Entry, KeyQueue, Piece, call_bytes
@@ -52,6 +53,7 @@ class Scheduler:
         self.metrics = metrics
         self.queues: dict[tuple, KeyQueue] = {}
         self.padding = Padding(config)
+        self.lengths = Lengths(config) if config.variable_length_inputs else None
         self._waiter: asyncio.Future[None] | None = None
         self._woken = False
         pool.capacity_listeners.append(self.wake)
@@ -75,9 +77,10 @@ class Scheduler:
         admission.admit_rows(rows, nbytes, timeout, sheddable)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        queue = self.queues.get(call.key)
+        key = call.key if self.lengths is None else self.lengths.key(call)
+        queue = self.queues.get(key)
         if queue is None:
-            queue = self.queues[call.key] = KeyQueue(call.key)
+            queue = self.queues[key] = KeyQueue(key)
         deadline = None if timeout is None else now + timeout
         entry = Entry(call, loop.create_future(), deadline, now, queue, nbytes, sheddable,
                       priorities.promote_at(now, timeout) if sheddable else now)
@@ -251,4 +254,4 @@ class Scheduler:
         queue.sheddable_rows -= sheddable_rows
         self.admission.sheddable_rows -= sheddable_rows
         self.admission.queued_bytes -= freed_bytes
-        return Batch.of(queue.model, pieces, self.padding.sizes)
+        return Batch.of(queue.model, pieces, self.padding.sizes, self.lengths)
