@@ -102,8 +102,17 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                      help="p50 and p99 against offered load, one line per system")
 
 
+# Shared with `serve`, but the simulator's workloads send one fixed shape per call kind:
+# refused rather than silently ignored (benchmarks/sim/shapes.py runs them in virtual time).
+NOT_SIMULATED = ("variable_length_inputs", "length_buckets", "length_following_outputs")
+
+
 def sim_config(args: argparse.Namespace) -> SimConfig:
     settings = batching_settings(args)
+    for name in NOT_SIMULATED:
+        if settings.get(name):
+            raise ValueError(f"--{name} is not simulated: the workloads have fixed shapes "
+                             "(benchmarks/sim/shapes.py measures variable-length batching)")
     systems: list[str] = []
     for system in args.baselines:
         if system == "proxy" and args.policy:
