@@ -58,7 +58,7 @@ def test_every_tfs_field_is_accepted_and_those_without_meaning_are_logged(tmp_pa
     with caplog.at_level(logging.INFO, logger="batchproxy.batching_file"):
         settings = parse_batching_parameters(path)
     assert settings == {"max_batch_size": 16, "batch_timeout_micros": 1000,
-                        "max_enqueued_rows": 64}
+                        "max_enqueued_rows": 64, "allowed_batch_sizes": (8, 16)}
     logged = caplog.text
     for name in IGNORED:
         assert f"{name} ignored" in logged
@@ -72,4 +72,34 @@ def test_serve_refuses_a_bad_file_before_it_starts(tmp_path):
     path = write(tmp_path, "max_batch_size { value: 64 }\nnum_batch_thread { value: 4 }\n")
     args = build_parser().parse_args(["serve", "--batching_parameters_file", str(path)])
     with pytest.raises(ValueError, match=r'line 2: .*"num_batch_thread"'):
+        proxy_config(args)
+
+
+def test_allowed_batch_sizes_from_the_file_reach_the_config(tmp_path):
+    path = write(tmp_path, "max_batch_size { value: 32 }\nallowed_batch_sizes: 8\n"
+                           "allowed_batch_sizes: 16\nallowed_batch_sizes: 32\n")
+    args = build_parser().parse_args(["serve", "--batching_parameters_file", str(path)])
+    assert proxy_config(args).batching.allowed_batch_sizes == (8, 16, 32)
+
+
+@pytest.mark.parametrize(("sizes", "match"), [
+    ("8\nallowed_batch_sizes: 4\nallowed_batch_sizes: 32", "strictly increasing"),
+    ("8\nallowed_batch_sizes: 16", "must equal max_batch_size"),
+    ("0\nallowed_batch_sizes: 32", "positive"),
+])
+def test_a_bad_allowed_batch_sizes_list_is_refused_at_start(tmp_path, sizes, match):
+    path = write(tmp_path, f"max_batch_size {{ value: 32 }}\nallowed_batch_sizes: {sizes}\n")
+    args = build_parser().parse_args(["serve", "--batching_parameters_file", str(path)])
+    with pytest.raises(ValueError, match=match):
+        proxy_config(args)
+
+
+def test_allowed_batch_sizes_flag_overrides_and_is_checked():
+    args = build_parser().parse_args(["serve", "--max_batch_size", "16",
+                                      "--allowed_batch_sizes", "4,8,16",
+                                      "--padding_policy", "min_cost"])
+    config = proxy_config(args).batching
+    assert (config.allowed_batch_sizes, config.padding_policy) == ((4, 8, 16), "min_cost")
+    args = build_parser().parse_args(["serve", "--allowed_batch_sizes", "8,16"])
+    with pytest.raises(ValueError, match="max_batch_size"):
         proxy_config(args)

@@ -77,10 +77,20 @@ def decode_predict_request(data: bytes) -> PredictCall:
     rule (fewer typed values than elements) expands at most 256 MiB per request; a tensor
     past that budget is kept as sent and the call gets rows = -1 (forwarded unbatched)."""
 
-def encode_predict_request(pieces: list[tuple[PredictCall, int, int]]) -> bytes:
+def encode_predict_request(
+    pieces: list[tuple[PredictCall, int, int]], pad_rows: int = 0
+) -> bytes:
     """One PredictRequest holding rows [start, stop) of each call, concatenated along
-    dimension 0 in order. All calls share one key; model_spec and output_filter come from the
-    first. Numeric inputs travel as tensor_content, strings as string_val."""
+    dimension 0 in order, then `pad_rows` copies of the last row sent (padding up to an
+    allowed batch size; CodecError("INTERNAL") when there is no row to copy). All calls
+    share one key; model_spec and output_filter come from the first. Numeric inputs travel
+    as tensor_content, strings as string_val."""
+
+def pad_length(tensor: Tensor, length: int, pad: bytes) -> Tensor:
+    """`tensor` (rank 2 or more) with dimension 1 padded to `length` with the element `pad`
+    (its little-endian bytes, or for DT_STRING the string itself) after each row's own
+    elements: variable-length inputs made one length. CodecError("INTERNAL") for a shorter
+    length, a lower rank or a pad element of the wrong size."""
 
 def split_predict_response(data: bytes, rows: list[int]) -> list[bytes]:
     """Cut a serialized PredictResponse along dimension 0 into len(rows) responses of

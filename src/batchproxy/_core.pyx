@@ -1262,19 +1262,22 @@ def decode_predict_request(data):
                          f"Could not parse PredictRequest: {name}{exc}") from None
 
 
-def encode_predict_request(list pieces):
-    """One PredictRequest holding rows [start, stop) of each call, concatenated along dim 0.
-    All calls share one key; model_spec and output_filter come from the first. Numeric
-    inputs travel as tensor_content, strings as string_val."""
-    cdef PredictCall first, call
+def encode_predict_request(list pieces, Py_ssize_t pad_rows=0):
+    """One PredictRequest holding rows [start, stop) of each call, concatenated along dim 0,
+    then `pad_rows` copies of the last row sent (an allowed batch size). All calls share one
+    key; model_spec and output_filter come from the first. Numeric inputs travel as
+    tensor_content, strings as string_val."""
+    cdef PredictCall first, call, pad_call
     cdef Tensor tensor, t
     cdef Py_ssize_t start, stop, total = 0, size, i, nd, per_row, row_bytes, payload, tsize
-    cdef Py_ssize_t shape, ln, out_size
+    cdef Py_ssize_t shape, ln, out_size, pad_at = 0, k
     cdef int64_t dims[MAX_RANK]
     cdef bytes out, kb, spec, data, s
     cdef W w
     if not pieces:
         raise CodecError("INTERNAL", "encode_predict_request needs at least one piece")
+    if pad_rows < 0:
+        raise CodecError("INTERNAL", f"negative padding of {pad_rows} rows")
     first = pieces[0][0]
     sig = first.key[4]
     for piece in pieces:
@@ -1286,6 +1289,14 @@ def encode_predict_request(list pieces):
         if call is not first and call.key[4] != sig:
             raise CodecError("INTERNAL", "pieces of calls with different inputs")
         total += stop - start
+    if pad_rows and total == 0:
+        raise CodecError("INTERNAL", "no row to pad with")
+    # The padding copies the last row sent: a real row, so the model sees valid input.
+    pad_call = pieces[len(pieces) - 1][0]  # no negative index: wraparound is off
+    for piece in pieces:
+        if <Py_ssize_t>piece[2] > <Py_ssize_t>piece[1]:
+            pad_call = piece[0]
+            pad_at = <Py_ssize_t>piece[2] - 1
     spec = first.model_spec
     out_size = ld_size(1, PyBytes_GET_SIZE(spec))
     plans = []
@@ -1295,7 +1306,7 @@ def encode_predict_request(list pieces):
             raise CodecError("INTERNAL", f"input {name} cannot be batched")
         nd = len(tensor.shape)
         dims_from_tuple(tensor.shape, dims)
-        dims[0] = total
+        dims[0] = total + pad_rows
         per_row = 1
         for i in range(1, nd):
             per_row *= dims[i]
@@ -1307,6 +1318,9 @@ def encode_predict_request(list pieces):
                 t = (<PredictCall>piece[0]).inputs[name]
                 strings.extend(t.data[<Py_ssize_t>piece[1] * per_row :
                                       <Py_ssize_t>piece[2] * per_row])
+            if pad_rows:
+                t = pad_call.inputs[name]
+                strings.extend(t.data[pad_at * per_row : (pad_at + 1) * per_row] * pad_rows)
             payload = 0
             for item in strings:
                 if type(item) is not bytes:
@@ -1316,7 +1330,7 @@ def encode_predict_request(list pieces):
             plans.append((name, kb, tensor, strings, tsize, shape, 0))
         else:
             row_bytes = per_row * ITEMSIZE[tensor.dtype]
-            payload = total * row_bytes
+            payload = (total + pad_rows) * row_bytes
             tsize = header_size(tensor.dtype, shape) + (ld_size(4, payload) if payload else 0)
             plans.append((name, kb, tensor, None, tsize, shape, row_bytes))
         out_size += ld_size(2, ld_size(1, PyBytes_GET_SIZE(kb)) + ld_size(2, tsize))
@@ -1331,7 +1345,7 @@ def encode_predict_request(list pieces):
         tensor = value
         nd = len(tensor.shape)
         dims_from_tuple(tensor.shape, dims)
-        dims[0] = total
+        dims[0] = total + pad_rows
         ln = PyBytes_GET_SIZE(kb)
         w_ld(&w, 2, ld_size(1, ln) + ld_size(2, tsize))
         w_ld(&w, 1, ln)
@@ -1344,7 +1358,7 @@ def encode_predict_request(list pieces):
                 w_ld(&w, 8, PyBytes_GET_SIZE(s))
                 w_bytes(&w, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
             continue
-        payload = total * <Py_ssize_t>row_bytes
+        payload = (total + pad_rows) * <Py_ssize_t>row_bytes
         if not payload:
             continue
         w_ld(&w, 4, payload)
@@ -1356,11 +1370,63 @@ def encode_predict_request(list pieces):
             if stop > PyBytes_GET_SIZE(data) or t.dtype != tensor.dtype:
                 raise CodecError("INTERNAL", f"input {key} does not match its shape")
             w_bytes(&w, PyBytes_AS_STRING(data) + start, stop - start)
+        if pad_rows:
+            t = pad_call.inputs[key]
+            data = t.data
+            start = pad_at * <Py_ssize_t>row_bytes
+            for k in range(pad_rows):
+                w_bytes(&w, PyBytes_AS_STRING(data) + start, row_bytes)
     for kb in encoded_filters:
         w_ld(&w, 3, PyBytes_GET_SIZE(kb))
         w_bytes(&w, PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb))
     w_done(&w)
     return out
+
+
+def pad_length(Tensor tensor, Py_ssize_t length, bytes pad):
+    """`tensor` with dimension 1 padded to `length` with the element `pad` (its
+    little-endian bytes; for DT_STRING the string itself) after each row's own elements."""
+    cdef tuple shape = tensor.shape
+    cdef Py_ssize_t rows, old, per = 1, keep, extra, size, block, row, i
+    cdef bytes content, fill, out
+    cdef char* dst
+    cdef const char* src
+    if len(shape) < 2 or length < <Py_ssize_t>shape[1]:
+        raise CodecError("INTERNAL", f"cannot pad shape {list(shape)} to length {length}")
+    if length == <Py_ssize_t>shape[1]:
+        return tensor
+    rows = shape[0]
+    old = shape[1]
+    for i in range(2, len(shape)):
+        per *= <Py_ssize_t>shape[i]
+    new_shape = (rows, length, *shape[2:])
+    keep = old * per
+    extra = (length - old) * per
+    if tensor.dtype == DT_STRING:
+        strings = tensor.data
+        padded = []
+        for row in range(rows):
+            padded.extend(strings[row * keep : (row + 1) * keep])
+            padded.extend([pad] * extra)
+        return _tensor(DT_STRING, new_shape, padded)
+    size = _itemsize(tensor.dtype)
+    if size <= 0 or PyBytes_GET_SIZE(pad) != size:
+        raise CodecError("INTERNAL", f"a pad element of {len(pad)} bytes for dtype "
+                                     f"{tensor.dtype}")
+    content = tensor.data
+    block = keep * size
+    if PyBytes_GET_SIZE(content) != rows * block:
+        raise CodecError("INTERNAL", "tensor data does not match its shape")
+    fill = pad * extra
+    out = PyBytes_FromStringAndSize(NULL, rows * (block + extra * size))
+    dst = PyBytes_AS_STRING(out)
+    src = PyBytes_AS_STRING(content)
+    for row in range(rows):
+        memcpy(dst, src + row * block, block)
+        dst += block
+        memcpy(dst, PyBytes_AS_STRING(fill), extra * size)
+        dst += extra * size
+    return _tensor(tensor.dtype, new_shape, out)
 
 
 # --- public API: responses ----------------------------------------------------------------

@@ -25,8 +25,8 @@ IGNORED = {
     "thread_pool_name": "the proxy has no batch thread pool",
     "enable_large_batch_splitting": "the proxy always cuts a call across batches",
     "max_execution_batch_size": "batches hold max_batch_size rows at most",
-    "allowed_batch_sizes": "padding a batch is the replica's business",
-    "pad_variable_length_inputs": "padding a batch is the replica's business",
+    "pad_variable_length_inputs": "see --variable_length_inputs: the proxy pads with a "
+                                  "value set per input, never the first element",
 }
 
 # text_format's errors start with "LINE:COLUMN : "; the line is reported on its own.
@@ -46,8 +46,9 @@ def read_batching_parameters(path: str | Path) -> batching_parameters_pb2.Batchi
 
 
 def parse_batching_parameters(path: str | Path) -> dict[str, int]:
-    """BatchingConfig's settings from the file: max_batch_size, batch_timeout_micros, and
-    max_enqueued_batches as a row bound (batches x max_batch_size)."""
+    """BatchingConfig's settings from the file: max_batch_size, batch_timeout_micros,
+    allowed_batch_sizes, and max_enqueued_batches as a row bound (batches x
+    max_batch_size)."""
     message = read_batching_parameters(path)
     present = {field.name for field, _ in message.ListFields()}
     for name in sorted(present & IGNORED.keys()):
@@ -57,6 +58,9 @@ def parse_batching_parameters(path: str | Path) -> dict[str, int]:
         result["max_batch_size"] = message.max_batch_size.value
     if "batch_timeout_micros" in present:
         result["batch_timeout_micros"] = message.batch_timeout_micros.value
+    if message.allowed_batch_sizes:
+        # Checked against max_batch_size once flags are applied (BatchingConfig).
+        result["allowed_batch_sizes"] = tuple(message.allowed_batch_sizes)
     if "max_enqueued_batches" in present:
         batch = result.get("max_batch_size", BatchingConfig.max_batch_size)
         result["max_enqueued_rows"] = message.max_enqueued_batches.value * batch

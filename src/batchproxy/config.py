@@ -3,10 +3,27 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 # Hedges as a share of batches sent, where hedging is on by default (engine/hedging.py).
 DEFAULT_HEDGE_PERCENT = 5.0
+
+
+PADDING_POLICIES = ("pad_up", "batch_down", "min_cost")
+
+
+def check_allowed_batch_sizes(sizes: tuple[int, ...], max_batch_size: int) -> None:
+    """TFS's rule for allowed_batch_sizes, with its reason when it is broken."""
+    if not sizes:
+        return
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"allowed_batch_sizes {list(sizes)}: every size must be positive")
+    if any(b <= a for a, b in itertools.pairwise(sizes)):
+        raise ValueError(f"allowed_batch_sizes {list(sizes)} must be strictly increasing")
+    if sizes[-1] != max_batch_size:
+        raise ValueError(f"allowed_batch_sizes {list(sizes)}: the last entry must equal "
+                         f"max_batch_size ({max_batch_size})")
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,19 @@ class BatchingConfig:
     # A latency objective for every call (0: none): admission refuses at once a call the
     # queue ahead would keep past it, as it does one past its own deadline.
     latency_slo_ms: float = 0.0
+    # TFS's allowed_batch_sizes: a batch is padded up to the next of these (strictly
+    # increasing, the last equal to max_batch_size); empty: any size up to max_batch_size.
+    allowed_batch_sizes: tuple[int, ...] = ()
+    # What a batch between two allowed sizes does (engine/padding.py): "pad_up" (TFS),
+    # "batch_down" or "min_cost". Applies to every model: there are no per-model settings.
+    padding_policy: str = "pad_up"
+    # Variable-length batching (engine/lengths.py), opt-in per input: (input name, pad
+    # value) pairs whose dimension 1 may differ between calls that share a batch, the
+    # length buckets that bound which lengths share one, and (output, axis, input) triples:
+    # that output's dimension `axis` follows the input's length and is cut back per caller.
+    variable_length_inputs: tuple[tuple[str, float | str], ...] = ()
+    length_buckets: tuple[int, ...] = ()
+    length_following_outputs: tuple[tuple[str, int, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -41,6 +71,19 @@ class BatchingConfig:
             raise ValueError("hedge_budget_percent must be between 0 and 100")
         if self.latency_slo_ms < 0:
             raise ValueError("latency_slo_ms must not be negative")
+        check_allowed_batch_sizes(self.allowed_batch_sizes, self.max_batch_size)
+        if any(b <= a for a, b in itertools.pairwise(self.length_buckets)) or any(
+                size < 1 for size in self.length_buckets):
+            raise ValueError(f"length_buckets {list(self.length_buckets)} must be positive "
+                             "and strictly increasing")
+        variable = {name for name, _ in self.variable_length_inputs}
+        for output, axis, name in self.length_following_outputs:
+            if name not in variable or axis < 1:
+                raise ValueError(f"length_following_outputs {output}:{axis}={name}: the input "
+                                 "must be one of --variable_length_inputs and the axis at "
+                                 "least 1")
+        if self.padding_policy not in PADDING_POLICIES:
+            raise ValueError(f"padding_policy must be one of {', '.join(PADDING_POLICIES)}")
 
     @property
     def batch_timeout_s(self) -> float:

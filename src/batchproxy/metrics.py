@@ -76,6 +76,10 @@ class ProxyMetrics:
         self.batch_requests = Histogram(
             "batchproxy_batch_requests", "Calls (or pieces of calls) in each batch",
             buckets=SIZE_BUCKETS, registry=registry)
+        self.padding_rows = Histogram(
+            "batchproxy_batch_padding_rows", "Padding rows in each batch sent, by replica "
+            "(allowed batch sizes: copies of a real row, cut from the answer)", ["replica"],
+            buckets=(0, *SIZE_BUCKETS), registry=registry)
         self.batches = Counter(
             "batchproxy_batches", "Batches sent, by replica", ["replica"], registry=registry)
         self.retries = Counter(
@@ -141,7 +145,7 @@ class ProxyMetrics:
         self.calls_handled = 0
         self._request_children: dict[tuple[str, str, str, str], Counter] = {}
         self._duration_children: dict[tuple[str, str], Histogram] = {}
-        self._batch_children: dict[str, Counter] = {}
+        self._batch_children: dict[str, tuple[Counter, Histogram]] = {}
         self._rejected_children: dict[str, Counter] = {
             reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         self._replicas: set[str] = set()  # addresses with per-replica series
@@ -169,11 +173,13 @@ class ProxyMetrics:
                 self.request_duration.labels(transport, method)
         duration.observe(seconds)
 
-    def observe_batch(self, replica: str, rows: int, calls: int) -> None:
-        child = self._batch_children.get(replica)
-        if child is None:
-            child = self._batch_children[replica] = self.batches.labels(replica)
-        child.inc()
+    def observe_batch(self, replica: str, rows: int, calls: int, padding: int = 0) -> None:
+        children = self._batch_children.get(replica)
+        if children is None:
+            children = self._batch_children[replica] = (
+                self.batches.labels(replica), self.padding_rows.labels(replica))
+        children[0].inc()
+        children[1].observe(padding)
         self.batch_rows.observe(rows)
         self.batch_requests.observe(calls)
 
@@ -244,7 +250,8 @@ class ProxyMetrics:
             self.outstanding.labels(address).set(0)
             self.replica_healthy.labels(address).set(0)
             return
-        for metric in (self.outstanding, self.replica_healthy, self.batches, self.ejections):
+        for metric in (self.outstanding, self.replica_healthy, self.batches, self.ejections,
+                       self.padding_rows):
             metric.remove(address)
 
     # -- exposition ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ concat_predict_responses = _impl.concat_predict_responses
 encode_tensor = _impl.encode_tensor
 encode_predict_response = _impl.encode_predict_response
 decode_tensor = _impl.decode_tensor
+pad_length = _impl.pad_length
 
 __all__ = [
     "IMPLEMENTATION",
@@ -48,5 +49,6 @@ __all__ = [
     "encode_predict_response",
     "encode_tensor",
     "itemsize",
+    "pad_length",
     "split_predict_response",
 ]

@@ -590,10 +590,15 @@ def encode_predict_response(outputs: dict[str, bytes], model_spec: bytes) -> byt
     return b"".join(parts)
 
 
-def encode_predict_request(pieces: list[tuple[PredictCall, int, int]]) -> bytes:
-    """One PredictRequest holding rows [start, stop) of each call, concatenated along dim 0."""
+def encode_predict_request(
+    pieces: list[tuple[PredictCall, int, int]], pad_rows: int = 0
+) -> bytes:
+    """One PredictRequest holding rows [start, stop) of each call, concatenated along dim 0,
+    then `pad_rows` copies of the last row sent (an allowed batch size)."""
     if not pieces:
         raise CodecError("INTERNAL", "encode_predict_request needs at least one piece")
+    if pad_rows < 0:
+        raise CodecError("INTERNAL", f"negative padding of {pad_rows} rows")
     first = pieces[0][0]
     total = 0
     for call, start, stop in pieces:
@@ -602,15 +607,25 @@ def encode_predict_request(pieces: list[tuple[PredictCall, int, int]]) -> bytes:
         if call is not first and call.key[4] != first.key[4]:
             raise CodecError("INTERNAL", "pieces of calls with different inputs")
         total += stop - start
+    if pad_rows and total == 0:
+        raise CodecError("INTERNAL", "no row to pad with")
+    # The padding copies the last row sent: a real row, so the model sees valid input.
+    pad_call, pad_at = pieces[-1][0], 0
+    for call, start, stop in pieces:
+        if stop > start:
+            pad_call, pad_at = call, stop - 1
     out = [_len_field(1, first.model_spec)]
     for name, tensor in first.inputs.items():
         inner = tensor.shape[1:]
-        shape = (total, *inner)
+        shape = (total + pad_rows, *inner)
         if tensor.dtype == DT_STRING:
             strings: list[bytes] = []
             per_row = math.prod(inner)
             for call, start, stop in pieces:
                 strings.extend(call.inputs[name].strings[start * per_row : stop * per_row])
+            if pad_rows:
+                row = pad_call.inputs[name].strings[pad_at * per_row : (pad_at + 1) * per_row]
+                strings.extend(row * pad_rows)
             tp = _tensor_proto(DT_STRING, shape, strings, True)
         else:
             row_bytes = math.prod(inner) * _ITEMSIZE[tensor.dtype]
@@ -618,11 +633,47 @@ def encode_predict_request(pieces: list[tuple[PredictCall, int, int]]) -> bytes:
                 call.inputs[name].content[start * row_bytes : stop * row_bytes]
                 for call, start, stop in pieces
             )
+            if pad_rows:
+                pad = pad_call.inputs[name].content[pad_at * row_bytes : (pad_at + 1) * row_bytes]
+                content += pad * pad_rows
             tp = _tensor_proto(tensor.dtype, shape, content, False)
         out.append(_map_entry(2, name, tp.SerializeToString()))
     for name in first.output_filter:
         out.append(_len_field(3, name.encode("utf-8")))
     return b"".join(out)
+
+
+def pad_length(tensor: Tensor, length: int, pad: bytes) -> Tensor:
+    """`tensor` with dimension 1 padded to `length` with the element `pad` (its
+    little-endian bytes; for DT_STRING the string itself) after each row's own elements."""
+    shape = tensor.shape
+    if len(shape) < 2 or length < shape[1]:
+        raise CodecError("INTERNAL", f"cannot pad shape {list(shape)} to length {length}")
+    if length == shape[1]:
+        return tensor
+    rows, old = shape[0], shape[1]
+    per = math.prod(shape[2:])
+    new_shape = (rows, length, *shape[2:])
+    keep, extra = old * per, (length - old) * per
+    if tensor.dtype == DT_STRING:
+        strings = tensor.strings
+        out: list[bytes] = []
+        for row in range(rows):
+            out.extend(strings[row * keep : (row + 1) * keep])
+            out.extend([pad] * extra)
+        return Tensor(DT_STRING, new_shape, out)
+    size = _ITEMSIZE.get(tensor.dtype, -1)
+    if size <= 0 or len(pad) != size:
+        raise CodecError("INTERNAL", f"a pad element of {len(pad)} bytes for dtype "
+                                     f"{tensor.dtype}")
+    content = tensor.content
+    block = keep * size
+    fill = pad * extra
+    parts: list[bytes] = []
+    for row in range(rows):
+        parts.append(content[row * block : (row + 1) * block])
+        parts.append(fill)
+    return Tensor(tensor.dtype, new_shape, b"".join(parts))
 
 
 def _split_map_entry(entry: bytes) -> tuple[bytes, list[bytes]]:

@@ -123,13 +123,14 @@ class Dispatcher:
                         return err, batch
                     patience = batch.patience(loop.time(), pool.default_timeout_s)
                 sent_at = loop.time()
-                self.metrics.observe_batch(held.address, batch.rows, len(batch.pieces))
-                beside = pool.note_sent(held, batch.model, batch.rows)
+                self.metrics.observe_batch(held.address, batch.rows, len(batch.pieces),
+                                           batch.padding)
+                beside = pool.note_sent(held, batch.model, batch.sent_rows)
                 try:
                     response = await self.hedger.predict(held, batch, patience, beside)
                 except ProxyError as err:
                     used, held = held, None
-                    pool.note_answered(used, batch.model, batch.rows, None, beside)
+                    pool.note_answered(used, batch.model, batch.sent_rows, None, beside)
                     pool.release(used)
                     # Someone can still wait: the timeout was the proxy's, not a caller's.
                     ours = batch.patience(loop.time(), pool.default_timeout_s) > SPENT_S
@@ -170,14 +171,14 @@ class Dispatcher:
                     return err, batch
                 if isinstance(response, HedgeWin):
                     # Another replica answered first; this one's call was cancelled.
-                    pool.note_answered(held, batch.model, batch.rows, None, beside)
+                    pool.note_answered(held, batch.model, batch.sent_rows, None, beside)
                     pool.release(held)
                     held = None
                     self._deliver(response.batch, response.response, response.address)
                     return None, batch
                 took = loop.time() - sent_at
                 self.admission.note_service_time(took)
-                pool.note_answered(held, batch.model, batch.rows, took, beside)
+                pool.note_answered(held, batch.model, batch.sent_rows, took, beside)
                 address = held.address
                 pool.release(held)
                 held = None
@@ -278,15 +279,24 @@ class Dispatcher:
 
     def _deliver(self, batch: Batch, response: bytes, address: str) -> None:
         try:
-            parts = codec.split_predict_response(
-                response, [stop - start for _, start, stop in batch.pieces])
+            # The padding rows' part, if any, is the last one: cut off, never delivered.
+            parts = codec.split_predict_response(response, batch.answer_rows())
         except codec.CodecError as err:
             error = ProxyError.from_codec_error(err)
             log.warning("replica %s answered a batch that cannot be split: %s",
                         address, error.message)
             self._fail(batch, error)
             return
-        for (entry, start, stop), part in zip(batch.pieces, parts, strict=True):
+        lengths = batch.lengths
+        for (entry, start, stop), part in zip(batch.pieces, parts[:len(batch.pieces)],
+                                              strict=True):
+            if lengths is not None:
+                try:
+                    part = lengths.trim(part, entry.call)
+                except codec.CodecError as err:
+                    entry.fail(ProxyError.from_codec_error(err))
+                    self.abandon(entry)
+                    continue
             entry.deliver(start, stop, part)
 
     def _fail(self, batch: Batch, error: ProxyError) -> None:

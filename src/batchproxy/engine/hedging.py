@@ -168,7 +168,7 @@ class Hedger:
         budget = self.budget
         budget.note_sent()
         cost = expected_cost(pool, replica, batch.model) if budget.enabled else None
-        delay = None if cost is None else overdue_after(cost, batch.rows, beside)
+        delay = None if cost is None else overdue_after(cost, batch.sent_rows, beside)
         if delay is None or delay >= patience:
             return await pool.predict(replica, batch.request, patience)
         loop = asyncio.get_running_loop()
@@ -200,8 +200,9 @@ class Hedger:
         second: asyncio.Task[bytes] | None = None
         try:
             self.budget.spend(loop.time())
-            self.metrics.observe_batch(spare.address, rest.rows, len(rest.pieces))
-            beside = pool.note_sent(spare, rest.model, rest.rows)
+            self.metrics.observe_batch(spare.address, rest.rows, len(rest.pieces),
+                                       rest.padding)
+            beside = pool.note_sent(spare, rest.model, rest.sent_rows)
             sent_at = loop.time()
             second = loop.create_task(pool.predict(spare, rest.request, patience))
             await asyncio.wait((first, second), return_when=asyncio.FIRST_COMPLETED)
@@ -210,18 +211,18 @@ class Hedger:
                 # The first call answered (or refused the content): the hedge is moot.
                 self.metrics.hedge("lost")
                 await _settle(second)
-                pool.note_answered(spare, rest.model, rest.rows, None, beside)
+                pool.note_answered(spare, rest.model, rest.sent_rows, None, beside)
                 return await first
             await asyncio.wait((second,))
             second_error = _answer_of(second)
             if second_error is not None:
                 self.metrics.hedge("failed")
-                pool.note_answered(spare, rest.model, rest.rows, None, beside)
+                pool.note_answered(spare, rest.model, rest.sent_rows, None, beside)
                 return await first
             took = loop.time() - sent_at
             self.metrics.hedge("won")
             self.admission.note_service_time(took)
-            pool.note_answered(spare, rest.model, rest.rows, took, beside)
+            pool.note_answered(spare, rest.model, rest.sent_rows, took, beside)
             if first_error is None:
                 # Passive health: overdue by far while a peer answered counts against the
                 # replica as a timeout does; a hung one is ejected after a few such losses

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 
 from batchproxy import codec
+from batchproxy.engine.lengths import Lengths
+from batchproxy.engine.padding import padding_for
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.versions import version_override
 
@@ -167,7 +169,9 @@ Piece = tuple[Entry, int, int]  # rows [start, stop) of one call
 @dataclass
 class Batch:
     """Rows [start, stop) of each entry, in order; encoded once, sent to one replica, for
-    one version (`version`; None: as its calls name it)."""
+    one version (`version`; None: as its calls name it). With allowed batch sizes,
+    `padding` copies of a real row follow them on the wire, so the replica sees
+    `sent_rows`; they are cut from the answer before it is split."""
 
     model: str
     pieces: list[Piece]
@@ -175,23 +179,46 @@ class Batch:
     rows: int
     version: int | None = None
     latest: bool = False  # the proxy chose the version for `latest` calls
+    sizes: tuple[int, ...] = ()  # the allowed batch sizes; () for any
+    padding: int = 0
+    # Variable-length inputs padded to one length, outputs cut back (engine/lengths.py).
+    lengths: Lengths | None = None
 
     @classmethod
     def of(cls, model: str, pieces: list[Piece], version: int | None = None,
-           latest: bool = False) -> Batch:
-        request = codec.encode_predict_request(
-            [(entry.call, start, stop) for entry, start, stop in pieces])
+           latest: bool = False, sizes: tuple[int, ...] = (),
+           lengths: Lengths | None = None) -> Batch:
+        rows = sum(stop - start for _, start, stop in pieces)
+        padding = padding_for(sizes, rows)
+        calls = [(entry.call, start, stop) for entry, start, stop in pieces]
+        if lengths is not None:
+            calls = lengths.pad(calls)
+        request = codec.encode_predict_request(calls, padding)
         if version is not None:
             request += version_override(version)
-        rows = sum(stop - start for _, start, stop in pieces)
-        return cls(model, pieces, request, rows, version, latest)
+        return cls(model, pieces, request, rows, version, latest, sizes, padding, lengths)
 
-    def _of(self, pieces: list[Piece]) -> Batch:
-        return Batch.of(self.model, pieces, self.version, self.latest)
+    def same(self, pieces: list[Piece]) -> Batch:
+        """A batch of other pieces of the same queue, shaped alike, for the same version."""
+        return Batch.of(self.model, pieces, self.version, self.latest, self.sizes,
+                        self.lengths)
 
     def for_version(self, version: int) -> Batch:
         """The same calls, sent for another version (a `latest` batch whose version left)."""
-        return Batch.of(self.model, self.pieces, version, self.latest)
+        return Batch.of(self.model, self.pieces, version, self.latest, self.sizes,
+                        self.lengths)
+
+    @property
+    def sent_rows(self) -> int:
+        """Rows the replica runs, padding included: what its cost depends on."""
+        return self.rows + self.padding
+
+    def answer_rows(self) -> list[int]:
+        """Rows of the answer per piece, then the padding's (cut off and dropped)."""
+        counts = [stop - start for _, start, stop in self.pieces]
+        if self.padding:
+            counts.append(self.padding)
+        return counts
 
     def waiting(self) -> bool:
         """Whether any of its callers still waits for an answer."""
@@ -217,18 +244,18 @@ class Batch:
         live = [piece for piece in self.pieces if not piece[0].answered]
         if len(live) == len(self.pieces):
             return self
-        return self._of(live)
+        return self.same(live)
 
     def first(self) -> Batch:
-        return self._of(self.pieces[:1])
+        return self.same(self.pieces[:1])
 
     def rest(self) -> Batch:
         """All but the first call (an empty batch when there is no other)."""
         rest = self.pieces[1:]
         if not rest:
-            return Batch(self.model, [], b"", 0, self.version, self.latest)
-        return self._of(rest)
+            return Batch(self.model, [], b"", 0, self.version, self.latest, self.sizes)
+        return self.same(rest)
 
     def halves(self) -> tuple[Batch, Batch]:
         middle = len(self.pieces) // 2
-        return (self._of(self.pieces[:middle]), self._of(self.pieces[middle:]))
+        return self.same(self.pieces[:middle]), self.same(self.pieces[middle:])

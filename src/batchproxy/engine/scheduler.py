@@ -20,6 +20,8 @@ from batchproxy import codec
 from batchproxy.config import BatchingConfig
 from batchproxy.engine import priorities
 from batchproxy.engine.admission import Admission
+from batchproxy.engine.lengths import Lengths
+from batchproxy.engine.padding import Padding
 from batchproxy.engine.policy import FlushPolicy, Hold
 from batchproxy.engine.queues import Batch, Entry, KeyQueue, Piece, call_bytes
 from batchproxy.errors import ProxyError
@@ -53,6 +55,8 @@ class Scheduler:
         self.dispatch = dispatch
         self.metrics = metrics
         self.queues: dict[tuple, KeyQueue] = {}
+        self.padding = Padding(config)
+        self.lengths = Lengths(config) if config.variable_length_inputs else None
         self._waiter: asyncio.Future[None] | None = None
         self._woken = False
         # Futures resolved after the next pass of the loop or the next call taken out of
@@ -82,7 +86,9 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         now = loop.time()
         # The resolved version is part of the key: no batch mixes versions.
-        key = call.key if version is None else (*call.key, version)
+        key = call.key if self.lengths is None else self.lengths.key(call)
+        if version is not None:
+            key = (*key, version)
         queue = self.queues.get(key)
         if queue is None:
             queue = self.queues[key] = KeyQueue(key, version, latest)
@@ -256,7 +262,7 @@ class Scheduler:
                     break
                 answer_by = self.policy.answer_by(
                     replica, queue.model, min(queue.rows, self.config.max_batch_size), now)
-                batch = self.take_batch(queue, now, answer_by)
+                batch = self.take_batch(queue, now, replica, answer_by)
                 if batch is None:
                     self.pool.release(replica)
                     break
@@ -265,13 +271,17 @@ class Scheduler:
         return next_due
 
     def take_batch(self, queue: KeyQueue, now: float,
+                   replica: Endpoint | None = None,
                    answer_by: float | None = None) -> Batch | None:
         """Up to a full batch of rows: critical calls first, then sheddable ones into the
-        room left (a promoted sheddable call by its arrival among the critical ones).
-        A call whose deadline falls before `answer_by` (when its replica is expected to
-        answer) is refused now instead: sent, it would only be late, and its rows would
+        room left (a promoted sheddable call by its arrival among the critical ones). With
+        allowed batch sizes the padding policy may take fewer (batch down, by the cost of
+        `replica`, the one the batch goes to) and the batch is padded up to an allowed
+        size. A call whose deadline falls before `answer_by` (when its replica is expected
+        to answer) is refused now instead: sent, it would only be late, and its rows would
         slow the batch for everyone else in it."""
-        room = self.config.max_batch_size
+        cost = replica.cost(queue.model) if replica is not None else None
+        size = room = self.padding.room(queue.rows, cost)
         pieces: list[Piece] = []
         waited = self.metrics.queue_wait.observe
         freed_bytes = 0
@@ -298,10 +308,11 @@ class Scheduler:
                 queue.pop(entry)
         if not pieces:
             return None
-        rows = self.config.max_batch_size - room
+        rows = size - room
         queue.rows -= rows
         self.admission.queued_rows -= rows
         queue.sheddable_rows -= sheddable_rows
         self.admission.sheddable_rows -= sheddable_rows
         self.admission.queued_bytes -= freed_bytes
-        return Batch.of(queue.model, pieces, queue.version, queue.latest)
+        return Batch.of(queue.model, pieces, queue.version, queue.latest, self.padding.sizes,
+                        self.lengths)

@@ -22,6 +22,7 @@ import logging
 import signal
 
 from batchproxy.event_loop import run_loop
+from batchproxy.flags import batch_sizes
 from batchproxy.replica.models import MODELS
 from batchproxy.replica.server import Replica
 
@@ -45,6 +46,7 @@ async def serve_replica(
     file_system_poll_wait_seconds: float = 1.0,
     model_version_policy: str = "latest",
     stop: asyncio.Event | None = None,
+    allowed_batch_sizes: tuple[int, ...] = (),
 ) -> None:
     """Serve until `stop` is set or, without one, until SIGINT or SIGTERM."""
     replica = Replica(
@@ -63,6 +65,8 @@ async def serve_replica(
         file_system_poll_wait_seconds=file_system_poll_wait_seconds,
         model_version_policy=model_version_policy,
     )
+    # As a compiled model (TensorRT, XLA): a batch of any other size is refused.
+    replica.service.allowed_batch_sizes = allowed_batch_sizes
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -119,6 +123,11 @@ def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail a Predict whose float inputs hold NaN or Inf with "
                              "INVALID_ARGUMENT, as a model with tf.debugging.check_numerics "
                              "does: one such row fails its whole batch")
+    parser.add_argument("--allowed_batch_sizes", type=batch_sizes, default=(),
+                        metavar="N,N,...",
+                        help="refuse a Predict whose batch is of any other size with "
+                             "INVALID_ARGUMENT, as a model compiled for these sizes does "
+                             "(default: any size)")
 
 
 def run_replica(args: argparse.Namespace) -> None:
@@ -138,5 +147,6 @@ def run_replica(args: argparse.Namespace) -> None:
         model_base_path=args.model_base_path,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
         model_version_policy=args.model_version_policy,
+        allowed_batch_sizes=args.allowed_batch_sizes,
     )
     run_loop(main, not getattr(args, "no_uvloop", False))

@@ -1,5 +1,6 @@
 """Models the reference replica serves: `identity`, `demo` (a small digit classifier),
-`multi` (strings, several outputs and signatures, Classify and Regress; in multi.py) and a
+`multi` (strings, several outputs and signatures, Classify and Regress; in multi.py),
+`sequence` (masked mean of token embeddings, for variable-length batching) and a
 cost-model wrapper that makes any of them take time the way a GPU does.
 
 Development and test fixtures only: nothing here is meant for production traffic.
@@ -244,10 +245,54 @@ def _multi_model() -> Model:
     return MultiModel()
 
 
+class SequenceModel:
+    """A small text model that needs variable-length batching done right: int32 token ids
+    `[batch, length]`, 0 the pad id. `embedding` `[batch, 8]` is the mean of the embeddings
+    of a row's non-pad tokens, so padding with 0 past a row's length changes nothing while
+    padding with any other id (TFS pads with the tensor's first element) changes the
+    answer; `token_scores` `[batch, length]` scores each token (0 at pad positions), an
+    output whose dimension 1 follows the input's length. Its cost grows with batch x length:
+    with the cost model, `--row_cost_us` is the cost of one token (a row's position)."""
+
+    name = "sequence"
+    VOCAB = 1024
+    WIDTH = 8
+    signatures = {
+        SERVING_DEFAULT: Signature(
+            {"tokens": (dtypes.DT_INT32, (-1, -1))},
+            {"embedding": (dtypes.DT_FLOAT, (-1, 8)),
+             "token_scores": (dtypes.DT_FLOAT, (-1, -1))},
+        )
+    }
+
+    def __init__(self) -> None:
+        ids = np.arange(self.VOCAB, dtype=np.float64)[:, None]
+        freqs = np.arange(1, self.WIDTH + 1, dtype=np.float64)[None, :]
+        # Any fixed table would do; this one is reproducible without a weights file.
+        self.table = np.sin(ids * freqs * 0.37 + freqs).astype(np.float32)
+
+    def validate(self, signature: str, inputs: dict[str, TensorSpec]) -> None:
+        validate_inputs(self.signatures[signature].inputs, inputs)
+
+    def cost_units(self, inputs: dict[str, np.ndarray], rows: int) -> int:
+        tokens = inputs["tokens"]
+        return rows * (tokens.shape[1] if tokens.ndim == 2 else 1)
+
+    def predict(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tokens = inputs["tokens"].astype(np.int64)
+        mask = tokens != 0
+        vectors = self.table[np.mod(tokens, self.VOCAB)] * mask[..., None]
+        counts = np.maximum(mask.sum(axis=1), 1)[:, None]
+        embedding = (vectors.sum(axis=1) / counts).astype(np.float32)
+        scores = (vectors.sum(axis=2) * mask).astype(np.float32)
+        return {"embedding": embedding, "token_scores": scores}
+
+
 MODELS: dict[str, Callable[[], Model]] = {
     "identity": IdentityModel,
     "demo": DemoModel,
     "multi": _multi_model,
+    "sequence": SequenceModel,
 }
 
 
@@ -299,7 +344,10 @@ class CostModel:
     async def run(
         self, signature: str, inputs: dict[str, np.ndarray], rows: int
     ) -> dict[str, np.ndarray]:
-        cost = self.cost_s(rows)
+        # A model whose cost grows with more than its rows (a sequence model: rows x
+        # length) says how many units a call is.
+        units = getattr(self.model, "cost_units", None)
+        cost = self.cost_s(rows if units is None else units(inputs, rows))
         if cost <= 0:
             return self.model.predict(signature, inputs)
         arrived = time.perf_counter()

@@ -122,9 +122,17 @@ def _encode_output(dtype: int, array: np.ndarray, typed: bool) -> bytes:
     return codec.encode_tensor(dtype, array.shape, _as_bytes(array), typed)
 
 
+def batch_size_refused(rows: int, sizes: tuple[int, ...]) -> str:
+    return (f"Batch size {rows} is not one of the allowed batch sizes "
+            f"{', '.join(map(str, sizes))}: this model was compiled for those only")
+
+
 class ReplicaService:
     """One model name, served either as one fixed version (`model`, `version`) or, given a
     VersionManager, as the versions of a model base path."""
+
+    # Batch sizes a compiled model runs at; () for any (set by `--allowed_batch_sizes`).
+    allowed_batch_sizes: tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -308,6 +316,9 @@ class ReplicaService:
         rows = call.rows if call.rows >= 0 else max(
             (a.shape[0] if a.ndim else 1 for a in arrays.values()), default=0
         )
+        if self.allowed_batch_sizes and rows not in self.allowed_batch_sizes:
+            raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, batch_size_refused(
+                rows, self.allowed_batch_sizes))
         self.metrics.batch_rows.observe(rows)
         self.metrics.inflight.inc()
         try:

@@ -102,8 +102,17 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                      help="p50 and p99 against offered load, one line per system")
 
 
+# Shared with `serve`, but the simulator's workloads send one fixed shape per call kind:
+# refused rather than silently ignored (benchmarks/sim/shapes.py runs them in virtual time).
+NOT_SIMULATED = ("variable_length_inputs", "length_buckets", "length_following_outputs")
+
+
 def sim_config(args: argparse.Namespace) -> SimConfig:
     settings = batching_settings(args)
+    for name in NOT_SIMULATED:
+        if settings.get(name):
+            raise ValueError(f"--{name} is not simulated: the workloads have fixed shapes "
+                             "(benchmarks/sim/shapes.py measures variable-length batching)")
     systems: list[str] = []
     for system in args.baselines:
         if system == "proxy" and args.policy:
@@ -125,6 +134,8 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         max_enqueued_rows=settings.get("max_enqueued_rows"),
         hedge_budget_percent=settings.get("hedge_budget_percent"),
         latency_slo_ms=settings.get("latency_slo_ms", 0.0),
+        allowed_batch_sizes=settings.get("allowed_batch_sizes", ()),
+        padding_policy=settings.get("padding_policy", BatchingConfig.padding_policy),
         max_inflight_per_replica=args.max_inflight_per_replica,
         replica_timeout_s=args.replica_timeout_s, health_interval_ms=args.health_interval_ms,
         eject_after_failures=args.eject_after_failures,

@@ -33,12 +33,16 @@ class FleetSettings:
 def batching_config(max_batch_size: int, batch_timeout_micros: int, max_enqueued_rows: int,
                     policy: str | None = None,
                     hedge_budget_percent: float | None = None,
-                    latency_slo_ms: float = 0.0) -> BatchingConfig:
+                    latency_slo_ms: float = 0.0,
+                    allowed_batch_sizes: tuple[int, ...] = (),
+                    padding_policy: str = "pad_up") -> BatchingConfig:
     settings: dict[str, Any] = dict(max_batch_size=max_batch_size,
                                     batch_timeout_micros=batch_timeout_micros,
                                     max_enqueued_rows=max_enqueued_rows,
                                     hedge_budget_percent=hedge_budget_percent,
-                                    latency_slo_ms=latency_slo_ms)
+                                    latency_slo_ms=latency_slo_ms,
+                                    allowed_batch_sizes=allowed_batch_sizes,
+                                    padding_policy=padding_policy)
     if policy is not None:
         settings["policy"] = policy
     return BatchingConfig(**settings)

@@ -41,6 +41,8 @@ class SimConfig:
     max_enqueued_rows: int | None = None  # None: as `serve`, max(3200, 100 * batch)
     hedge_budget_percent: float | None = None  # None: as `serve`, the policy's default
     latency_slo_ms: float = 0.0  # the proxy's --latency_slo_ms (0: none)
+    allowed_batch_sizes: tuple[int, ...] = ()  # the proxy's --allowed_batch_sizes
+    padding_policy: str = "pad_up"  # and --padding_policy
     max_inflight_per_replica: int = 2
     replica_timeout_s: float = 30.0
     health_interval_ms: int = 1000
@@ -143,7 +145,8 @@ def make_system(kind: str, config: SimConfig, replicas: list[SimReplica],
                           config.ejection_base_s)
     batching = batching_config(config.max_batch_size, config.batch_timeout_micros,
                                config.enqueued_rows, policy or None,
-                               config.hedge_budget_percent, config.latency_slo_ms)
+                               config.hedge_budget_percent, config.latency_slo_ms,
+                               config.allowed_batch_sizes, config.padding_policy)
     return ProxySystem(replicas, shapes, batching, fleet, config.seed, name=kind)
 
 
