@@ -19,9 +19,10 @@ from batchproxy.config import ProxyConfig
 from batchproxy.debug import debug_routes
 from batchproxy.engine import Engine
 from batchproxy.event_loop import run_loop
+from batchproxy.fleet import shared_slots
 from batchproxy.fleet.discovery import DnsDiscovery
 from batchproxy.fleet.health_checks import HealthChecker
-from batchproxy.fleet.slots import Endpoint, ReplicaPool, ReplicaState
+from batchproxy.fleet.slots import Endpoint, ReplicaState
 from batchproxy.fleet.transport import grpc_transports
 from batchproxy.frontends.grpc import PredictionHandlers, generic_handlers
 from batchproxy.frontends.grpc_options import queue_limits
@@ -71,11 +72,13 @@ class Proxy:
         transports = grpc_transports(
             replica_credentials(config.replica_ca, config.replica_cert, config.replica_key),
             reconnect_backoff_ms=max(config.health_interval_ms, 100))
-        self.pool = ReplicaPool(replicas, config.max_inflight_per_replica,
-                                config.replica_timeout_s,
-                                eject_after_failures=config.eject_after_failures,
-                                ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
-                                transports=transports)
+        # With --workers, a pool whose slots all the workers share (fleet/shared_slots.py).
+        pool = shared_slots.pool_class()
+        self.pool = pool(replicas, config.max_inflight_per_replica,
+                         config.replica_timeout_s,
+                         eject_after_failures=config.eject_after_failures,
+                         ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
+                         transports=transports)
         self.pool.listeners.append(log_state_change)
         self.metrics = ProxyMetrics()
         self.pool.listeners.append(self._count_ejection)

@@ -316,12 +316,12 @@ class ReplicaPool:
         else:
             return None
         if not eligible:
-            return None
+            return self._no_slot(model, exclude, idle_only)
         if len(eligible) > 2:
             eligible = self.random.sample(eligible, 2)
         replica = min(eligible, key=lambda r: r.outstanding)
-        replica.outstanding += 1
-        replica.batches_sent += 1
+        if not self._take(replica, limit):
+            return self._no_slot(model, exclude, idle_only)
         return replica
 
     def try_acquire_on(self, replica: Endpoint, model: str) -> Endpoint | None:
@@ -330,9 +330,26 @@ class ReplicaPool:
         if replica.outstanding >= self.max_inflight or not replica.serves(model) \
                 or self.replicas.get(replica.address) is not replica:
             return None
+        if not self._take(replica, self.max_inflight):
+            return None
+        return replica
+
+    # One worker owns every slot: a reservation is a count on the endpoint. Workers that
+    # share the fleet (fleet/shared_slots.py) keep the count in shared memory instead.
+
+    def _take(self, replica: Endpoint, limit: int) -> bool:
+        """Reserve one of `replica`'s slots, whose count the caller saw under `limit`."""
         replica.outstanding += 1
         replica.batches_sent += 1
-        return replica
+        return True
+
+    def _give(self, replica: Endpoint) -> None:
+        replica.outstanding -= 1
+
+    def _no_slot(self, model: str, exclude: Endpoint | None,
+                 idle_only: bool) -> Endpoint | None:
+        """try_acquire found every slot taken: a freed one notifies capacity listeners."""
+        return None
 
     def note_sent(self, replica: Endpoint, model: str, rows: int) -> int:
         """A batch of `rows` rows leaves for `replica` now (its slot already held). Returns
@@ -414,7 +431,7 @@ class ReplicaPool:
         return waiter
 
     def release(self, replica: Endpoint) -> None:
-        replica.outstanding -= 1
+        self._give(replica)
         self._drop_if_drained(replica)
         self._notify_capacity()
 

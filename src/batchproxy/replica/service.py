@@ -206,11 +206,11 @@ class ReplicaService:
             (a.shape[0] if a.ndim else 1 for a in arrays.values()), default=0
         )
         self.metrics.batch_rows.observe(rows)
-        self.metrics.inflight.inc()
+        self.metrics.predict_started()
         try:
             outputs = await self.runner.run(name, arrays, rows)
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.predict_ended()
         encoded = {
             alias: _encode_output(signature.outputs[alias][0], outputs[alias], self.typed)
             for alias in aliases
