@@ -217,7 +217,7 @@ class Scheduler:
         room left (a promoted sheddable call by its arrival among the critical ones)."""
         room = self.config.max_batch_size
         pieces: list[Piece] = []
-        waited = self.metrics.queue_wait.observe
+        waited = self.metrics.queue_wait_tally.observe
         freed_bytes = 0
         sheddable_rows = 0
         while room:

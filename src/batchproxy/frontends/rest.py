@@ -246,9 +246,14 @@ class RestFrontend:
         if length is not None and length > self.max_body_bytes:
             raise self._too_large(f" of {length} bytes")
         try:
-            # A slow sender must not hold a connection and its buffer forever.
-            async with asyncio.timeout(self.body_timeout_s):
+            if request.content.is_eof():
+                # The whole body came with the headers (any small call): nothing to wait
+                # for, so no timer to arm and cancel on every call.
                 raw = await request.read()
+            else:
+                # A slow sender must not hold a connection and its buffer forever.
+                async with asyncio.timeout(self.body_timeout_s):
+                    raw = await request.read()
         except TimeoutError:
             raise HttpError(408, f"The request body was not received within "
                                  f"{self.body_timeout_s:g} s") from None
