@@ -5,7 +5,12 @@ per request (all its processes), --workers 2 as a ratio to --workers 1, alternat
 The generator opens several connections (--connections), since the kernel spreads
 connections, not calls, over the workers.
 
-    .venv/bin/python benchmarks/e2e/workers.py [--seconds 3.0] [--rounds 4]
+    .venv/bin/python benchmarks/e2e/workers.py [--seconds 3.0] [--rounds 4] [--workers 2]
+        [--max_inflight 2] [--batch_cost_ms 0]
+
+Also reported: the mean rows per batch (the proxy's batchproxy_batch_rows, all workers in
+one scrape), and the most Predicts each replica held at once over the whole run (its
+batchproxy_replica_peak_inflight_predicts), which must not pass --max_inflight.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from harness import (
     alternate,
     fmt,
     grpc_spec,
+    histogram_totals,
     machine,
     measure,
     ratio_text,
@@ -38,17 +44,37 @@ def worker_pids(proxy: Process) -> list[int]:
     return [pid for pid in process_tree(proxy.pid) if pid != proxy.pid]
 
 
+def replica_peak(replica: Process) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{replica.rest_url}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("batchproxy_replica_peak_inflight_predicts "):
+                return int(float(line.split()[1]))
+    return -1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured per run")
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2, help="against --workers 1")
+    parser.add_argument("--max_inflight", type=int, default=2,
+                        help="--max_inflight_per_replica of both proxies")
+    parser.add_argument("--batch_cost_ms", type=float, default=0.0,
+                        help="the replicas' cost per batch")
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    subject = args.workers
     with ExitStack() as stack:
-        replicas = [stack.enter_context(start_replica("identity", model_name="default"))
+        replica_flags = {"batch_cost_ms": args.batch_cost_ms} if args.batch_cost_ms else {}
+        replicas = [stack.enter_context(start_replica("identity", model_name="default",
+                                                      **replica_flags))
                     for _ in range(2)]
-        proxies = {n: stack.enter_context(start_proxy(replicas, workers=n)) for n in (1, 2)}
+        proxies = {n: stack.enter_context(start_proxy(
+            replicas, workers=n, max_inflight_per_replica=args.max_inflight))
+            for n in (1, subject)}
         for n, proxy in proxies.items():
             print(f"--workers {n}: {' '.join(proxy.args[1:])} (pid {proxy.pid}, "
                   f"workers {worker_pids(proxy) or 'none: serves itself'})")
@@ -61,10 +87,15 @@ def main() -> None:
 
             def once() -> Measured:
                 before = [cpu_seconds(pid) for pid in workers]
+                rows, batches = histogram_totals(proxy.rest_url, "batchproxy_batch_rows")
                 measured = measure(grpc_spec(
                     [proxy.address], concurrency=CONCURRENCY, duration_s=args.seconds,
                     warmup_s=args.warmup, connections=CONNECTIONS),
                     [proxy.pid], [r.pid for r in replicas])
+                rows_after, batches_after = histogram_totals(proxy.rest_url,
+                                                             "batchproxy_batch_rows")
+                sent = batches_after - batches
+                measured.batch_rows = (rows_after - rows) / sent if sent else float("nan")
                 if workers:  # how SO_REUSEPORT spread the connections: CPU per worker
                     splits.append([cpu_seconds(pid) - b for pid, b in zip(workers, before,
                                                                           strict=True)])
@@ -73,24 +104,27 @@ def main() -> None:
             return once
 
         with timed("gRPC"):
-            pairs = alternate(args.rounds, run(1), run(2))
+            pairs = alternate(args.rounds, run(1), run(subject))
+        peaks = [replica_peak(replica) for replica in replicas]
     print(f"\nworkers: {len(pairs)} round pair(s), closed loop c={CONCURRENCY} over "
           f"{CONNECTIONS} connections, one row per call")
     print(f"  {'':12}{'req/s':>9}{'proxy us/req':>14}{'replicas us/req':>17}"
-          f"{'generator us/req':>18}{'p50 ms':>8}{'p99 ms':>8}")
+          f"{'generator us/req':>18}{'p50 ms':>8}{'p99 ms':>8}{'rows/batch':>11}")
     for index, (one, two) in enumerate(pairs):
-        for label, m in (("workers 1", one), ("workers 2", two)):
+        for label, m in (("workers 1", one), (f"workers {subject}", two)):
             print(f"  {label + ' #' + str(index + 1):12}{fmt(m.rps):>9}"
                   f"{fmt(m.server_cpu_us):>14}{fmt(m.others_cpu_us):>17}"
-                  f"{fmt(m.generator_cpu_us):>18}{fmt(m.p50, '.2f'):>8}{fmt(m.p99, '.2f'):>8}")
+                  f"{fmt(m.generator_cpu_us):>18}{fmt(m.p50, '.2f'):>8}{fmt(m.p99, '.2f'):>8}"
+                  f"{fmt(m.batch_rows, '.1f'):>11}")
     rps = ratio_text([(a.rps, b.rps) for a, b in pairs])
     cpu = ratio_text([(a.server_cpu_us or 0, b.server_cpu_us or 0) for a, b in pairs])
     for split in splits:
         total = sum(split) or 1.0
-        print("  workers 2, CPU split between the workers: "
+        print(f"  workers {subject}, CPU split between the workers: "
               + " / ".join(f"{part / total:.0%}" for part in split))
-    print(f"  => workers 2 / workers 1 throughput {rps}")
-    print(f"  => workers 2 / workers 1 proxy CPU per request {cpu}")
+    print(f"  => workers {subject} / workers 1 throughput {rps}")
+    print(f"  => workers {subject} / workers 1 proxy CPU per request {cpu}")
+    print(f"  => replicas' peak in-flight Predicts {peaks} (limit {args.max_inflight})")
 
 
 if __name__ == "__main__":

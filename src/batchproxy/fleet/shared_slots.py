@@ -5,14 +5,15 @@ replica N x --max_inflight_per_replica batches at once. The parent creates a `Sl
 before it forks: a small file in /dev/shm (unlinked at once, so nothing is left behind),
 mmap'd by every worker, one row per replica address:
 
-    row = address (256 bytes) | ejected until (monotonic ns) | in flight, one count per worker
+    row = address (256 bytes) | ejected until (monotonic ns) | in flight | in flight, per worker
 
-A worker writes only its own count, so a worker that dies leaves a count the parent can
-zero (`reclaim`) when it reaps it, and nothing else to repair. Taking a slot reads the
-row's sum and adds one under a POSIX record lock (fcntl) on that row's byte: the kernel
-drops such a lock when its holder dies, so a killed worker can never leave a lock held.
-Reads for choosing (power of two choices, the policy's look at `outstanding`) take no lock;
-only the reservation does.
+Taking a slot checks the row's total against the limit and adds one to the total and to
+this worker's count, under a POSIX record lock (fcntl) on that row's byte; giving it back
+subtracts both under the same lock. The kernel drops such a lock when its holder dies, so a
+killed worker never leaves a lock held, and its own count says how much of the total it
+took with it: the parent subtracts that (`reclaim`) when it reaps the worker. Reads for
+choosing (power of two choices, the policy's look at `outstanding`) read the total, one
+aligned word, without a lock; only reservations lock.
 
 A worker that found no free slot raises its `waiting` word; a worker that frees a slot
 writes one byte to the wake pipe of each waiting worker, whose event loop then tells its
@@ -48,7 +49,16 @@ WORD = 8
 MAGIC = 0x62707368617265  # "bpshare"
 # While short of slots, look again at least this often (a lost wake-up costs this much).
 SAFETY_POLL_S = 0.05
-_DIRECTORY_LOCK = 0  # byte 0: claiming rows, and the fence
+_DIRECTORY_LOCK = 0  # byte 0: claiming rows, and the fence; byte 1 + row: that row
+_EJECTED = ADDRESS_BYTES // WORD  # a row's words: address, then ejected until, then counts
+
+
+def _row_words(workers: int) -> int:
+    return _EJECTED + 2 + workers
+
+
+def _size(workers: int, rows: int) -> int:
+    return (HEADER_WORDS + workers + rows * _row_words(workers)) * WORD
 
 
 class SlotTable:
@@ -59,8 +69,8 @@ class SlotTable:
         self.workers = workers
         self.rows = rows
         self.wake = wake  # per worker: (read end, write end) of its wake pipe
-        self.row_words = ADDRESS_BYTES // WORD + 1 + workers
-        self.size = (HEADER_WORDS + workers + rows * self.row_words) * WORD
+        self.row_words = _row_words(workers)
+        self.size = _size(workers, rows)
         self.map = mmap.mmap(fd, self.size, mmap.MAP_SHARED)
         self.words = memoryview(self.map).cast("q")
         self.worker = -1  # set in each worker by attach()
@@ -73,8 +83,7 @@ class SlotTable:
         fd, path = tempfile.mkstemp(prefix="batchproxy-slots-", dir=directory)
         os.unlink(path)  # the workers inherit the descriptor; no file outlives them
         wake = [os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(workers)]
-        row_words = ADDRESS_BYTES // WORD + 1 + workers
-        os.ftruncate(fd, (HEADER_WORDS + workers + rows * row_words) * WORD)
+        os.ftruncate(fd, _size(workers, rows))
         table = cls(fd, workers, rows, wake)
         table.owns_files = True
         table.words[0], table.words[1], table.words[2] = MAGIC, workers, rows
@@ -96,8 +105,10 @@ class SlotTable:
     def _row_word(self, row: int) -> int:
         return HEADER_WORDS + self.workers + row * self.row_words
 
-    def _counts(self, row: int) -> int:
-        return self._row_word(row) + ADDRESS_BYTES // WORD + 1
+    def total_word(self, row: int) -> int:
+        """Index in `words` of the row's total in flight; this worker's count follows it at
+        1 + worker."""
+        return self._row_word(row) + _EJECTED + 1
 
     def _lock(self, byte: int) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, byte)
@@ -129,35 +140,34 @@ class SlotTable:
 
     def in_flight(self, row: int) -> int:
         """Batches every worker holds on the row's replica (read without a lock)."""
-        start = self._counts(row)
-        return sum(self.words[start:start + self.workers])
+        return self.words[self.total_word(row)]
 
     def held(self, row: int, worker: int) -> int:
-        return self.words[self._counts(row) + worker]
+        return self.words[self.total_word(row) + 1 + worker]
 
     def take(self, row: int, limit: int) -> bool:
         """One more batch for this worker on the row, if all workers hold fewer than
         `limit`."""
-        start = self._counts(row)
-        byte = 1 + row
-        self._lock(byte)
+        words, total = self.words, self.total_word(row)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 1 + row)
         try:
-            if sum(self.words[start:start + self.workers]) >= limit:
+            if words[total] >= limit:
                 return False
-            self.words[start + self.worker] += 1
+            words[total] += 1
+            words[total + 1 + self.worker] += 1
             return True
         finally:
-            self._unlock(byte)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 1 + row)
 
     def give(self, row: int) -> None:
-        """This worker's batch on the row is done: the count drops, waiting workers wake."""
-        start = self._counts(row)
-        byte = 1 + row
-        self._lock(byte)
+        """This worker's batch on the row is done: the counts drop, waiting workers wake."""
+        words, total = self.words, self.total_word(row)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 1 + row)
         try:
-            self.words[start + self.worker] -= 1
+            words[total] -= 1
+            words[total + 1 + self.worker] -= 1
         finally:
-            self._unlock(byte)  # also the fence before reading who waits
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 1 + row)  # the fence before reading flags
         self.wake_waiting()
 
     def mark_waiting(self) -> None:
@@ -168,9 +178,10 @@ class SlotTable:
         self._unlock(_DIRECTORY_LOCK)
 
     def wake_waiting(self) -> None:
+        words = self.words
         for worker in range(self.workers):
-            if worker != self.worker and self.words[HEADER_WORDS + worker]:
-                self.words[HEADER_WORDS + worker] = 0
+            if words[HEADER_WORDS + worker] and worker != self.worker:
+                words[HEADER_WORDS + worker] = 0
                 self._wake(worker)
 
     def wake_all(self) -> None:
@@ -191,12 +202,14 @@ class SlotTable:
         many it held."""
         freed = 0
         for row in range(self.rows):
-            start = self._counts(row) + worker
-            if self.words[start]:
+            total = self.total_word(row)
+            if self.words[total + 1 + worker]:
                 self._lock(1 + row)
                 try:
-                    freed += self.words[start]
-                    self.words[start] = 0
+                    held = self.words[total + 1 + worker]
+                    self.words[total] -= held
+                    self.words[total + 1 + worker] = 0
+                    freed += held
                 finally:
                     self._unlock(1 + row)
         self.words[HEADER_WORDS + worker] = 0
@@ -206,10 +219,10 @@ class SlotTable:
     # -- ejections ----------------------------------------------------------------------------
 
     def ejected_until_ns(self, row: int) -> int:
-        return self.words[self._row_word(row) + ADDRESS_BYTES // WORD]
+        return self.words[self._row_word(row) + _EJECTED]
 
     def set_ejected_until_ns(self, row: int, until_ns: int) -> None:
-        self.words[self._row_word(row) + ADDRESS_BYTES // WORD] = until_ns
+        self.words[self._row_word(row) + _EJECTED] = until_ns
 
     def close(self) -> None:
         self.words.release()
@@ -251,11 +264,13 @@ class SharedEndpoint(Endpoint):
             log.warning("replica %s: the shared slot table is full; this worker counts "
                         "only its own batches on it", address)
         self.held = 0
+        self._words = table.words
+        self._total = -1 if self.row is None else table.total_word(self.row)
         super().__init__(address, transport)
 
     @property
     def outstanding(self) -> int:
-        return self.held if self.row is None else self.table.in_flight(self.row)
+        return self.held if self._total < 0 else self._words[self._total]
 
     @outstanding.setter
     def outstanding(self, value: int) -> None:
