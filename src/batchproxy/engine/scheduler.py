@@ -58,45 +58,56 @@ class Scheduler:
 
     async def submit(self, call: codec.PredictCall, timeout: float | None = None,
                      priority: Priority = Priority.CRITICAL) -> bytes:
-        """Queue a batchable call (call.rows >= 1) and wait for its own answer."""
-        rows = call.rows
-        model = call.model_name
-        self.pool.note_model(model)
-        if self.pool.route(model) is Route.NOWHERE:
-            self.metrics.reject("no_replica")
-            raise no_replica(model)
-        nbytes = call_bytes(call)
-        admission = self.admission
-        sheddable = priority is Priority.SHEDDABLE
-        if not sheddable:
-            self._evict_for(rows, nbytes)
-        admission.admit_rows(rows, nbytes, timeout, sheddable)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        queue = self.queues.get(call.key)
-        if queue is None:
-            queue = self.queues[call.key] = KeyQueue(call.key)
-        deadline = None if timeout is None else now + timeout
-        entry = Entry(call, loop.create_future(), deadline, now, queue, nbytes, sheddable,
-                      priorities.promote_at(now, timeout) if sheddable else now)
-        rows_before = queue.rows
-        queue.add(entry)
-        admission.queued_rows += rows
-        admission.queued_bytes += nbytes
-        if sheddable:
-            admission.sheddable_rows += rows
-        if deadline is not None:
-            entry.timer = loop.call_at(deadline, self._expire, entry)
-        if self.policy.wake_on_submit(queue, rows_before):
-            self.wake()
+        """Queue a batchable call (call.rows >= 1) and wait for its own answer. Every outcome
+        is counted under the call's priority, here rather than in a wrapper coroutine."""
+        code = "OK"
         try:
-            return await entry.future
+            rows = call.rows
+            model = call.model_name
+            self.pool.note_model(model)
+            if self.pool.route(model) is Route.NOWHERE:
+                self.metrics.reject("no_replica")
+                raise no_replica(model)
+            nbytes = call_bytes(call)
+            admission = self.admission
+            sheddable = priority is Priority.SHEDDABLE
+            if not sheddable:
+                self._evict_for(rows, nbytes)
+            admission.admit_rows(rows, nbytes, timeout, sheddable)
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            queue = self.queues.get(call.key)
+            if queue is None:
+                queue = self.queues[call.key] = KeyQueue(call.key)
+            deadline = None if timeout is None else now + timeout
+            entry = Entry(call, loop.create_future(), deadline, now, queue, nbytes, sheddable,
+                          priorities.promote_at(now, timeout) if sheddable else now)
+            rows_before = queue.rows
+            queue.add(entry)
+            admission.queued_rows += rows
+            admission.queued_bytes += nbytes
+            if sheddable:
+                admission.sheddable_rows += rows
+            if deadline is not None:
+                entry.timer = loop.call_at(deadline, self._expire, entry)
+            if self.policy.wake_on_submit(queue, rows_before):
+                self.wake()
+            try:
+                return await entry.future
+            except asyncio.CancelledError:
+                self.abandon(entry)
+                raise
+            finally:
+                if entry.timer is not None:
+                    entry.timer.cancel()
+        except ProxyError as err:
+            code = err.code.name
+            raise
         except asyncio.CancelledError:
-            self.abandon(entry)
+            code = "CANCELLED"
             raise
         finally:
-            if entry.timer is not None:
-                entry.timer.cancel()
+            self.metrics.observe_priority(priority.value, code)
 
     def _evict_for(self, rows: int, nbytes: int) -> None:
         """A critical call that finds the queues full makes room by failing queued
