@@ -126,7 +126,8 @@ class Proxy:
                 body_timeout_s=config.rest_body_timeout_s)
 
     def _count_ejection(self, replica: Endpoint, old: ReplicaState, reason: str) -> None:
-        if replica.state is ReplicaState.EJECTED:
+        if replica.state is ReplicaState.EJECTED and \
+                not reason.startswith(shared_slots.EJECTED_ELSEWHERE):
             self.metrics.ejections.labels(replica.address).inc()
 
     def _sample_gauges(self) -> None:

@@ -14,7 +14,12 @@ import grpc
 import pytest
 
 from batchproxy.errors import ProxyError
-from batchproxy.fleet.shared_slots import SharedReplicaPool, SlotTable, pool_class
+from batchproxy.fleet.shared_slots import (
+    EJECTED_ELSEWHERE,
+    SharedReplicaPool,
+    SlotTable,
+    pool_class,
+)
 from batchproxy.fleet.slots import ModelState, ReplicaPool, ReplicaState
 
 A, B = "10.0.0.1:8500", "10.0.0.2:8500"
@@ -176,6 +181,8 @@ def test_a_lock_dies_with_its_holder(table: SlotTable) -> None:
 async def test_an_ejection_in_one_worker_holds_in_the_others(table: SlotTable) -> None:
     first, second = pools(table, max_inflight=2)
     second._ensure_reader()  # as its first health check does
+    reasons: list[str] = []
+    second.listeners.append(lambda replica, old, reason: reasons.append(reason.split(" for ")[0]))
     changed = second.capacity_changed()
     failure = ProxyError(grpc.StatusCode.UNAVAILABLE, "connection refused")
     for _ in range(first.eject_after_failures):
@@ -183,6 +190,7 @@ async def test_an_ejection_in_one_worker_holds_in_the_others(table: SlotTable) -
     assert first.replicas[A].state is ReplicaState.EJECTED
     await asyncio.wait_for(changed, 5)
     assert second.replicas[A].state is ReplicaState.EJECTED
+    assert reasons == [EJECTED_ELSEWHERE]  # so that it is counted once, where it began
     assert second.replicas[B].state is ReplicaState.HEALTHY
     # Its own passing check does not readmit it before the back-off is over.
     second.record_check(second.replicas[A], True)

@@ -49,6 +49,8 @@ WORD = 8
 MAGIC = 0x62707368617265  # "bpshare"
 # While short of slots, look again at least this often (a lost wake-up costs this much).
 SAFETY_POLL_S = 0.05
+# The reason given when a worker applies another's ejection: counted once, where it began.
+EJECTED_ELSEWHERE = "ejected by another worker"
 _DIRECTORY_LOCK = 0  # byte 0: claiming rows, and the fence; byte 1 + row: that row
 _EJECTED = ADDRESS_BYTES // WORD  # a row's words: address, then ejected until, then counts
 
@@ -412,7 +414,7 @@ class SharedReplicaPool(ReplicaPool):
                 replica.ejections += 1
                 replica.ejected_until = loop_time() + (until_ns - now_ns) / 1e9
                 self._set_state(replica, ReplicaState.EJECTED,
-                                f"ejected by another worker for {(until_ns - now_ns) / 1e9:.1f}s")
+                                f"{EJECTED_ELSEWHERE} for {(until_ns - now_ns) / 1e9:.1f}s")
 
     async def close(self) -> None:
         if self._reading is not None:
