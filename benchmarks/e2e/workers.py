@@ -131,7 +131,8 @@ def main() -> None:
 
         with timed("gRPC"):
             rounds = rotate(args.rounds, [run(proxy, own) for _, proxy, own in subjects])
-        peaks = [replica_peak(replica) for replica in replicas]
+        peaks = {label: [replica_peak(replica) for replica in own]
+                 for label, _, own in subjects[1:]}
     print(f"\nworkers: {len(rounds)} round(s), closed loop c={CONCURRENCY} over "
           f"{CONNECTIONS} connections, one row per call")
     print(f"  {'':14}{'req/s':>9}{'proxy us/req':>14}{'replicas us/req':>17}"
@@ -152,7 +153,10 @@ def main() -> None:
         cpu = ratio_text([(a.server_cpu_us or 0, b.server_cpu_us or 0) for a, b in pairs])
         name = f"{subjects[index][0]} / {subjects[against][0]}"
         print(f"  => {name}: throughput {rps}, proxy CPU per request {cpu}")
-    print(f"  => replicas' peak in-flight Predicts {peaks} (limit {args.max_inflight})")
+    # The first two proxies share one pair of replicas: its peaks cover both.
+    for label, peak in peaks.items():
+        print(f"  => replicas' peak in-flight Predicts behind {label}: {peak} "
+              f"(limit {args.max_inflight})")
 
 
 if __name__ == "__main__":
