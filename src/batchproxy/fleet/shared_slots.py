@@ -52,6 +52,7 @@ SAFETY_POLL_S = 0.05
 # The reason given when a worker applies another's ejection: counted once, where it began.
 EJECTED_ELSEWHERE = "ejected by another worker"
 _DIRECTORY_LOCK = 0  # byte 0: claiming rows, and the fence; byte 1 + row: that row
+_GENERATION = 3  # header word: ejections written so far
 _EJECTED = ADDRESS_BYTES // WORD  # a row's words: address, then ejected until, then counts
 
 
@@ -225,6 +226,16 @@ class SlotTable:
 
     def set_ejected_until_ns(self, row: int, until_ns: int) -> None:
         self.words[self._row_word(row) + _EJECTED] = until_ns
+        # The generation tells a woken worker whether there is any ejection to look for:
+        # most wake-ups are freed slots. Under the lock, so that no increment is lost.
+        self._lock(_DIRECTORY_LOCK)
+        try:
+            self.words[_GENERATION] += 1
+        finally:
+            self._unlock(_DIRECTORY_LOCK)
+
+    def ejection_generation(self) -> int:
+        return self.words[_GENERATION]
 
     def close(self) -> None:
         self.words.release()
@@ -294,6 +305,7 @@ class SharedReplicaPool(ReplicaPool):
         self._reading: asyncio.AbstractEventLoop | None = None
         self._poll: asyncio.TimerHandle | None = None
         self._retrying = False
+        self._ejections_seen = shared.ejection_generation()
         super().__init__((), max_inflight, default_timeout_s, **options)
         for address in addresses:
             self.add(address)
@@ -387,9 +399,12 @@ class SharedReplicaPool(ReplicaPool):
 
     def _woken(self) -> None:
         with contextlib.suppress(BlockingIOError):
-            while os.read(self.table.wake_fd(), 256):
+            while len(os.read(self.table.wake_fd(), 4096)) == 4096:
                 pass
-        self._apply_ejections()
+        generation = self.table.ejection_generation()
+        if generation != self._ejections_seen:
+            self._ejections_seen = generation
+            self._apply_ejections()
         self._notify_capacity()
 
     # -- ejections ----------------------------------------------------------------------------
