@@ -454,7 +454,9 @@ async def test_the_deadline_header_works_like_a_grpc_deadline():
 
 async def test_a_client_that_hangs_up_leaves_the_queue():
     replica = start_replica("identity", batch_cost_ms=300)
-    proxy = start_proxy([replica], max_inflight_per_replica=1)
+    # No warm-up: its batches (one per batch size, once the model is seen) would reach the
+    # replica during the window whose rows the test counts.
+    proxy = start_proxy([replica], max_inflight_per_replica=1, no_warmup=True)
     url = f"{proxy.rest_url}/v1/models/identity:predict"
     try:
         warm(proxy)

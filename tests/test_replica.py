@@ -30,6 +30,7 @@ from batchproxy.protos import (
     services_pb2_grpc,
     tensor_pb2,
 )
+from batchproxy.replica.metrics import ReplicaMetrics
 from batchproxy.replica.models import demo_samples
 
 # The replica runs the compiled core unless told otherwise; test both where both exist.
@@ -708,3 +709,15 @@ def test_multi_under_tensor_content_strings_stay_string_val() -> None:
     assert not count.int64_val
     assert np.frombuffer(count.tensor_content, dtype="<i8").tolist() == [2, 1]
     assert resp.model_spec.version.value == 1  # the default version
+
+
+def test_peak_inflight_is_the_most_predicts_inside_at_once() -> None:
+    metrics = ReplicaMetrics()
+    for _ in range(3):
+        metrics.predict_started()
+    for _ in range(3):
+        metrics.predict_ended()
+    metrics.predict_started()
+    text = metrics.render().decode()
+    assert "batchproxy_replica_peak_inflight_predicts 3.0" in text
+    assert "batchproxy_replica_inflight_predicts 1.0" in text

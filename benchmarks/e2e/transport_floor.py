@@ -4,7 +4,15 @@ replicas behind it) against a bare server that only answers (canned reply), gRPC
 Reports requests/s and the serving process's CPU per request, each as a ratio to the bare
 server's in the same run; round pairs alternate and the median ratio is given.
 
+With --reference_src, a second proxy runs from another source tree (an export of the commit
+before a change, say) beside the first, and every round measures the bare server, the
+reference and the proxy, in a rotating order: before and after against the same bare
+server, on the same busy machine, in the same minute.
+
     .venv/bin/python benchmarks/e2e/transport_floor.py [--seconds 2.5] [--rounds 4]
+    git archive BASE src | tar -x -C /tmp/base && cp src/batchproxy/_core*.so \
+        /tmp/base/src/batchproxy/  # when _core.pyx is the same in both
+    .venv/bin/python benchmarks/e2e/transport_floor.py --reference_src /tmp/base/src
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from collections.abc import Callable
 from harness import (
     ExitStack,
     Measured,
+    Process,
     alternate,
     fmt,
     grpc_spec,
@@ -86,11 +95,34 @@ def report(name: str, pairs: list[tuple[Measured, Measured]]) -> None:
           "(1e6 / median CPU us per request)")
 
 
+def rotate(rounds: int, runs: list[Callable[[], Measured]]) -> list[list[Measured]]:
+    """Each round runs every one of `runs`, starting one later each round; the results come
+    back in the order of `runs`."""
+    results = []
+    for index in range(rounds):
+        order = [(index + k) % len(runs) for k in range(len(runs))]
+        measured: dict[int, Measured] = {k: runs[k]() for k in order}
+        results.append([measured[k] for k in range(len(runs))])
+    return results
+
+
+def report_reference(name: str, rounds: list[list[Measured]]) -> None:
+    """The proxy against the reference proxy and both against the bare server."""
+    report(f"{name}, reference proxy", [(bare, ref) for bare, ref, _ in rounds])
+    report(f"{name}, proxy", [(bare, proxy) for bare, _, proxy in rounds])
+    cpu = ratio_text([(ref.server_cpu_us or 0, proxy.server_cpu_us or 0)
+                      for _, ref, proxy in rounds])
+    rps = ratio_text([(ref.rps, proxy.rps) for _, ref, proxy in rounds])
+    print(f"  => {name} proxy / reference proxy: CPU per request {cpu}, throughput {rps}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.5, help="measured per run")
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--reference_src", default=None, metavar="DIR",
+                        help="also run a proxy from this source tree in every round")
     args = parser.parse_args()
     load = dict(concurrency=CONCURRENCY, duration_s=args.seconds, warmup_s=args.warmup)
     print(f"machine: {machine()}")
@@ -102,6 +134,13 @@ def main() -> None:
         replica_pids = [r.pid for r in replicas]
         print(f"bare: batchproxy bench --echo_server (pid {echo.pid}); proxy: "
               f"{' '.join(proxy.args[1:])} (pid {proxy.pid}); 2 identity replicas")
+        if args.reference_src:
+            reference = stack.enter_context(start_proxy(
+                replicas, env={"PYTHONPATH": args.reference_src}))
+            print(f"reference proxy: the same, from {args.reference_src} "
+                  f"(pid {reference.pid})")
+            compare(args, load, echo, proxy, reference, replica_pids)
+            return
 
         with timed("gRPC"):
             pairs = alternate(
@@ -126,6 +165,34 @@ def main() -> None:
                 with_batch_size(proxy.rest_url, lambda: measure(
                     rest_spec([host], **load), [proxy.pid], replica_pids)))
             report("REST", pairs)
+
+
+def compare(args: argparse.Namespace, load: dict, echo: Process, proxy: Process,
+            reference: Process, replica_pids: list[int]) -> None:
+    """Bare server, reference proxy and proxy in every round, gRPC then REST."""
+    def grpc_run(target: Process, watched: list[int], others: list[int]) -> Measured:
+        return measure(grpc_spec([target.address], **load), watched, others)
+
+    with timed("gRPC"):
+        rounds = rotate(args.rounds, [
+            lambda: grpc_run(echo, [echo.pid], []),
+            with_batch_size(reference.rest_url, lambda: grpc_run(
+                reference, [reference.pid], replica_pids)),
+            with_batch_size(proxy.rest_url, lambda: grpc_run(
+                proxy, [proxy.pid], replica_pids))])
+        report_reference("gRPC", rounds)
+
+    def rest_run(url: str, watched: list[int], others: list[int]) -> Measured:
+        return measure(rest_spec([url.removeprefix("http://")], **load), watched, others)
+
+    with timed("REST"):
+        rounds = rotate(args.rounds, [
+            lambda: rest_run(f"http://127.0.0.1:{echo.rest_port}", [echo.pid], []),
+            with_batch_size(reference.rest_url, lambda: rest_run(
+                reference.rest_url, [reference.pid], replica_pids)),
+            with_batch_size(proxy.rest_url, lambda: rest_run(
+                proxy.rest_url, [proxy.pid], replica_pids))])
+        report_reference("REST", rounds)
 
 
 if __name__ == "__main__":

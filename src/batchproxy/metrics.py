@@ -1,17 +1,21 @@
 """The proxy's Prometheus series, named by Prometheus conventions (prefix batchproxy_, base
 units, _total counters).
 
-Hot-path updates are counter and histogram children bound once per label set; gauges that
-describe state (queue depth, outstanding batches, replica health) are sampled a few times a
-second instead of being written on every change. With several workers, prometheus-client's
-multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set before this module is imported) makes one
-scrape cover all of them."""
+Hot-path updates (every call's count and latency, every batch's size) are tallied in plain
+Python numbers bound once per label set, and added to the prometheus-client series whenever
+they are read (every collection of the registry, every exposition) and a few times a second:
+prometheus-client takes a lock per observation, which was a few per cent of the proxy's CPU
+per call. Gauges that describe state (queue depth, outstanding batches, replica health) are
+sampled a few times a second instead of being written on every change. With several
+workers, prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set before this
+module is imported) makes one scrape cover all of them."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -23,6 +27,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from batchproxy.supervisor import cancel_and_wait
@@ -57,9 +62,87 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+class Tally:
+    """Increments of one counter child, kept as an int until the next flush. One thread only
+    (the event loop's): `count += n` and the flush's swap are not atomic across threads."""
+
+    __slots__ = ("child", "count")
+
+    def __init__(self, child: Counter) -> None:
+        self.child = child
+        self.count = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.count += amount
+
+    def flush(self) -> None:
+        if self.count:
+            count, self.count = self.count, 0
+            self.child.inc(count)
+
+
+class HistogramTally:
+    """Observations of one histogram child, kept as per-bucket counts and a sum until the
+    next flush, which adds them to the child's own bucket and sum values as its observe()
+    would have one by one. Same thread rule as Tally."""
+
+    __slots__ = ("bounds", "child", "counts", "pending", "total")
+
+    def __init__(self, child: Histogram) -> None:
+        self.child = child
+        # The child's upper bounds, +Inf last: an observation counts in the first bucket
+        # whose bound is >= it, as Histogram.observe decides.
+        self.bounds: list[float] = list(child._upper_bounds)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+        self.pending = False
+
+    def observe(self, value: float) -> None:
+        if value != value:  # NaN: observe() adds it to the sum and to no bucket
+            self.total += value
+            self.pending = True
+            return
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.pending = True
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        counts, self.counts = self.counts, [0] * len(self.bounds)
+        total, self.total = self.total, 0.0
+        self.pending = False
+        child = self.child
+        child._raise_if_not_observable()
+        # prometheus-client's own storage of a histogram child: a value per bucket (counts
+        # in that bucket alone) and one for the sum; tests/test_metrics.py checks that a
+        # flush exposes exactly what observe() would.
+        child._sum.inc(total)
+        for bucket, count in zip(child._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+
+
+class _Flusher:
+    """Registered first in a registry: every collection flushes the tallies before the
+    series are read, so a scrape or get_sample_value sees every observation so far."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self.flush = flush
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        self.flush()
+        return []
+
+
 class ProxyMetrics:
     def __init__(self) -> None:
         registry = self.registry = CollectorRegistry()
+        self._tallies: list[Tally | HistogramTally] = []
+        registry.register(_Flusher(self.flush))  # before any series, so collected first
         self.requests = Counter(
             "batchproxy_requests", "Calls answered, by transport, method, model and status code",
             ["transport", "method", "model", "code"], registry=registry)
@@ -143,17 +226,37 @@ class ProxyMetrics:
             "batchproxy_worker_calls", "Calls answered by each worker process (pid label "
             "with --workers)", multiprocess_mode="all", registry=registry)
         self.calls_handled = 0
-        self._request_children: dict[tuple[str, str, str, str], Counter] = {}
-        self._duration_children: dict[tuple[str, str], Histogram] = {}
-        self._batch_children: dict[str, tuple[Counter, Histogram]] = {}
+        self._request_children: dict[tuple[str, str, str, str], Tally] = {}
+        self._duration_children: dict[tuple[str, str], HistogramTally] = {}
+        # Per replica: its batch count and its padding rows per batch.
+        self._batch_children: dict[str, tuple[Tally, HistogramTally]] = {}
+        # Observed on every call or batch: tallied (see the module's docstring).
+        self.queue_wait_tally = self._histogram_tally(self.queue_wait)
+        self._batch_rows = self._histogram_tally(self.batch_rows)
+        self._batch_requests = self._histogram_tally(self.batch_requests)
         self._rejected_children: dict[str, Counter] = {
             reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         self._replicas: set[str] = set()  # addresses with per-replica series
-        self._priority_children: dict[tuple[str, str], Counter] = {
-            (priority, "OK"): self.priority_requests.labels(priority, "OK")
+        self._priority_children: dict[tuple[str, str], Tally] = {
+            (priority, "OK"): self._tally(self.priority_requests.labels(priority, "OK"))
             for priority in PRIORITIES}
 
-    # -- hot path: children bound once per label set ------------------------------------------
+    # -- hot path: tallies bound once per label set -----------------------------------------
+
+    def _tally(self, child: Counter) -> Tally:
+        tally = Tally(child)
+        self._tallies.append(tally)
+        return tally
+
+    def _histogram_tally(self, child: Histogram) -> HistogramTally:
+        tally = HistogramTally(child)
+        self._tallies.append(tally)
+        return tally
+
+    def flush(self) -> None:
+        """Add every tallied observation to its prometheus-client series."""
+        for tally in self._tallies:
+            tally.flush()
 
     def observe_call(self, transport: str, method: str, model: str, code: str,
                      seconds: float) -> None:
@@ -164,31 +267,33 @@ class ProxyMetrics:
             key = (transport, method, "_other_", code)
             child = self._request_children.get(key)
         if child is None:
-            child = self._request_children[key] = self.requests.labels(*key)
-        child.inc()
+            child = self._request_children[key] = self._tally(self.requests.labels(*key))
+        child.count += 1
         self.calls_handled += 1
         duration = self._duration_children.get((transport, method))
         if duration is None:
             duration = self._duration_children[(transport, method)] = \
-                self.request_duration.labels(transport, method)
+                self._histogram_tally(self.request_duration.labels(transport, method))
         duration.observe(seconds)
 
     def observe_batch(self, replica: str, rows: int, calls: int, padding: int = 0) -> None:
         children = self._batch_children.get(replica)
         if children is None:
             children = self._batch_children[replica] = (
-                self.batches.labels(replica), self.padding_rows.labels(replica))
-        children[0].inc()
+                self._tally(self.batches.labels(replica)),
+                self._histogram_tally(self.padding_rows.labels(replica)))
+        children[0].count += 1
         children[1].observe(padding)
-        self.batch_rows.observe(rows)
-        self.batch_requests.observe(calls)
+        self._batch_rows.observe(rows)
+        self._batch_requests.observe(calls)
 
     def observe_priority(self, priority: str, code: str) -> None:
         key = (priority, code)
         child = self._priority_children.get(key)
         if child is None:
-            child = self._priority_children[key] = self.priority_requests.labels(*key)
-        child.inc()
+            child = self._priority_children[key] = self._tally(
+                self.priority_requests.labels(*key))
+        child.count += 1
 
     def warmup_call(self, model: str, outcome: str) -> None:
         self.warmup_calls.labels(model, outcome).inc()
@@ -208,6 +313,9 @@ class ProxyMetrics:
         """Per-replica gauges from {address: (outstanding batches, healthy)}. A replica no
         longer in the pool loses its series, so a dropped one is not reported healthy
         forever and DNS churn does not pile up label sets."""
+        # The gauge sampler's round, a few times a second: tallied counts reach the series
+        # then too (with --workers, the shared files), even when nothing scrapes this worker.
+        self.flush()
         for address, (outstanding, healthy) in replicas.items():
             self.outstanding.labels(address).set(outstanding)
             self.replica_healthy.labels(address).set(1 if healthy else 0)
@@ -243,7 +351,10 @@ class ProxyMetrics:
             self.shadow_difference.labels(model).observe(difference)
 
     def _forget_replica(self, address: str) -> None:
-        self._batch_children.pop(address, None)
+        tallies = self._batch_children.pop(address, None)
+        for tally in tallies or ():
+            tally.flush()
+            self._tallies.remove(tally)
         if multiprocess_dir():
             # With --workers the values live in files that no removal reaches: the best
             # they can say of a dropped replica is 0.
@@ -258,6 +369,8 @@ class ProxyMetrics:
 
     def exposition(self) -> bytes:
         if multiprocess_dir():
+            # The other workers flush theirs when they sample their gauges.
+            self.flush()
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
             return generate_latest(registry)

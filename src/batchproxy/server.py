@@ -19,12 +19,13 @@ from batchproxy.config import ProxyConfig
 from batchproxy.debug import debug_routes
 from batchproxy.engine import Engine
 from batchproxy.event_loop import run_loop
+from batchproxy.fleet import shared_slots
 from batchproxy.fleet.discovery import DnsDiscovery
 from batchproxy.fleet.health_checks import HealthChecker
 from batchproxy.fleet.slots import Endpoint, ReplicaPool, ReplicaState
 from batchproxy.fleet.transport import grpc_transports
 from batchproxy.fleet.versions import ModelSettings, VersionRouter
-from batchproxy.fleet.warmup import WarmingPool, WarmupConfig
+from batchproxy.fleet.warmup import SharedWarmingPool, WarmingPool, WarmupConfig
 from batchproxy.frontends.grpc import PredictionHandlers, generic_handlers
 from batchproxy.frontends.grpc_options import queue_limits
 from batchproxy.frontends.limits import RequestLimits
@@ -74,10 +75,13 @@ class Proxy:
         transports = grpc_transports(
             replica_credentials(config.replica_ca, config.replica_cert, config.replica_key),
             reconnect_backoff_ms=max(config.health_interval_ms, 100))
-        # Replicas and new versions are warmed before real calls (fleet/warmup.py).
+        # Replicas and new versions are warmed before real calls (fleet/warmup.py); with
+        # --workers, over slots all the workers share (fleet/shared_slots.py).
         warmup = WarmupConfig(config.warmup, config.batching.max_batch_size,
                               config.warmup_requests_file, config.replica_timeout_s)
-        self.pool: ReplicaPool = WarmingPool(
+        shared = shared_slots.pool_class() is not ReplicaPool
+        pool = SharedWarmingPool if shared else WarmingPool
+        self.pool: ReplicaPool = pool(
             replicas, config.max_inflight_per_replica, config.replica_timeout_s,
             eject_after_failures=config.eject_after_failures,
             ejection_base_s=max(config.health_interval_ms / 1000, 0.1),
@@ -144,7 +148,8 @@ class Proxy:
         self.health_checker.check_soon()
 
     def _count_ejection(self, replica: Endpoint, old: ReplicaState, reason: str) -> None:
-        if replica.state is ReplicaState.EJECTED:
+        if replica.state is ReplicaState.EJECTED and \
+                not reason.startswith(shared_slots.EJECTED_ELSEWHERE):
             self.metrics.ejections.labels(replica.address).inc()
 
     def _sample_gauges(self) -> None:

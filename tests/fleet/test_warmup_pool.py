@@ -141,10 +141,11 @@ class StubTransport:
         pass
 
 
-def pool_with_stub(batch: int = 4) -> tuple[WarmingPool, StubTransport, list[tuple[str, str]]]:
+def pool_with_stub(batch: int = 4, max_inflight: int = 4
+                   ) -> tuple[WarmingPool, StubTransport, list[tuple[str, str]]]:
     stub = StubTransport()
     counted: list[tuple[str, str]] = []
-    pool = WarmingPool(["r:1"], transports=lambda address: stub,
+    pool = WarmingPool(["r:1"], max_inflight, transports=lambda address: stub,
                        warmup=WarmupConfig(max_batch_size=batch),
                        count=lambda model, outcome: counted.append((model, outcome)))
     return pool, stub, counted
@@ -153,6 +154,21 @@ def pool_with_stub(batch: int = 4) -> tuple[WarmingPool, StubTransport, list[tup
 async def settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
+
+
+async def test_warm_up_calls_keep_to_the_replica_limit() -> None:
+    # A replica allowed one batch at a time gets its warm-up calls one at a time too.
+    pool, stub, _ = pool_with_stub(max_inflight=1)
+    pool.note_model(MODEL)
+    replica = pool.replicas["r:1"]
+    pool.record_check(replica, True, "ok", {MODEL: ModelState.AVAILABLE})
+    await settle()
+    assert len(stub.predicts) == 1 and replica.outstanding == 1
+    stub.release.set()
+    for _ in range(10):
+        await settle()
+    assert len(stub.predicts) == 4
+    assert replica.outstanding == 0 and replica.state is ReplicaState.HEALTHY
 
 
 async def test_a_joining_replica_stays_out_until_warmed() -> None:

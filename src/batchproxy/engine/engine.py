@@ -4,7 +4,8 @@ the frontends (through the predict service) and the simulator use."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -64,21 +65,12 @@ class Engine:
         elif self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.scheduler.run())
 
-    async def submit(self, call: codec.PredictCall, timeout: float | None = None,
-                     priority: Priority = Priority.CRITICAL) -> bytes:
+    def submit(self, call: codec.PredictCall, timeout: float | None = None,
+               priority: Priority = Priority.CRITICAL) -> Coroutine[Any, Any, bytes]:
         """A batchable call (call.rows >= 1): queued, batched, answered with its own rows.
-        Critical calls go first; sheddable ones fill room and are shed first."""
-        code = "OK"
-        try:
-            return await self.scheduler.submit(call, timeout, priority)
-        except ProxyError as err:
-            code = err.code.name
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            self.metrics.observe_priority(priority.value, code)
+        Critical calls go first; sheddable ones fill room and are shed first. The scheduler's
+        coroutine itself, counted there under its priority (no wrapper coroutine per call)."""
+        return self.scheduler.submit(call, timeout, priority)
 
     async def forward(self, path: str, request: bytes, timeout: float | None,
                       model: str = "") -> bytes:

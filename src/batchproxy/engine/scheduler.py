@@ -68,51 +68,63 @@ class Scheduler:
 
     async def submit(self, call: codec.PredictCall, timeout: float | None = None,
                      priority: Priority = Priority.CRITICAL) -> bytes:
-        """Queue a batchable call (call.rows >= 1) and wait for its own answer."""
-        rows = call.rows
-        model = call.model_name
-        self.pool.note_model(model)
-        if self.pool.route(model) is Route.NOWHERE:
-            self.metrics.reject("no_replica")
-            raise no_replica(model)
-        version, latest = self._target(call)
-        nbytes = call_bytes(call)
-        admission = self.admission
-        sheddable = priority is Priority.SHEDDABLE
-        if not sheddable:
-            self._evict_for(rows, nbytes)
-        admission.admit_rows(rows, nbytes, timeout, sheddable, None if self.versions is None
-                             else self.versions.settings_of(model).latency_slo_ms)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        # The resolved version is part of the key: no batch mixes versions.
-        key = call.key if self.lengths is None else self.lengths.key(call)
-        if version is not None:
-            key = (*key, version)
-        queue = self.queues.get(key)
-        if queue is None:
-            queue = self.queues[key] = KeyQueue(key, version, latest)
-        deadline = None if timeout is None else now + timeout
-        entry = Entry(call, loop.create_future(), deadline, now, queue, nbytes, sheddable,
-                      priorities.promote_at(now, timeout) if sheddable else now)
-        rows_before = queue.rows
-        queue.add(entry)
-        admission.queued_rows += rows
-        admission.queued_bytes += nbytes
-        if sheddable:
-            admission.sheddable_rows += rows
-        if deadline is not None:
-            entry.timer = loop.call_at(deadline, self._expire, entry)
-        if self.policy.wake_on_submit(queue, rows_before):
-            self.wake()
+        """Queue a batchable call (call.rows >= 1) and wait for its own answer. Every outcome
+        is counted under the call's priority, here rather than in a wrapper coroutine."""
+        code = "OK"
         try:
-            return await entry.future
+            rows = call.rows
+            model = call.model_name
+            self.pool.note_model(model)
+            if self.pool.route(model) is Route.NOWHERE:
+                self.metrics.reject("no_replica")
+                raise no_replica(model)
+            version, latest = self._target(call)
+            nbytes = call_bytes(call)
+            admission = self.admission
+            sheddable = priority is Priority.SHEDDABLE
+            if not sheddable:
+                self._evict_for(rows, nbytes)
+            admission.admit_rows(rows, nbytes, timeout, sheddable,
+                                 None if self.versions is None
+                                 else self.versions.settings_of(model).latency_slo_ms)
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            # The resolved version is part of the key: no batch mixes versions.
+            key = call.key if self.lengths is None else self.lengths.key(call)
+            if version is not None:
+                key = (*key, version)
+            queue = self.queues.get(key)
+            if queue is None:
+                queue = self.queues[key] = KeyQueue(key, version, latest)
+            deadline = None if timeout is None else now + timeout
+            entry = Entry(call, loop.create_future(), deadline, now, queue, nbytes, sheddable,
+                          priorities.promote_at(now, timeout) if sheddable else now)
+            rows_before = queue.rows
+            queue.add(entry)
+            admission.queued_rows += rows
+            admission.queued_bytes += nbytes
+            if sheddable:
+                admission.sheddable_rows += rows
+            if deadline is not None:
+                entry.timer = loop.call_at(deadline, self._expire, entry)
+            if self.policy.wake_on_submit(queue, rows_before):
+                self.wake()
+            try:
+                return await entry.future
+            except asyncio.CancelledError:
+                self.abandon(entry)
+                raise
+            finally:
+                if entry.timer is not None:
+                    entry.timer.cancel()
+        except ProxyError as err:
+            code = err.code.name
+            raise
         except asyncio.CancelledError:
-            self.abandon(entry)
+            code = "CANCELLED"
             raise
         finally:
-            if entry.timer is not None:
-                entry.timer.cancel()
+            self.metrics.observe_priority(priority.value, code)
 
     def _target(self, call: codec.PredictCall) -> tuple[int | None, bool]:
         """The version the call is sent for, and whether the proxy chose it (a `latest`
@@ -283,7 +295,7 @@ class Scheduler:
         cost = replica.cost(queue.model) if replica is not None else None
         size = room = self.padding.room(queue.rows, cost)
         pieces: list[Piece] = []
-        waited = self.metrics.queue_wait.observe
+        waited = self.metrics.queue_wait_tally.observe
         freed_bytes = 0
         sheddable_rows = 0
         while room:

@@ -361,12 +361,12 @@ class ReplicaPool:
         else:
             return None
         if not eligible:
-            return None
+            return self._no_slot(model, exclude, idle_only, version)
         if len(eligible) > 2:
             eligible = self.random.sample(eligible, 2)
         replica = min(eligible, key=lambda r: r.outstanding)
-        replica.outstanding += 1
-        replica.batches_sent += 1
+        if not self._take(replica, limit):
+            return self._no_slot(model, exclude, idle_only, version)
         return replica
 
     def try_acquire_on(self, replica: Endpoint, model: str,
@@ -376,9 +376,26 @@ class ReplicaPool:
         if replica.outstanding >= self.max_inflight or not replica.serves(model, version) \
                 or self.replicas.get(replica.address) is not replica:
             return None
+        if not self._take(replica, self.max_inflight):
+            return None
+        return replica
+
+    # One worker owns every slot: a reservation is a count on the endpoint. Workers that
+    # share the fleet (fleet/shared_slots.py) keep the count in shared memory instead.
+
+    def _take(self, replica: Endpoint, limit: int) -> bool:
+        """Reserve one of `replica`'s slots, whose count the caller saw under `limit`."""
         replica.outstanding += 1
         replica.batches_sent += 1
-        return replica
+        return True
+
+    def _give(self, replica: Endpoint) -> None:
+        replica.outstanding -= 1
+
+    def _no_slot(self, model: str, exclude: Endpoint | None,
+                 idle_only: bool, version: int | None = None) -> Endpoint | None:
+        """try_acquire found every slot taken: a freed one notifies capacity listeners."""
+        return None
 
     def note_sent(self, replica: Endpoint, model: str, rows: int) -> int:
         """A batch of `rows` rows leaves for `replica` now (its slot already held). Returns
@@ -461,8 +478,21 @@ class ReplicaPool:
         self._waiters.append(waiter)
         return waiter
 
+    async def hold_slot(self, replica: Endpoint) -> None:
+        """Wait for, and reserve, a slot on `replica` whatever its routing state: warm-up
+        calls count against `--max_inflight_per_replica` as batches do. Freed by
+        release()."""
+        while replica.outstanding >= self.max_inflight \
+                or not self._take(replica, self.max_inflight):
+            changed = self.capacity_changed()
+            self._wait_elsewhere()
+            await changed
+
+    def _wait_elsewhere(self) -> None:
+        """A wait for a slot begins: workers sharing slots ask to be woken by the others."""
+
     def release(self, replica: Endpoint) -> None:
-        replica.outstanding -= 1
+        self._give(replica)
         self._drop_if_drained(replica)
         self._notify_capacity()
 

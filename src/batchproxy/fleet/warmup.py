@@ -41,6 +41,7 @@ import numpy as np
 from batchproxy import codec
 from batchproxy.codec import dtypes
 from batchproxy.errors import ProxyError
+from batchproxy.fleet.shared_slots import SharedReplicaPool
 from batchproxy.fleet.slots import Endpoint, ModelState, ReplicaPool, ReplicaState
 from batchproxy.methods import GET_MODEL_METADATA, PREDICT
 from batchproxy.protos import get_model_metadata_pb2, predict_pb2, tensor_pb2
@@ -305,8 +306,10 @@ class WarmingPool(ReplicaPool):
 
     def _due(self, replica: Endpoint, check: _Check) -> list[Key]:
         """What this check shows available that is not warmed. A model a healthy replica
-        was already taking calls for before any check (never checked) is not held back:
-        those calls ran cold anyway; it is warmed all the same."""
+        was already taking calls for before any check listed it (a model first seen in live
+        traffic) is not warmed: those calls ran cold already, and warm-up batches now would
+        only take the replica's slots from them. Name it with --health_check_model to have
+        it warmed before any call."""
         due: list[Key] = []
         assert check.models is not None
         listed = check.more.get("versions") or {}
@@ -319,6 +322,9 @@ class WarmingPool(ReplicaPool):
                         if s == AVAILABLE_STATE]
             else:
                 keys = [(replica.address, model, None)]
+            if replica.state is ReplicaState.HEALTHY and model not in replica.models:
+                self.warmed.update(keys)
+                continue
             due += [key for key in keys if key not in self.warmed]
         return due
 
@@ -407,6 +413,7 @@ class WarmingPool(ReplicaPool):
                 if down or failure is not None:
                     return
                 request = warmup_request(model, version, template, rows)
+                await self.hold_slot(replica)
                 try:
                     await replica.transport.call(PREDICT, request, self.warmup.timeout_s)
                 except ProxyError as err:
@@ -416,6 +423,8 @@ class WarmingPool(ReplicaPool):
                     else:
                         failure = err
                     return
+                finally:
+                    self.release(replica)
                 self.count(model, "ok")
 
         await asyncio.gather(*(send(template, rows) for template in templates
@@ -439,3 +448,7 @@ class WarmingPool(ReplicaPool):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await super().close()
+
+
+class SharedWarmingPool(WarmingPool, SharedReplicaPool):
+    """Warm-up before traffic over slot counts and ejections shared by `--workers`."""

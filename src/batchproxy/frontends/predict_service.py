@@ -15,9 +15,9 @@ and REST differ only in how bytes and JSON arrive and leave.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable
+from types import TracebackType
 from typing import Protocol
 
 from batchproxy import codec
@@ -48,15 +48,64 @@ class Engine(Protocol):
 
 class CallRecord:
     """What the metrics say of one call. Frontends fill in what only they know (the method
-    after routing, a transport-specific code such as HTTP_413)."""
+    after routing, a transport-specific code such as HTTP_413).
 
-    __slots__ = ("code", "method", "model", "transport")
+    It is also the context manager PredictService.observe() returns, a plain class rather
+    than a generator-based one: it runs on every call, and contextlib's costs a generator
+    and several frames per call."""
 
-    def __init__(self, transport: str, method: str, model: str = "") -> None:
+    __slots__ = ("code", "method", "metrics", "model", "started", "transport")
+
+    def __init__(self, transport: str, method: str, model: str = "",
+                 metrics: ProxyMetrics | None = None) -> None:
         self.transport = transport
         self.method = method
         self.model = model
         self.code = "OK"
+        self.metrics = metrics
+        self.started = 0.0
+
+    def __enter__(self) -> CallRecord:
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        """Observed once, whichever way the call ended. A code the frontend set before
+        raising (e.g. before a gRPC abort) is kept, but for a ProxyError's own."""
+        if kind is not None:
+            if issubclass(kind, ProxyError):
+                self.code = error.code.name  # type: ignore[union-attr]
+            elif issubclass(kind, asyncio.CancelledError):  # the client went away
+                self.code = "CANCELLED"
+            elif issubclass(kind, Exception) and self.code == "OK":
+                self.code = "INTERNAL"
+        if self.metrics is not None:
+            self.metrics.observe_call(self.transport, self.method, self.model, self.code,
+                                      time.perf_counter() - self.started)
+
+
+class _Validating:
+    """PredictService.validating(): codec errors become ProxyErrors, and every refusal is
+    counted as `invalid`. One per service, reused: it holds no state of a call."""
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: PredictService) -> None:
+        self.service = service
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if kind is None:
+            return
+        if issubclass(kind, codec.CodecError):
+            self.service.metrics.reject("invalid")
+            raise ProxyError.from_codec_error(error) from None  # type: ignore[arg-type]
+        if issubclass(kind, ProxyError):
+            self.service.metrics.reject("invalid")
 
 
 def unbatched_request(call: codec.PredictCall) -> bytes:
@@ -76,43 +125,19 @@ class PredictService:
         self.engine = engine
         self.metrics = metrics if metrics is not None else ProxyMetrics()
         self.limits = limits or RequestLimits()
+        self._validating = _Validating(self)
 
     # -- metrics and errors ----------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def observe(self, transport: str, method: str, model: str = "") -> Iterator[CallRecord]:
-        """Observe one call: its latency and final code, once, whichever way it ends. A code
-        the frontend set before raising (e.g. before a gRPC abort) is kept."""
-        record = CallRecord(transport, method, model)
-        started = time.perf_counter()
-        try:
-            yield record
-        except ProxyError as err:
-            record.code = err.code.name
-            raise
-        except asyncio.CancelledError:  # the client went away
-            record.code = "CANCELLED"
-            raise
-        except Exception:
-            if record.code == "OK":
-                record.code = "INTERNAL"
-            raise
-        finally:
-            self.metrics.observe_call(record.transport, record.method, record.model,
-                                      record.code, time.perf_counter() - started)
+    def observe(self, transport: str, method: str, model: str = "") -> CallRecord:
+        """Observe one call, as `with service.observe(...) as record:`: its latency and final
+        code, once, whichever way it ends (CallRecord.__exit__)."""
+        return CallRecord(transport, method, model, self.metrics)
 
-    @contextlib.contextmanager
-    def validating(self) -> Iterator[None]:
-        """A refusal of the call's own content: codec errors become ProxyErrors, and every
-        refusal is counted as `invalid`."""
-        try:
-            yield
-        except codec.CodecError as err:
-            self.metrics.reject("invalid")
-            raise ProxyError.from_codec_error(err) from None
-        except ProxyError:
-            self.metrics.reject("invalid")
-            raise
+    def validating(self) -> _Validating:
+        """A refusal of the call's own content, as `with service.validating():` codec errors
+        become ProxyErrors, and every refusal is counted as `invalid`."""
+        return self._validating
 
     def check_limits(self, call: codec.PredictCall) -> None:
         try:
@@ -123,19 +148,23 @@ class PredictService:
 
     # -- calls -----------------------------------------------------------------------------
 
-    async def predict_bytes(self, request: bytes, timeout: float | None,
-                            record: CallRecord | None = None,
-                            priority: Priority = Priority.CRITICAL) -> bytes:
+    # predict_bytes() and predict() are plain functions that return the engine's coroutine:
+    # a refusal is raised when they are called, and an answer costs no coroutine of their
+    # own (two fewer per call on the hottest path). Callers await what they return.
+
+    def predict_bytes(self, request: bytes, timeout: float | None,
+                      record: CallRecord | None = None,
+                      priority: Priority = Priority.CRITICAL) -> Awaitable[bytes]:
         """A serialized PredictRequest (gRPC): decoded, validated and answered."""
         with self.validating():
             call = codec.decode_predict_request(request)
         if record is not None:
             record.model = call.model_name
-        return await self.predict(call, timeout, request, priority)
+        return self.predict(call, timeout, request, priority)
 
-    async def predict(self, call: codec.PredictCall, timeout: float | None,
-                      request: bytes | None = None,
-                      priority: Priority = Priority.CRITICAL) -> bytes:
+    def predict(self, call: codec.PredictCall, timeout: float | None,
+                request: bytes | None = None,
+                priority: Priority = Priority.CRITICAL) -> Awaitable[bytes]:
         """A decoded Predict: batched when it has rows, else forwarded alone, exactly as TFS
         without batching would answer it. `request` is its serialized form when the caller
         has it (else it is encoded from the call, only if needed)."""
@@ -143,8 +172,8 @@ class PredictService:
         if call.rows <= 0:
             if request is None:
                 request = unbatched_request(call)
-            return await self.engine.forward(PREDICT, request, timeout, model=call.model_name)
-        return await self.engine.submit(call, timeout, priority)
+            return self.engine.forward(PREDICT, request, timeout, model=call.model_name)
+        return self.engine.submit(call, timeout, priority)
 
     async def forward(self, path: str, request: bytes, timeout: float | None,
                       model: str = "") -> bytes:

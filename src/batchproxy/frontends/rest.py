@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 DEFAULT_MAX_BODY_BYTES = 64 << 20
+MAX_CACHED_SPECS = 1024
 
 # TFS's own route patterns (http_rest_api_util.cc), matched whole and case-insensitively.
 PREDICT_PATH = re.compile(
@@ -177,6 +178,17 @@ class RestFrontend:
         self.max_body_bytes = max_body_bytes
         self.auth = auth
         self.body_timeout_s = body_timeout_s
+        # Serialized ModelSpecs by (model key, signature): the same few on every call.
+        self._specs: dict[tuple[ModelKey, str], bytes] = {}
+
+    def _spec(self, key: ModelKey, signature_name: str) -> bytes:
+        spec = self._specs.get((key, signature_name))
+        if spec is None:
+            if len(self._specs) >= MAX_CACHED_SPECS:  # model names come from clients
+                self._specs.clear()
+            spec = model_spec(*key, signature_name).SerializeToString()
+            self._specs[(key, signature_name)] = spec
+        return spec
 
     def make_app(self, extra_routes: Iterable[web.RouteDef] = ()) -> web.Application:
         # The body limit is enforced in _body() (after gunzip too); aiohttp's own check
@@ -246,9 +258,14 @@ class RestFrontend:
         if length is not None and length > self.max_body_bytes:
             raise self._too_large(f" of {length} bytes")
         try:
-            # A slow sender must not hold a connection and its buffer forever.
-            async with asyncio.timeout(self.body_timeout_s):
+            if request.content.is_eof():
+                # The whole body came with the headers (any small call): nothing to wait
+                # for, so no timer to arm and cancel on every call.
                 raw = await request.read()
+            else:
+                # A slow sender must not hold a connection and its buffer forever.
+                async with asyncio.timeout(self.body_timeout_s):
+                    raw = await request.read()
         except TimeoutError:
             raise HttpError(408, f"The request body was not received within "
                                  f"{self.body_timeout_s:g} s") from None
@@ -298,7 +315,7 @@ class RestFrontend:
         name, version, label = key
         # The resolved signature name ("serving_default" for ""): the batch key then matches
         # gRPC callers that name it.
-        spec = model_spec(name, version, label, signature.name).SerializeToString()
+        spec = self._spec(key, signature.name)
         inputs = {n: codec.Tensor(t.dtype, t.shape, t.data) for n, t in tensors.items()}
         call = codec.PredictCall(
             model_name=name, version=version, version_label=label,

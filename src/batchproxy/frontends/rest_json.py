@@ -304,6 +304,26 @@ def _pack(dtype: int, shape: tuple[int, ...], values: list[Any]) -> JsonTensor:
     return JsonTensor(dtype, shape, array.tobytes())
 
 
+# Up to this many values, a check over a tensor's values is a Python loop over tolist():
+# one numpy reduction costs a few microseconds whatever the size, more than the loop over a
+# few values (a one-row call's whole tensor, most often).
+SMALL = 16
+
+
+def _within(array: np.ndarray, low: float, high: float) -> bool:
+    """Whether every value lies in [low, high] (a NaN does not)."""
+    if array.size <= SMALL:
+        return all(low <= v <= high for v in array.ravel().tolist())
+    return bool(low <= array.min() and array.max() <= high)  # NaN: both are NaN, False
+
+
+def _finite(array: np.ndarray) -> bool:
+    """Whether no value is NaN or infinite."""
+    if array.size <= SMALL:
+        return all(map(math.isfinite, array.ravel().tolist()))
+    return bool(np.isfinite(array).all())
+
+
 def _fast(value: Any, dtype: int, may_have_bools: bool) -> np.ndarray | None:
     """`value` converted by numpy, when numpy's result is surely TFS's; None otherwise."""
     if dtype == dtypes.DT_STRING or dtype not in dtypes.NUMPY_DTYPES:
@@ -322,7 +342,7 @@ def _fast(value: Any, dtype: int, may_have_bools: bool) -> np.ndarray | None:
         # Only floats: the JSON numbers may have been integers, which TFS refuses beyond the
         # type's exact range, and NaN/Infinity or huge values need the careful walk.
         limit = _LOSSLESS_INT.get(dtype)
-        if limit is None or (array.size and not np.abs(array).max() <= limit):
+        if limit is None or not _within(array, -limit, limit):
             return None
         return array.astype(target)
     if kind in "iu":
@@ -332,7 +352,7 @@ def _fast(value: Any, dtype: int, may_have_bools: bool) -> np.ndarray | None:
             low, high = _INT_RANGE[dtype]
         else:
             return None
-        if array.size and not (low <= array.min() and array.max() <= high):
+        if not _within(array, low, high):
             return None
         if dtype in _INT32_TYPES:
             array = array.astype(np.int32)  # then narrow, wrapping as TF's int_val does
@@ -560,7 +580,7 @@ class _Output:
             self.nested = _empty(shape)
             return
         self.array = dtypes.to_numpy(dtype, shape, data)
-        self.non_finite = dtype in _FLOATING and not bool(np.isfinite(self.array).all())
+        self.non_finite = dtype in _FLOATING and not _finite(self.array)
 
     def whole(self) -> Any:
         if self.array is None:

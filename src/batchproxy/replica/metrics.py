@@ -32,6 +32,27 @@ class ReplicaMetrics:
             "Predict calls currently running or waiting for the model.",
             registry=self.registry,
         )
+        # The most Predicts that were inside the model at once since the replica started:
+        # what shows whether the proxy (all its workers together) kept to
+        # --max_inflight_per_replica, which a sampled gauge of the current count can miss.
+        self.peak_inflight = Gauge(
+            "batchproxy_replica_peak_inflight_predicts",
+            "Most Predict calls running or waiting for the model at once since start.",
+            registry=self.registry,
+        )
+        self._inside = 0
+        self._peak = 0
+
+    def predict_started(self) -> None:
+        self._inside += 1
+        self.inflight.inc()
+        if self._inside > self._peak:
+            self._peak = self._inside
+            self.peak_inflight.set(self._peak)
+
+    def predict_ended(self) -> None:
+        self._inside -= 1
+        self.inflight.dec()
 
     def count(self, method: str, code: grpc.StatusCode) -> None:
         self.requests.labels(method, code.name).inc()

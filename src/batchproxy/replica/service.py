@@ -320,11 +320,11 @@ class ReplicaService:
             raise ReplicaError(grpc.StatusCode.INVALID_ARGUMENT, batch_size_refused(
                 rows, self.allowed_batch_sizes))
         self.metrics.batch_rows.observe(rows)
-        self.metrics.inflight.inc()
+        self.metrics.predict_started()
         try:
             outputs = await servable.run(name, arrays, rows)
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.predict_ended()
         return name, {alias: outputs[alias] for alias in aliases}
 
     # -- metadata and status -------------------------------------------------------------
