@@ -62,6 +62,7 @@ class Load:
         self.address = address
         self.max_calls = max_calls
         self.calls: list[tuple[float, float]] = []
+        self.versions: list[int] = []  # the version that answered each call
         self.errors: list[str] = []
         self.done = threading.Event()
         self.threads = [threading.Thread(target=self.run, args=(i,)) for i in range(CLIENTS)]
@@ -78,11 +79,12 @@ class Load:
                 request.inputs["x"].CopyFrom(float_tensor(np.ones((rows, 4), np.float32)))
                 start = time.perf_counter()
                 try:
-                    stub.Predict(request, timeout=30)
+                    response = stub.Predict(request, timeout=30)
                 except grpc.RpcError as err:
                     self.errors.append(f"{err.code().name}: {err.details()}")
                     continue
                 self.calls.append((start, time.perf_counter() - start))
+                self.versions.append(response.model_spec.version.value)
         finally:
             channel.close()
 
@@ -198,3 +200,28 @@ def test_without_warmup_a_joining_replica_makes_callers_wait(base: Path) -> None
     slowest = load.slowest_since(started)
     assert slowest >= FIRST_CALL_MS / 1e3, (
         f"no call after the join took the first-call delay ({slowest:.3f}s)")
+
+
+def test_a_new_version_is_warmed_before_latest_calls_reach_it(base: Path) -> None:
+    replica = start_replica("identity", model_name=NAME, model_base_path=base,
+                            model_version_policy="all", file_system_poll_wait_seconds=0.2)
+    proxy = start_proxy([replica], health_check_model=NAME, health_interval_ms=200,
+                        max_batch_size=MAX_BATCH, hedge_budget_percent=0)
+    try:
+        with Load(proxy.address) as load:
+            wait_until(lambda: len(load.calls) > 200, 60, "no load through the proxy")
+            # Version 2 appears: slow at every first batch size, as a new graph is.
+            add_version(base, 2, model="identity", batch_cost_ms=2,
+                        first_call_at_new_batch_size_ms=FIRST_CALL_MS)
+            wait_until(lambda: load.versions.count(2) > 300, 60,
+                       "latest calls never moved to version 2")
+        assert not load.errors, load.errors[:5]
+        slowest = load.slowest_since(0)
+        assert slowest < FIRST_CALL_MS / 1e3, (
+            f"a call took {slowest:.3f}s with warm-up (first-call delay {FIRST_CALL_MS} ms)")
+        warmed = metric(proxy.rest_url, "batchproxy_warmup_calls_total", model=NAME,
+                        outcome="ok")
+        assert warmed == 2 * MAX_BATCH  # version 1 at start, then version 2
+    finally:
+        proxy.stop()
+        replica.stop()
