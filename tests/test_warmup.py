@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 from grpc_client import float_tensor
-from model_dirs import add_version
+from model_dirs import add_version, write_warmup_file
 from procs import HOST, Process, free_port, start_replica
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_procs import start_proxy
@@ -225,3 +225,44 @@ def test_a_new_version_is_warmed_before_latest_calls_reach_it(base: Path) -> Non
     finally:
         proxy.stop()
         replica.stop()
+
+
+def test_warmup_from_tfs_warmup_records(base: Path, tmp_path: Path) -> None:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = NAME
+    request.inputs["x"].CopyFrom(float_tensor(np.full((2, 4), 3.0, np.float32)))
+    records = tmp_path / "tf_serving_warmup_requests"
+    write_warmup_file(records, [request.SerializeToString()])
+    replica = replica_on(base)
+    proxy = start_proxy([replica], health_check_model=NAME, health_interval_ms=200,
+                        max_batch_size=4, warmup_requests_file=records)
+    try:
+        wait_until(lambda: metric(proxy.rest_url, "batchproxy_warmup_calls_total", model=NAME,
+                                  outcome="ok") == 4, 60, "no warm-up from the records")
+        # One batch of each size 1..4, cut from the record's two rows.
+        assert metric(replica.rest_url, "batchproxy_replica_batch_rows_count") == 4
+        assert metric(replica.rest_url, "batchproxy_replica_batch_rows_sum") == 10
+        channel = grpc.insecure_channel(proxy.address)
+        start = time.perf_counter()
+        services_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+        assert time.perf_counter() - start < FIRST_CALL_MS / 1e3
+        channel.close()
+    finally:
+        proxy.stop()
+        replica.stop()
+
+
+def test_an_unreadable_warmup_file_stops_start_up(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from procs import child_env
+
+    bad = tmp_path / "w"
+    bad.write_bytes(b"\x10" + bytes(3))  # a TFRecord cut short
+    result = subprocess.run(
+        [sys.executable, "-m", "batchproxy", "serve", "--replica", "127.0.0.1:1",
+         "--warmup_requests_file", str(bad)],
+        capture_output=True, text=True, timeout=60, env=child_env())
+    assert result.returncode == 1
+    assert "batchproxy serve: TFRecord cut short at byte 0" in result.stderr
