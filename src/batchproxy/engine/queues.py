@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from batchproxy import codec
 from batchproxy.errors import ProxyError
-from batchproxy.fleet.versions import version_override
+from batchproxy.fleet.versions import version_spec
 
 
 def call_bytes(call: codec.PredictCall) -> int:
@@ -179,10 +179,16 @@ class Batch:
     @classmethod
     def of(cls, model: str, pieces: list[Piece], version: int | None = None,
            latest: bool = False) -> Batch:
-        request = codec.encode_predict_request(
-            [(entry.call, start, stop) for entry, start, stop in pieces])
-        if version is not None:
-            request += version_override(version)
+        items = [(entry.call, start, stop) for entry, start, stop in pieces]
+        if version is not None and items:
+            # The merged request's ModelSpec is the first call's: that one, with the
+            # version appended, names the version (no copy of the merged request).
+            call, start, stop = items[0]
+            items[0] = (codec.PredictCall(call.model_name, version, None,
+                                          call.signature_name, call.output_filter,
+                                          call.model_spec + version_spec(version),
+                                          call.inputs, call.rows, call.key), start, stop)
+        request = codec.encode_predict_request(items)
         rows = sum(stop - start for _, start, stop in pieces)
         return cls(model, pieces, request, rows, version, latest)
 
