@@ -486,15 +486,19 @@ class ReplicaPool:
         return any(r.state is ReplicaState.HEALTHY for r in self.replicas.values())
 
     def pick_unbatched(self, model: str, exclude: Endpoint | None = None,
-                       skip: Collection[Endpoint] = ()) -> Endpoint | None:
+                       skip: Collection[Endpoint] = (),
+                       version: int | None = None) -> Endpoint | None:
         """A replica for an unbatched call (metadata, status, classify, ...): the least busy
         healthy one that serves `model` (any healthy one when the model is not known). These
         calls take no batch slot: they are small and must not wait behind batches. `skip`:
-        replicas that already answered this call NOT_FOUND."""
+        replicas that already answered this call NOT_FOUND. `version`: prefer replicas where
+        that version is AVAILABLE (a label the proxy resolved)."""
         by_model = bool(model) and self.route(model) is Route.SERVED
         candidates = [r for r in self.replicas.values()
                       if r is not exclude and r not in skip
                       and (r.serves(model) if by_model else r.state is ReplicaState.HEALTHY)]
+        if version is not None and by_model:
+            candidates = [r for r in candidates if r.serves(model, version)] or candidates
         if not candidates:
             candidates = [r for r in self.replicas.values()
                           if r.state is not ReplicaState.DRAINING and r is not exclude
