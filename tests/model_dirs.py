@@ -43,3 +43,23 @@ def set_labels(base: Path, labels: dict[str, int]) -> None:
     staging = base / ".labels.json.tmp"
     staging.write_text(json.dumps(labels))
     os.replace(staging, base / "labels.json")
+
+
+def _length_delimited(number: int, data: bytes) -> bytes:
+    out, length = bytearray([(number << 3) | 2]), len(data)
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out) + data
+
+
+def write_warmup_file(path: Path, requests: list[bytes]) -> None:
+    """TFS's warm-up file (assets.extra/tf_serving_warmup_requests): a TFRecord of
+    PredictionLog{predict_log: PredictLog{request}}, one record per serialized
+    PredictRequest. The record CRCs are left zero: TFS checks them, batchproxy does not."""
+    records = bytearray()
+    for request in requests:
+        log = _length_delimited(6, _length_delimited(1, request))
+        records += len(log).to_bytes(8, "little") + bytes(4) + log + bytes(4)
+    path.write_bytes(bytes(records))

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy_procs import start_proxy
 
 from batchproxy.protos import (
+    get_model_metadata_pb2,
     model_server_config_pb2,
     predict_pb2,
     services_pb2,
@@ -142,6 +143,30 @@ def test_sighup_and_the_poll_reread_the_files_and_a_bad_file_keeps_the_old(
     proxy.signal(signal.SIGHUP)
     eventually(lambda: predict_version(proxy, "stable") == 2 and predict_version(proxy) == 1,
                "SIGHUP reloaded both files")
+
+
+def test_a_label_means_one_version_over_rest_and_in_forwarded_calls(
+        proxy: Process) -> None:
+    """The replicas know no labels (no labels.json): the proxy resolves them for REST
+    predict calls, whose signature fetch (GetModelMetadata) names the label too."""
+    reload(proxy, config_with({"stable": 1, "canary": 2}))
+    for label, offset in (("stable", 0.0), ("canary", 1.0)):
+        reply = requests.post(f"{proxy.rest_url}/v1/models/{NAME}/labels/{label}:predict",
+                              json={"instances": [[1.0, 2.0, 3.0]]}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["predictions"] == [[1.0 + offset, 2.0 + offset, 3.0 + offset]]
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = NAME
+    request.model_spec.version_label = "canary"
+    with grpc.insecure_channel(proxy.address) as channel:
+        answer = services_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
+            request, timeout=30)
+    assert answer.model_spec.version.value == 2
+    reply = requests.post(f"{proxy.rest_url}/v1/models/{NAME}/labels/nope:predict",
+                          json={"instances": [[1.0, 2.0, 3.0]]}, timeout=30)
+    assert reply.status_code == 400
+    assert reply.json() == {"error": "Unrecognized servable version label: nope"}
+    reload(proxy, None)
 
 
 def test_the_other_model_service_method_is_still_forwarded(proxy: Process) -> None:

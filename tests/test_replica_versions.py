@@ -258,3 +258,35 @@ def test_first_call_at_each_new_batch_size_is_slow(tmp_path: Path) -> None:
         assert timed(3) >= delay_s
         assert timed(3) < delay_s  # traced once: a plain identity call now
         assert timed(5) >= delay_s  # a new batch size traces again
+
+
+def test_version_folders_policies_and_options(tmp_path: Path) -> None:
+    from batchproxy.replica.models import ReplicaError
+    from batchproxy.replica.versions import VersionPolicy, read_options, version_folders
+
+    base = tmp_path / NAME
+    add_version(base, 1)
+    add_version(base, 12, folder_name="12")
+    (base / "3").mkdir()  # no replica.json yet: not a version
+    (base / "²").mkdir()  # a digit, but not an ASCII one
+    (base / "²" / "replica.json").write_text("{}")
+    (base / "notes").mkdir()
+    assert sorted(version_folders(base)) == [1, 12]
+
+    assert VersionPolicy.parse("latest").aspired([1, 12, 5]) == {12}
+    assert VersionPolicy.parse("latest:2").aspired([1, 12, 5]) == {12, 5}
+    assert VersionPolicy.parse("all").aspired([1, 12]) == {1, 12}
+    assert VersionPolicy.parse("specific:1,7").aspired([1, 12]) == {1}
+    for bad in ("latest:0", "newest", "specific:", "all:2", "specific:a"):
+        with pytest.raises(ValueError, match="model version policy"):
+            VersionPolicy.parse(bad)
+
+    folder = add_version(base, 4, batch_cost_ms=-1)
+    with pytest.raises(ReplicaError, match="batch_cost_ms must be a number >= 0"):
+        read_options(folder)
+    folder = add_version(base, 5, colour="blue")
+    with pytest.raises(ReplicaError, match="unknown keys"):
+        read_options(folder)
+    (folder / "replica.json").write_text("{not json")
+    with pytest.raises(ReplicaError, match=r"replica\.json"):
+        read_options(folder)

@@ -248,6 +248,12 @@ def test_a_shadow_version_gives_divergence_metrics_and_changes_no_answer(
         by_ten = metric(proxy, "batchproxy_shadow_max_abs_difference_bucket", model=NAME,
                         le="10.0")
         assert compared >= 20 and below == 0 and by_ten >= compared
+        # The fleet's versions, as the gauge has them: 0002 on the first replica, 0001 on
+        # the other two (TFS's default policy unloaded 0001 where 0002 arrived).
+        eventually(lambda: metric(proxy, "batchproxy_model_version_replicas", model=NAME,
+                                  version="2", state="AVAILABLE") == 1
+                   and metric(proxy, "batchproxy_model_version_replicas", model=NAME,
+                              version="1", state="AVAILABLE") == 2, "the version gauge")
     answers = [a for a in load.answers if a.started >= start]
     assert not failures(load.answers), failures(load.answers)[:5]
     assert {a.version for a in answers} == {1}  # callers only ever saw the primary

@@ -153,6 +153,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         config = proxy_config(args)
         # A bad model config stops start-up with its line, before any replica starts.
         ConfigFiles(config.model_config_file, config.proxy_config_file).load()
+        if config.warmup and config.warmup_requests_file:
+            # A warm-up file that cannot be read stops start-up too, saying why.
+            from batchproxy.fleet.warmup import read_warmup_requests
+            read_warmup_requests(config.warmup_requests_file)
     except ValueError as err:
         sys.exit(f"batchproxy serve: {err}")
     try:

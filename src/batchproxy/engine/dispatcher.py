@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from batchproxy import codec
 from batchproxy.engine.admission import Admission
@@ -25,8 +26,9 @@ from batchproxy.engine.retry import RetryPolicy
 from batchproxy.engine.shadow import Shadower
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.slots import Endpoint, ReplicaPool
-from batchproxy.fleet.versions import VersionRouter
+from batchproxy.fleet.versions import VersionRouter, version_override
 from batchproxy.metrics import ProxyMetrics
+from batchproxy.protos import model_spec_holder_pb2
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +322,24 @@ class Dispatcher:
 
     # -- unbatched calls -------------------------------------------------------------------
 
+    def _resolve_label(self, model: str, request: bytes) -> tuple[bytes, int | None]:
+        """A forwarded call (metadata, status, classify, regress) naming a version label the
+        proxy's model config knows: sent for that version, as a Predict is, so a label means
+        the same on every replica. Other calls go as they came."""
+        assert self.versions is not None
+        if not self.versions.settings_of(model).labels:
+            return request, None
+        try:
+            spec = model_spec_holder_pb2.ModelSpecHolder.FromString(request).model_spec
+        except (DecodeError, ValueError):
+            return request, None  # the replica says what is wrong with it
+        if spec.WhichOneof("version_choice") != "version_label":
+            return request, None
+        version = self.versions.resolve_label(model, spec.version_label)
+        if version is None:
+            return request, None
+        return request + version_override(version), version
+
     async def forward(self, path: str, request: bytes, timeout: float | None,
                       model: str = "") -> bytes:
         """An unbatched call (metadata, status, classify, an unbatchable Predict, ...) to a
@@ -336,10 +356,13 @@ class Dispatcher:
         if model:
             self.pool.note_model(model)
         said_not_found: list[Endpoint] = []
+        version = None
         try:
+            if model and self.versions is not None:
+                request, version = self._resolve_label(model, request)
             while True:
                 replica = self.pool.pick_unbatched(model, exclude=failed,
-                                                   skip=said_not_found)
+                                                   skip=said_not_found, version=version)
                 if replica is None:
                     raise ProxyError(grpc.StatusCode.UNAVAILABLE, "no healthy replica")
                 remaining = None if deadline is None else deadline - loop.time()

@@ -13,7 +13,7 @@ from batchproxy import codec
 from batchproxy.engine.lengths import Lengths
 from batchproxy.engine.padding import padding_for
 from batchproxy.errors import ProxyError
-from batchproxy.fleet.versions import version_override
+from batchproxy.fleet.versions import version_spec
 
 
 def call_bytes(call: codec.PredictCall) -> int:
@@ -190,12 +190,18 @@ class Batch:
            lengths: Lengths | None = None) -> Batch:
         rows = sum(stop - start for _, start, stop in pieces)
         padding = padding_for(sizes, rows)
-        calls = [(entry.call, start, stop) for entry, start, stop in pieces]
+        items = [(entry.call, start, stop) for entry, start, stop in pieces]
         if lengths is not None:
-            calls = lengths.pad(calls)
-        request = codec.encode_predict_request(calls, padding)
-        if version is not None:
-            request += version_override(version)
+            items = lengths.pad(items)
+        if version is not None and items:
+            # The merged request's ModelSpec is the first call's: that one, with the
+            # version appended, names the version (no copy of the merged request).
+            call, start, stop = items[0]
+            items[0] = (codec.PredictCall(call.model_name, version, None,
+                                          call.signature_name, call.output_filter,
+                                          call.model_spec + version_spec(version),
+                                          call.inputs, call.rows, call.key), start, stop)
+        request = codec.encode_predict_request(items, padding)
         return cls(model, pieces, request, rows, version, latest, sizes, padding, lengths)
 
     def same(self, pieces: list[Piece]) -> Batch:

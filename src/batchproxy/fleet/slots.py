@@ -146,6 +146,9 @@ class ReplicaPool:
         self.random = random.Random(seed)
         self.replicas: dict[str, Endpoint] = {}
         self._routes: dict[tuple[str, int | None], Route] = {}
+        # What others derive from the replicas' states (the versions' view, fleet/versions.py),
+        # dropped whenever the routes are: at every state, model or membership change.
+        self.derived: dict[object, object] = {}
         self.known_models: set[str] = set()
         # Called on every state change (replica, old state, reason): logs, metrics, waiters.
         self.listeners: list[StateListener] = []
@@ -156,12 +159,18 @@ class ReplicaPool:
         for address in addresses:
             self.add(address)
 
+    def _changed(self) -> None:
+        """A replica's state, a model's or a version's, or the membership changed: what was
+        worked out from them is worked out again when next asked."""
+        self._routes.clear()
+        self.derived.clear()
+
     # -- membership -------------------------------------------------------------------------
 
     def add(self, address: str) -> Endpoint:
         replica = self.replicas.get(address)
         if replica is None:
-            self._routes.clear()
+            self._changed()
             replica = self.replicas[address] = Endpoint(address,
                                                         self.transports(address))
             log.info("replica %s joined", address)
@@ -184,7 +193,7 @@ class ReplicaPool:
         if (replica.state is ReplicaState.DRAINING and replica.outstanding == 0
                 and self.replicas.get(replica.address) is replica):
             del self.replicas[replica.address]
-            self._routes.clear()
+            self._changed()
             log.info("replica %s drained and dropped", replica.address)
             self._closing.append(replica)
 
@@ -193,7 +202,7 @@ class ReplicaPool:
         if old is state:
             return
         replica.state = state
-        self._routes.clear()
+        self._changed()
         if state is ReplicaState.HEALTHY:
             replica.healthy_since = loop_time()
         for listener in self.listeners:
@@ -215,7 +224,7 @@ class ReplicaPool:
             for name, listed in versions.items():
                 old = replica.versions.get(name)
                 if old != listed:
-                    self._routes.clear()
+                    self._changed()
                     replica.versions[name] = listed
                     if any(state == AVAILABLE_STATE and (old or {}).get(version) != state
                            for version, state in listed.items()):
@@ -228,7 +237,7 @@ class ReplicaPool:
                 state is ModelState.AVAILABLE and replica.models.get(name) is not state
                 for name, state in models.items())
             if any(replica.models.get(name) is not state for name, state in models.items()):
-                self._routes.clear()
+                self._changed()
             replica.models.update(models)
             if became_available or any(state is not ModelState.AVAILABLE
                                        for state in models.values()):
@@ -285,7 +294,7 @@ class ReplicaPool:
         model: route around it now, not after the next check (which has the last word)."""
         if model in self.known_models and model not in replica.models:
             replica.models[model] = ModelState.MISSING
-            self._routes.clear()
+            self._changed()
 
     def note_version_gone(self, replica: Endpoint, model: str, version: int) -> None:
         """`replica` answered NOT_FOUND for `version` of `model` before a health check said
@@ -293,7 +302,7 @@ class ReplicaPool:
         versions = replica.versions.setdefault(model, {})
         if versions.get(version) == AVAILABLE_STATE or version not in versions:
             versions[version] = 0  # UNKNOWN: listed by no check, so not served
-            self._routes.clear()
+            self._changed()
 
     def forget_missing_models(self, keep: set[str]) -> None:
         """Stop health-checking models that every replica reports missing."""
@@ -305,7 +314,7 @@ class ReplicaPool:
                 for replica in self.replicas.values():
                     replica.models.pop(model, None)
                     replica.versions.pop(model, None)
-                self._routes.clear()
+                self._changed()
 
     def route(self, model: str, version: int | None = None) -> Route:
         """Where calls for `model` (and `version`, when given) can go now (see Route).
@@ -314,7 +323,7 @@ class ReplicaPool:
         route = self._routes.get((model, version))
         if route is None:
             if len(self._routes) >= MAX_TRACKED_MODELS:
-                self._routes.clear()  # model names come from clients: keep the cache small
+                self._changed()  # model names come from clients: keep the cache small
             route = self._compute_route(model)
             if version is not None and route is Route.SERVED and not any(
                     r.serves(model, version) for r in self.replicas.values()):
@@ -507,15 +516,19 @@ class ReplicaPool:
         return any(r.state is ReplicaState.HEALTHY for r in self.replicas.values())
 
     def pick_unbatched(self, model: str, exclude: Endpoint | None = None,
-                       skip: Collection[Endpoint] = ()) -> Endpoint | None:
+                       skip: Collection[Endpoint] = (),
+                       version: int | None = None) -> Endpoint | None:
         """A replica for an unbatched call (metadata, status, classify, ...): the least busy
         healthy one that serves `model` (any healthy one when the model is not known). These
         calls take no batch slot: they are small and must not wait behind batches. `skip`:
-        replicas that already answered this call NOT_FOUND."""
+        replicas that already answered this call NOT_FOUND. `version`: prefer replicas where
+        that version is AVAILABLE (a label the proxy resolved)."""
         by_model = bool(model) and self.route(model) is Route.SERVED
         candidates = [r for r in self.replicas.values()
                       if r is not exclude and r not in skip
                       and (r.serves(model) if by_model else r.state is ReplicaState.HEALTHY)]
+        if version is not None and by_model:
+            candidates = [r for r in candidates if r.serves(model, version)] or candidates
         if not candidates:
             candidates = [r for r in self.replicas.values()
                           if r.state is not ReplicaState.DRAINING and r is not exclude

@@ -106,6 +106,21 @@ NO_SETTINGS = ModelSettings()
 
 
 _OVERRIDES: dict[int, bytes] = {}
+_SPECS: dict[int, bytes] = {}
+
+
+def version_spec(version: int) -> bytes:
+    """A serialized ModelSpec naming only `version`. Appended to a call's own serialized
+    ModelSpec it sets the version and drops a label (protobuf merges a message's fields, and
+    the last member of a oneof wins), keeping the caller's name and signature_name."""
+    spec = _SPECS.get(version)
+    if spec is None:
+        message = model_pb2.ModelSpec()
+        message.version.value = version
+        spec = message.SerializeToString()
+        if len(_SPECS) < 4096:
+            _SPECS[version] = spec
+    return spec
 
 
 def version_override(version: int) -> bytes:
@@ -115,9 +130,7 @@ def version_override(version: int) -> bytes:
     signature_name: the merged request is not re-encoded."""
     override = _OVERRIDES.get(version)
     if override is None:
-        spec = model_pb2.ModelSpec()
-        spec.version.value = version
-        body = spec.SerializeToString()
+        body = version_spec(version)
         override = b"\x0a" + _varint(len(body)) + body
         if len(_OVERRIDES) < 4096:
             _OVERRIDES[version] = override
@@ -151,7 +164,18 @@ class VersionRouter:
 
     def available(self, model: str) -> tuple[dict[int, int], int]:
         """version -> healthy replicas where it is AVAILABLE, and how many healthy replicas
-        serve the model at all (any version)."""
+        serve the model at all (any version). Asked on every latest call: kept until the
+        pool reports a change (ReplicaPool.derived)."""
+        key = ("versions", model)
+        cached = self.pool.derived.get(key)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        result = self._count(model)
+        if len(self.pool.derived) < 4 * 256:  # model names come from clients
+            self.pool.derived[key] = result
+        return result
+
+    def _count(self, model: str) -> tuple[dict[int, int], int]:
         counts: dict[int, int] = {}
         serving = 0
         for replica in self.pool.replicas.values():

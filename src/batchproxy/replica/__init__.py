@@ -25,6 +25,7 @@ from batchproxy.event_loop import run_loop
 from batchproxy.flags import batch_sizes
 from batchproxy.replica.models import MODELS
 from batchproxy.replica.server import Replica
+from batchproxy.replica.versions import VersionPolicy
 
 __all__ = ["Replica", "add_replica_arguments", "run_replica", "serve_replica"]
 
@@ -82,6 +83,14 @@ async def serve_replica(
         logging.getLogger(__name__).info("reference replica stopped")
 
 
+def _version_policy(text: str) -> str:
+    try:
+        VersionPolicy.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `batchproxy replica` and `python -m batchproxy.replica`, named like
     TFS's own where they exist."""
@@ -105,7 +114,7 @@ def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
                         help="seconds between polls of --model_base_path; 0 polls once "
                              "(default %(default)s)")
-    parser.add_argument("--model_version_policy", default="latest",
+    parser.add_argument("--model_version_policy", default="latest", type=_version_policy,
                         help="versions of --model_base_path served: latest (TFS's default: "
                              "the highest), latest:N, all, or specific:V1,V2 "
                              "(default %(default)s)")

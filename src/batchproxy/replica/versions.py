@@ -187,7 +187,8 @@ def version_folders(base: Path) -> dict[int, Path]:
         log.warning("model base path %s: %s", base, err)
         return found
     for entry in entries:
-        if entry.name.isdigit() and entry.is_dir() and (entry / VERSION_FILE).is_file():
+        numbered = entry.name.isascii() and entry.name.isdigit()
+        if numbered and entry.is_dir() and (entry / VERSION_FILE).is_file():
             found[int(entry.name)] = entry
     return found
 
