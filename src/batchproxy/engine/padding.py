@@ -7,8 +7,9 @@ allowed size that fits and keep the rest queued, so no replica time is spent on 
 `min_cost` picks whichever of the two costs less per real row by the replica's learned
 cost (`a + b * rows`, fleet/costs.py): padding 9 rows to 16 is cheap when the fixed part
 dominates, dear when the per-row part does. Until the fit has seen batches of different
-sizes it alternates the two, so that it learns the slope at all. The codec writes the padding rows (copies of a
-real row) and the dispatcher cuts them from the answer before it is split."""
+sizes it alternates the two, so that it learns the slope at all. The codec writes the
+padding rows (copies of a real row) and the dispatcher cuts them from the answer before it
+is split."""
 
 from __future__ import annotations
 
