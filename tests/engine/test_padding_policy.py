@@ -36,7 +36,24 @@ def test_sizes_up_and_down():
 def test_room_by_policy(policy, queued, a, b, room):
     padding = Padding(BatchingConfig(max_batch_size=8, allowed_batch_sizes=SIZES,
                                      padding_policy=policy))
-    assert padding.room(queued, CostModel(prior_a_s=a, prior_b_s=b)) == room
+    assert padding.room(queued, learned(a, b)) == room
+
+
+def learned(a: float, b: float) -> CostModel:
+    """A cost model that has seen batches of 4 and 8 rows costing a + b * rows."""
+    cost = CostModel()
+    for i in range(20):
+        rows = 4 if i % 2 else 8
+        cost.observe(rows, a + b * rows)
+    assert cost.slope_known
+    return cost
+
+
+def test_min_cost_alternates_until_the_slope_is_known():
+    padding = Padding(BatchingConfig(max_batch_size=8, allowed_batch_sizes=SIZES,
+                                     padding_policy="min_cost"))
+    unknown = CostModel(prior_a_s=0.01, prior_b_s=0.0)
+    assert [padding.room(6, unknown) for _ in range(4)] == [4, 8, 4, 8]
 
 
 def run_six_rows(vrun, policy: str, cost: CostModel | None = None):
@@ -72,9 +89,9 @@ def test_batch_down_sends_four_and_keeps_the_rest_queued(vrun):
 
 
 def test_min_cost_follows_the_replicas_learned_cost(vrun):
-    per_row = run_six_rows(vrun, "min_cost", CostModel(prior_a_s=0.001, prior_b_s=0.01))
+    per_row = run_six_rows(vrun, "min_cost", learned(0.001, 0.01))
     assert [rows for _, rows, _ in per_row] == [4, 4]
-    fixed = run_six_rows(vrun, "min_cost", CostModel(prior_a_s=0.1, prior_b_s=0.0001))
+    fixed = run_six_rows(vrun, "min_cost", learned(0.1, 0.0001))
     assert [rows for _, rows, _ in fixed] == [8]
 
 

@@ -6,8 +6,10 @@ allowed size (`pad_up`). TensorFlow's batch op also knows `batch_down`: send the
 allowed size that fits and keep the rest queued, so no replica time is spent on padding.
 `min_cost` picks whichever of the two costs less per real row by the replica's learned
 cost (`a + b * rows`, fleet/costs.py): padding 9 rows to 16 is cheap when the fixed part
-dominates, dear when the per-row part does. The codec writes the padding rows (copies of a
-real row) and the dispatcher cuts them from the answer before it is split."""
+dominates, dear when the per-row part does. Until the fit has seen batches of different
+sizes it alternates the two, so that it learns the slope at all. The codec writes the
+padding rows (copies of a real row) and the dispatcher cuts them from the answer before it
+is split."""
 
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class Padding:
         self.sizes = config.allowed_batch_sizes
         self.policy = config.padding_policy
         self.full = config.max_batch_size
+        self._explore = False
 
     def room(self, queued: int, cost: CostModel | None) -> int:
         """Rows the next batch may take out of `queued` waiting (max_batch_size, unless
@@ -55,6 +58,12 @@ class Padding:
             return self.full  # below the smallest size, padding is the only way; or exact
         if self.policy == "batch_down" or cost is None:
             return down if self.policy == "batch_down" else self.full
+        if not cost.slope_known:
+            # Padded batches tend to be all of one size, and one size cannot tell the
+            # per-row cost from the fixed one: the prior's slope would make padding look
+            # free forever. Alternate the two choices until the fit knows the slope.
+            self._explore = not self._explore
+            return down if self._explore else self.full
         return down if self.cheaper_down(queued, down, cost) else self.full
 
     def cheaper_down(self, queued: int, down: int, cost: CostModel) -> bool:

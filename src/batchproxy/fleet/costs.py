@@ -55,6 +55,15 @@ class CostModel:
     def b_s(self) -> float:
         return self._fit()[1]
 
+    @property
+    def slope_known(self) -> bool:
+        """Whether the per-row part is fitted from batches of different sizes rather than
+        taken from the prior (a replica sent one size only cannot tell it)."""
+        if self.batches < WARM:
+            return False
+        mean_x = self._x / self._w
+        return self._xx / self._w - mean_x * mean_x >= 0.25
+
     def _fit(self) -> tuple[float, float]:
         if self._fitted is None:
             self._fitted = self._solve()
