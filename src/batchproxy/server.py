@@ -24,8 +24,7 @@ from batchproxy.fleet.discovery import DnsDiscovery
 from batchproxy.fleet.health_checks import HealthChecker
 from batchproxy.fleet.slots import Endpoint, ReplicaState
 from batchproxy.fleet.transport import grpc_transports
-from batchproxy.frontends.grpc import PredictionHandlers
-from batchproxy.frontends.grpc import register as register_grpc
+from batchproxy.frontends.grpc import PredictionHandlers, generic_handlers
 from batchproxy.frontends.grpc_options import queue_limits
 from batchproxy.frontends.limits import RequestLimits
 from batchproxy.frontends.predict_service import PredictService
@@ -100,8 +99,8 @@ class Proxy:
         self.grpc_server = grpc.aio.server(
             options=[*server_options(config), ports.reuse_port_option(config.workers)])
         handlers = PredictionHandlers(self.service, auth=self.auth)
-        register_grpc(self.grpc_server, handlers)
-        self.grpc_server.add_generic_rpc_handlers([self.readiness.grpc_handler()])
+        self.grpc_server.add_generic_rpc_handlers(
+            [*generic_handlers(handlers), self.readiness.grpc_handler()])
         address = f"{config.host}:{config.port}"
         try:
             if self.tls is not None:

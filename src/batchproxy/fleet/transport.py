@@ -55,10 +55,7 @@ class GrpcTransport:
     async def call(self, path: str, request: bytes, timeout: float) -> bytes:
         method = self._calls.get(path)
         if method is None:
-            # Registered once with the channel (as generated stubs do): the C core then
-            # skips looking up the method's path on every call.
-            method = self._calls[path] = self.channel.unary_unary(
-                path, _registered_method=True)
+            method = self._calls[path] = self.channel.unary_unary(path)
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:

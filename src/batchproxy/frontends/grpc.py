@@ -132,8 +132,7 @@ def _raw(handler: Handler) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
-def method_tables(handlers: PredictionHandlers) -> dict[str, dict[str, grpc.RpcMethodHandler]]:
-    """{service: {method: handler}} for every method the proxy answers."""
+def generic_handlers(handlers: PredictionHandlers) -> list[grpc.GenericRpcHandler]:
     tables: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
     for path in FORWARDED:
         service, method = path.strip("/").split("/")
@@ -141,17 +140,5 @@ def method_tables(handlers: PredictionHandlers) -> dict[str, dict[str, grpc.RpcM
     tables[PREDICTION_SERVICE][PREDICT.rsplit("/", 1)[1]] = _raw(handlers.predict)
     service, method = HANDLE_RELOAD_CONFIG.strip("/").split("/")
     tables[service][method] = _raw(handlers.reload_config)
-    return tables
-
-
-def generic_handlers(handlers: PredictionHandlers) -> list[grpc.GenericRpcHandler]:
     return [grpc.method_handlers_generic_handler(service, table)
-            for service, table in method_tables(handlers).items()]
-
-
-def register(server: grpc.aio.Server, handlers: PredictionHandlers) -> None:
-    """The methods as registered methods: the C core matches their paths itself, where a
-    generic handler is asked in Python on every call. Unknown methods are UNIMPLEMENTED
-    either way."""
-    for service, table in method_tables(handlers).items():
-        server.add_registered_method_handlers(service, table)
+            for service, table in tables.items()]
