@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import grpc
 import numpy as np
@@ -16,6 +17,15 @@ from proxy_procs import start_proxy
 CORES = {"cython": {}, "python": {"BATCHPROXY_NO_EXTENSIONS": "1"}}
 
 
+def wait_for_text(process, text: str, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while text not in process.output():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @pytest.fixture(scope="module", params=list(CORES))
 def identity_fleet(request):
     """Two identity replicas and a proxy in front (once per core implementation)."""
@@ -23,7 +33,9 @@ def identity_fleet(request):
     proxy = start_proxy(
         replicas, env=CORES[request.param], max_batch_size=32, batch_timeout_micros=2000
     )
-    assert f"core={request.param}" in proxy.output()
+    # The start-up line is written once the ports are open, which start_proxy already saw:
+    # on a busy machine it may come a moment after.
+    assert wait_for_text(proxy, f"core={request.param}")
     yield proxy, replicas
     proxy.stop()
     for replica in replicas:

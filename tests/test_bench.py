@@ -41,9 +41,9 @@ def grpc_load(target: str, model: str = "default", **load: object) -> LoadSpec:
                     **load)  # type: ignore[arg-type]
 
 
-def rest_load(target: str, **load: object) -> LoadSpec:
+def rest_load(target: str, model: str = "default", **load: object) -> LoadSpec:
     return LoadSpec(targets=(target,), protocol="rest",
-                    path=payload.rest_predict_path("default"),
+                    path=payload.rest_predict_path(model),
                     body=payload.rest_predict_body(1, (1,)), **load)  # type: ignore[arg-type]
 
 
@@ -104,10 +104,11 @@ def test_unknown_model_counts_not_found(replica: Process) -> None:
 
 
 def test_rest_errors_are_counted_by_http_status(replica: Process) -> None:
-    # The reference replica answers REST predict with 501: it serves Predict over gRPC only.
-    result = run_load(rest_load(f"{HOST}:{replica.rest_port}", concurrency=2, requests=10,
-                                duration_s=None))
-    assert result.errors == {"HTTP_501": 10}
+    # A model the replica does not serve: TFS's REST API answers 404.
+    result = run_load(rest_load(f"{HOST}:{replica.rest_port}", model="no_such_model",
+                                concurrency=2, requests=10, duration_s=None))
+    assert result.ok == 0
+    assert result.errors == {"HTTP_404": 10}
 
 
 def test_duration_bounds_a_run_whose_calls_never_end() -> None:

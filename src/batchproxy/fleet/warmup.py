@@ -413,7 +413,13 @@ class WarmingPool(ReplicaPool):
                 if down or failure is not None:
                     return
                 request = warmup_request(model, version, template, rows)
-                await self.hold_slot(replica)
+                # A replica that serves nothing yet (joining, or back from an ejection) is
+                # warmed within --max_inflight_per_replica, all workers together. A new
+                # version on a serving one is not: its slots stay with the calls it is
+                # answering for the version in use, and the warm-up runs beside them.
+                slotted = replica.state is not ReplicaState.HEALTHY
+                if slotted:
+                    await self.hold_slot(replica)
                 try:
                     await replica.transport.call(PREDICT, request, self.warmup.timeout_s)
                 except ProxyError as err:
@@ -424,7 +430,8 @@ class WarmingPool(ReplicaPool):
                         failure = err
                     return
                 finally:
-                    self.release(replica)
+                    if slotted:
+                        self.release(replica)
                 self.count(model, "ok")
 
         await asyncio.gather(*(send(template, rows) for template in templates
