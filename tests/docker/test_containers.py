@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("BATCHPROXY_DOCKER_TEST") != "1",
@@ -260,8 +261,8 @@ def test_proxy_process_runs_as_non_root(fleet: Fleet) -> None:
     wait_ready(fleet.rest_port)
     assert docker("exec", "proxy", "id", "-u").stdout.strip() == "10001"
     # The serving process itself, as the host sees it.
-    top = docker("top", "proxy", "-o", "uid,args").stdout.splitlines()[1:]
-    assert top and all(line.split()[0] == "10001" for line in top), top
+    top = docker("top", "proxy", "-o", "pid,uid,args").stdout.splitlines()[1:]
+    assert top and all(line.split()[1] == "10001" for line in top), top
 
 
 class Load:
@@ -283,6 +284,8 @@ class Load:
         self.request.inputs["flatten_input"].CopyFrom(tf.make_tensor_proto(self.images))
         self.stub_class = prediction_service_pb2_grpc.PredictionServiceStub
         self.stop = threading.Event()
+        # Set once the proxy is told to stop: a thread then ends at its first refusal.
+        self.stopping = threading.Event()
         self.lock = threading.Lock()
         # (finished at, status name, details, answer or None)
         self.results: list[tuple[float, str, str, object]] = []
@@ -306,6 +309,8 @@ class Load:
                     result = (err.code().name, err.details() or "", None)
                 with self.lock:
                     self.results.append((time.monotonic(), *result))
+                if result[0] != "OK" and self.stopping.is_set():
+                    return
 
 
 def test_docker_stop_drains_every_accepted_call(fleet: Fleet) -> None:
@@ -322,6 +327,7 @@ def test_docker_stop_drains_every_accepted_call(fleet: Fleet) -> None:
             time.sleep(0.05)
         assert load.ok_count() >= 100, load.results[-5:]
         stop_at = time.monotonic()
+        load.stopping.set()
         docker("stop", "-t", str(GRACE_S), "proxy", timeout=GRACE_S + 30)
         stop_s = time.monotonic() - stop_at
     finally:
@@ -386,15 +392,23 @@ def test_compose_topology_with_prometheus(image: str) -> None:
            "BP_IMAGE": image, "BP_PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
            "BP_PROMETHEUS_CONFIG": str(config), "BP_EMPTY_DIR": str(empty),
            "BP_BATCH_COST_MS": str(BATCH_COST_MS)}
-    compose = ["docker-compose", "-p", "bptest", "-f", str(ROOT / "docker-compose.yml"),
+    layered = ["docker-compose", "-f", str(ROOT / "docker-compose.yml"),
                "-f", str(HERE / "compose.override.yml")]
+    compose = ["docker-compose", "-p", "bptest", "-f", str(WORK / "compose.yml")]
 
-    def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([*compose, *args], cwd=ROOT, env=env, capture_output=True,
+    def run(*args: str, timeout: float = 180,
+            command: list[str] = compose) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True,
                                 text=True, timeout=timeout)
         assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
         return result
 
+    # docker-compose 1.29 refuses published ports on the host network, and an override
+    # cannot remove docker-compose.yml's: they are dropped from the merged configuration.
+    merged = yaml.safe_load(run("config", command=layered).stdout)
+    for service in merged["services"].values():
+        service.pop("ports", None)
+    (WORK / "compose.yml").write_text(yaml.safe_dump(merged))
     try:
         # Grafana is not in Debian (so not in this test): everything else comes up.
         run("up", "-d", "--no-build", "tfs-a", "tfs-b", "batchproxy", "prometheus")
