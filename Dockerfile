@@ -11,14 +11,20 @@
 # `make test-docker` passes one made from Debian's own packages (Debian's python3, which
 # lacks the C headers: the build stage adds python3-dev then).
 ARG BASE=python:3.11-slim
+# The build stage's base: BASE itself unless told otherwise. `make test-docker` passes BASE
+# with the compiler already installed (cached between its runs), which skips the apt step.
+ARG BUILD_BASE=${BASE}
 
-FROM ${BASE} AS build
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
-    && if ! python3 -c "import os, sys, sysconfig; \
-sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; \
-       then apt-get install -y --no-install-recommends python3-dev; fi \
-    && rm -rf /var/lib/apt/lists/*
+FROM ${BUILD_BASE} AS build
+RUN if ! command -v cc >/dev/null || ! test -e \
+        "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"; \
+    then apt-get update \
+        && apt-get install -y --no-install-recommends build-essential \
+        && if ! test -e \
+             "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"; \
+           then apt-get install -y --no-install-recommends python3-dev; fi \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 # Only what the package is built from; .dockerignore keeps local builds (*.so, *.c, generated

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 DOCKER = os.environ.get("BATCHPROXY_DOCKER", "docker")
 BASE = os.environ.get("BATCHPROXY_DOCKER_BASE", "")
+BUILD_BASE = os.environ.get("BATCHPROXY_DOCKER_BUILD_BASE", BASE)
 WORK = Path(os.environ.get("BATCHPROXY_DOCKER_WORK", "/tmp"))
 IMAGE = "batchproxy:0.1.0"
 PROMETHEUS_IMAGE = "batchproxy-prometheus:test"
@@ -123,7 +124,7 @@ def build(tag: str, dockerfile: Path, *extra: str) -> None:
 @pytest.fixture(scope="module")
 def image() -> str:
     assert BASE, "BATCHPROXY_DOCKER_BASE names the imported base image"
-    build(IMAGE, ROOT / "Dockerfile", *pip_secrets())
+    build(IMAGE, ROOT / "Dockerfile", "--build-arg", f"BUILD_BASE={BUILD_BASE}", *pip_secrets())
     return IMAGE
 
 
