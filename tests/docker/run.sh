@@ -93,8 +93,9 @@ if ! "$DOCKER" version >/dev/null 2>&1; then
   tail -15 "$WORK/dockerd.log" >&2
   # CI (.ci/run) names a file for the reason, and then skips this step rather than failing.
   if [ -n "${TEST_DOCKER_SKIP_FILE:-}" ]; then
-    echo "dockerd could not start here: $(grep -m1 -iE 'level=(fatal|error)' \
-      "$WORK/dockerd.log" || tail -1 "$WORK/dockerd.log")" >"$TEST_DOCKER_SKIP_FILE"
+    reason=$(grep -m1 -iE 'level=(fatal|error)' "$WORK/dockerd.log" || tail -1 "$WORK/dockerd.log")
+    echo "dockerd could not start here: ${reason:-it exited and logged nothing}" \
+      >"$TEST_DOCKER_SKIP_FILE"
   fi
   exit 3
 fi
