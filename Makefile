@@ -8,7 +8,7 @@ RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 CORE_SO = $(wildcard src/batchproxy/_core*.so)
 
-.PHONY: run test test-core test-interop bench lint build clean
+.PHONY: run test test-core test-interop test-docker bench lint build clean
 
 $(RUN_STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ run: build
 test: build $(TEST_STAMP)
 	$(PY) -m pytest tests --ignore=tests/interop
 	$(PY) -m pytest tests/interop
+
+# The image built and docker-compose.yml run for real, with a Docker daemon of its own that
+# is stopped again at the end (tests/docker/run.sh; needs root, dockerd, debootstrap and
+# docker-compose). Its clients run in the test virtual environment: an existing $(VENV) is
+# used as it is, a missing one is made first.
+test-docker: $(if $(wildcard $(PY)),,$(TEST_STAMP))
+	bash tests/docker/run.sh $(PY)
 
 test-core: build $(TEST_STAMP)
 	$(PY) -m pytest tests/test_core.py tests/test_hostile_input.py tests/test_fuzz.py

@@ -145,6 +145,24 @@ def test_compose_file_is_valid() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_compose_test_override_is_valid_and_all_on_the_host_network(tmp_path: Path) -> None:
+    """tests/docker/compose.override.yml, which `make test-docker` layers on
+    docker-compose.yml: valid together, and every service on the host's network (that test's
+    Docker daemon has no bridge)."""
+    override = ROOT / "tests" / "docker" / "compose.override.yml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    env.update({name: "1" for name in ("BP_REPLICA_A_PORT", "BP_REPLICA_B_PORT",
+                                       "BP_GRPC_PORT", "BP_REST_PORT", "BP_PROMETHEUS_PORT")})
+    env.update(BP_EMPTY_DIR=str(tmp_path), BP_PROMETHEUS_CONFIG=str(tmp_path / "p.yml"))
+    result = run([*compose_command(), "-f", str(COMPOSE_FILE), "-f", str(override), "config"],
+                 cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert {name: s.get("network_mode") for name, s in services.items()} == {
+        name: "host" for name in services}
+    assert services["tfs-a"]["image"] == services["batchproxy"]["image"]
+
+
 def test_compose_tfs_replicas_serve_the_model_directory() -> None:
     services = compose()["services"]
     assert set(services) == {*TFS_SERVICES, "batchproxy", "prometheus", "grafana"}
