@@ -164,6 +164,17 @@ def alternate(rounds: int, baseline: Callable[[], Measured],
     return pairs
 
 
+def rotate(rounds: int, runs: list[Callable[[], Measured]]) -> list[list[Measured]]:
+    """Each round runs every one of `runs`, starting one later each round; the results come
+    back in the order of `runs`."""
+    results = []
+    for index in range(rounds):
+        order = [(index + k) % len(runs) for k in range(len(runs))]
+        measured: dict[int, Measured] = {k: runs[k]() for k in order}
+        results.append([measured[k] for k in range(len(runs))])
+    return results
+
+
 def machine() -> str:
     load = os.getloadavg()
     return (f"{os.cpu_count()} CPUs, load average {load[0]:.2f} at start; generator, "

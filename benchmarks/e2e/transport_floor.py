@@ -35,6 +35,7 @@ from harness import (
     median,
     ratio_text,
     rest_spec,
+    rotate,
     start_echo,
     start_proxy,
     start_replica,
@@ -93,17 +94,6 @@ def report(name: str, pairs: list[tuple[Measured, Measured]]) -> None:
     print(f"  => one core's worth: generator process {1e6 / gen_us:,.0f} req/s, bare server "
           f"{1e6 / bare_us:,.0f} req/s, proxy worker {1e6 / proxy_us:,.0f} req/s "
           "(1e6 / median CPU us per request)")
-
-
-def rotate(rounds: int, runs: list[Callable[[], Measured]]) -> list[list[Measured]]:
-    """Each round runs every one of `runs`, starting one later each round; the results come
-    back in the order of `runs`."""
-    results = []
-    for index in range(rounds):
-        order = [(index + k) % len(runs) for k in range(len(runs))]
-        measured: dict[int, Measured] = {k: runs[k]() for k in order}
-        results.append([measured[k] for k in range(len(runs))])
-    return results
 
 
 def report_reference(name: str, rounds: list[list[Measured]]) -> None:

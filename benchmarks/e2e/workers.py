@@ -31,6 +31,7 @@ from harness import (
     machine,
     measure,
     ratio_text,
+    rotate,
     start_proxy,
     start_replica,
     timed,
@@ -54,17 +55,6 @@ def replica_peak(replica: Process) -> int:
             if line.startswith("batchproxy_replica_peak_inflight_predicts "):
                 return int(float(line.split()[1]))
     return -1
-
-
-def rotate(rounds: int, runs: list[Callable[[], Measured]]) -> list[list[Measured]]:
-    """Each round runs every one of `runs`, starting one later each round; the results come
-    back in the order of `runs`."""
-    results = []
-    for index in range(rounds):
-        order = [(index + k) % len(runs) for k in range(len(runs))]
-        measured: dict[int, Measured] = {k: runs[k]() for k in order}
-        results.append([measured[k] for k in range(len(runs))])
-    return results
 
 
 def main() -> None:
