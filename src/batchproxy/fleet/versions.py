@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from batchproxy.config import BatchingConfig
 from batchproxy.errors import ProxyError
+from batchproxy.priority import Priority
 from batchproxy.protos import get_model_status_pb2, model_pb2
 
 if TYPE_CHECKING:
@@ -100,6 +102,11 @@ class ModelSettings:
     shadow: ShadowSettings | None = None
     # The model's latency objective for admission (None: --latency_slo_ms; 0: none).
     latency_slo_ms: float | None = None
+    # The model's batching: the flags with its `[models.NAME.batching]` table applied
+    # (None: the flags as they are).
+    batching: BatchingConfig | None = None
+    # The priority of its calls that name none (None: critical); a call's own wins.
+    priority: Priority | None = None
 
 
 NO_SETTINGS = ModelSettings()
@@ -151,16 +158,28 @@ def _varint(value: int) -> bytes:
 
 class VersionRouter:
     """Resolves the version of each call from the fleet's view and the model settings.
-    `settings` is replaced whole on a reload, so a call sees one config or the other."""
+    `settings` is replaced whole on a reload, so a call sees one config or the other;
+    `generation` counts the replacements, so what is derived from them (the scheduler's
+    per-model batching) knows when to derive again."""
 
     def __init__(self, pool: ReplicaPool, settings: Mapping[str, ModelSettings] | None = None,
                  seed: int | None = None) -> None:
         self.pool = pool
-        self.settings: Mapping[str, ModelSettings] = dict(settings or {})
+        self.generation = 0
+        self._settings: Mapping[str, ModelSettings] = dict(settings or {})
         self.random = random.Random(seed)
 
+    @property
+    def settings(self) -> Mapping[str, ModelSettings]:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Mapping[str, ModelSettings]) -> None:
+        self._settings = settings
+        self.generation += 1
+
     def settings_of(self, model: str) -> ModelSettings:
-        return self.settings.get(model, NO_SETTINGS)
+        return self._settings.get(model, NO_SETTINGS)
 
     def available(self, model: str) -> tuple[dict[int, int], int]:
         """version -> healthy replicas where it is AVAILABLE, and how many healthy replicas
