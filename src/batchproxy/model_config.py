@@ -107,7 +107,7 @@ def batching_overrides(table: Any) -> dict[str, Any]:
     """A `[models.NAME.batching]` table as BatchingConfig fields; ValueError names the key
     (its first word) and what it should be."""
     if not isinstance(table, dict):
-        raise ValueError("batching: expected a table [models.NAME.batching]")
+        raise ValueError("expected a table [models.NAME.batching] or { KEY = VALUE, ... }")
     out: dict[str, Any] = {}
     for key, value in table.items():
         if key not in BATCHING_KEYS:

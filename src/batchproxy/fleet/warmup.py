@@ -16,13 +16,13 @@ batch sizes, else 1..max_batch_size; the model's own settings where the proxy co
 gives it some, else the flags), a Predict built from a template. Templates come from TFS's
 warm-up records when the proxy is given them (`--warmup_requests_file`, the TFRecord of
 PredictionLog that TFS reads from assets.extra/tf_serving_warmup_requests; its predict_log
-requests, per model name), else from the model's serving_default signature (GetModelMetadata from that replica): zeros,
-every unknown dimension but the batch one 1. A template's rows are repeated or cut to each
-batch size. Warm-up calls go straight to the replica, outside the batcher, and are counted
-apart (batchproxy_warmup_calls_total). A warm-up call the replica refuses for its content
-ends that warm-up (logged, counted failed): a template the model rejects must not keep a
-replica out for ever; one that finds the replica down leaves it unwarmed, to try again on
-its next passing check.
+requests, per model name), else from the model's serving_default signature
+(GetModelMetadata from that replica): zeros, every unknown dimension but the batch one 1. A
+template's rows are repeated or cut to each batch size. Warm-up calls go straight to the
+replica, outside the batcher, and are counted apart (batchproxy_warmup_calls_total). A
+warm-up call the replica refuses for its content ends that warm-up (logged, counted
+failed): a template the model rejects must not keep a replica out for ever; one that finds
+the replica down leaves it unwarmed, to try again on its next passing check.
 """
 
 from __future__ import annotations
