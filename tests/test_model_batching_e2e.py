@@ -2,7 +2,9 @@
 fixed-shape calls of any size up to 16, and whose proxy config file gives the `sequence`
 model its own allowed sizes (4, 8: its replica, like a compiled model, refuses any other)
 and variable-length batching. The replica of `identity`, next to it, keeps the flags'
-settings: its batches are never padded. Warm-up sends `sequence` only its own sizes."""
+settings: its batches are never padded. Warm-up sends `sequence` only its own sizes, and
+a reload (HandleReloadConfigRequest re-reads the file) changes a model's batching for the
+calls after it, while a bad file is refused and the settings in force stay."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from procs import Process, start_replica
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_procs import start_proxy
 
-from batchproxy.protos import predict_pb2, tensor_pb2
+from batchproxy.protos import predict_pb2, services_pb2, services_pb2_grpc, tensor_pb2
 
 SIZES = (4, 8)
 OUTPUTS = ("embedding", "token_scores")
@@ -53,8 +55,8 @@ def warmed(proxy: Process, model: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, Process,
-                                                                      Process]]:
+def fleet(tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[tuple[Process, Process, Process, Path]]:
     config = Path(tmp_path_factory.mktemp("batching")) / "proxy.toml"
     config.write_text(PROXY_FILE)
     with start_replica("sequence", batch_cost_ms=5, allowed_batch_sizes="4,8") as seq, \
@@ -64,7 +66,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, P
         deadline = time.monotonic() + 30
         while warmed(proxy, "sequence") < len(SIZES) and time.monotonic() < deadline:
             time.sleep(0.1)
-        yield proxy, seq, ident
+        yield proxy, seq, ident, config
 
 
 def tokens_request(tokens: np.ndarray) -> predict_pb2.PredictRequest:
@@ -125,7 +127,7 @@ async def mixed_traffic(proxy: Process, calls: list[np.ndarray], fixed: list[np.
 
 
 def test_each_model_is_batched_by_its_own_settings(fleet) -> None:
-    proxy, seq, ident = fleet
+    proxy, seq, ident, _ = fleet
     assert warmed(proxy, "sequence") == len(SIZES)  # warmed at 4 and 8 only
     assert refused_predicts(seq) == 0
     calls = token_calls(13, 40)
@@ -152,3 +154,45 @@ def test_each_model_is_batched_by_its_own_settings(fleet) -> None:
     # identity keeps the flags: no allowed sizes, so no padding row.
     ident_after = batch_rows_histogram(ident.rest_url)
     assert ident_after["sum"] - ident_before["sum"] == sum(len(x) for x in fixed)
+
+
+def reload(proxy: Process) -> grpc.StatusCode:
+    """HandleReloadConfigRequest with no config of its own: both files are read again."""
+    with grpc.insecure_channel(proxy.address) as channel:
+        try:
+            services_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+                services_pb2.ReloadConfigRequest(), timeout=30)
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+def identity_batches(proxy: Process, ident: Process, calls: int) -> tuple[float, float]:
+    """(batches, rows) the identity replica got for `calls` one-row calls sent at once."""
+    before = batch_rows_histogram(ident.rest_url)
+    rng = np.random.default_rng(calls)
+    fixed = [rng.random((1, 3), np.float32) for _ in range(calls)]
+    _, echoed = asyncio.run(mixed_traffic(proxy, [], fixed))
+    for x, y in zip(fixed, echoed, strict=True):
+        np.testing.assert_array_equal(x, y)
+    after = batch_rows_histogram(ident.rest_url)
+    return after["count"] - before["count"], after["sum"] - before["sum"]
+
+
+def test_a_reload_changes_a_models_batching_and_a_bad_one_is_refused(fleet) -> None:
+    proxy, _, ident, config = fleet
+    # identity gets batches of one row at most: every call is a batch of its own.
+    config.write_text(PROXY_FILE + "\n[models.identity]\nbatching = { max_batch_size = 1 }\n")
+    assert reload(proxy) is grpc.StatusCode.OK
+    assert identity_batches(proxy, ident, 24) == (24, 24)
+    # Allowed sizes that break TFS's rule: refused, and batches of one row stay.
+    config.write_text(PROXY_FILE + "\n[models.identity.batching]\nmax_batch_size = 4\n"
+                      "allowed_batch_sizes = [2, 3]\n")
+    assert reload(proxy) is grpc.StatusCode.INVALID_ARGUMENT
+    assert identity_batches(proxy, ident, 12) == (12, 12)
+    # Allowed sizes 2 and 4: each batch is padded to one of them.
+    config.write_text(PROXY_FILE + "\n[models.identity]\n"
+                      "batching = { allowed_batch_sizes = [2, 4] }\n")
+    assert reload(proxy) is grpc.StatusCode.OK
+    batches, rows = identity_batches(proxy, ident, 9)
+    assert rows % 2 == 0 and rows >= 9 and rows <= 4 * batches
