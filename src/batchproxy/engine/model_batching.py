@@ -47,28 +47,30 @@ class ModelBatching:
 
 
 class BatchingTable:
-    """model -> ModelBatching, derived lazily and kept until the router's settings are
-    replaced (its generation moves). What an unchanged model had is kept across a reload,
-    so its queues, and the padding policy's state, go on as they were."""
+    """model -> ModelBatching, derived on a model's first call and kept until the router's
+    settings are replaced (it tells the table). What an unchanged model had is kept across
+    a reload, so its queues, and the padding policy's state, go on as they were. A call's
+    lookup is one dict lookup."""
 
     def __init__(self, defaults: BatchingConfig, versions: VersionRouter | None) -> None:
         self.defaults = defaults
         self.versions = versions
         self.default = ModelBatching(defaults)
-        self._generation = versions.generation if versions is not None else 0
         self._models: dict[str, ModelBatching] = {}
+        if versions is not None:
+            versions.listeners.append(self._refresh)
 
     def of(self, model: str) -> ModelBatching:
-        versions = self.versions
-        if versions is None:
-            return self.default
-        if versions.generation != self._generation:
-            self._refresh(versions)
         found = self._models.get(model)
         if found is None:
-            found = self._make(versions.settings_of(model))
-            if len(self._models) < MAX_MODELS:  # model names come from clients
-                self._models[model] = found
+            found = self._derive(model)
+        return found
+
+    def _derive(self, model: str) -> ModelBatching:
+        versions = self.versions
+        found = self.default if versions is None else self._make(versions.settings_of(model))
+        if len(self._models) < MAX_MODELS:  # model names come from clients
+            self._models[model] = found
         return found
 
     def _make(self, settings: ModelSettings, old: ModelBatching | None = None) -> ModelBatching:
@@ -81,8 +83,9 @@ class BatchingTable:
                 return kept
         return ModelBatching(config, priority, settings.latency_slo_ms)
 
-    def _refresh(self, versions: VersionRouter) -> None:
-        self._generation = versions.generation
+    def _refresh(self) -> None:
+        versions = self.versions
+        assert versions is not None
         self._models = {model: self._make(versions.settings_of(model), old)
                         for model, old in self._models.items()}
 

@@ -10,7 +10,7 @@ batch (whose key holds the resolved version) never mixes two."""
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -159,13 +159,13 @@ def _varint(value: int) -> bytes:
 class VersionRouter:
     """Resolves the version of each call from the fleet's view and the model settings.
     `settings` is replaced whole on a reload, so a call sees one config or the other;
-    `generation` counts the replacements, so what is derived from them (the scheduler's
-    per-model batching) knows when to derive again."""
+    `listeners` hear of each replacement, so what is derived from them (the scheduler's
+    per-model batching) is derived again."""
 
     def __init__(self, pool: ReplicaPool, settings: Mapping[str, ModelSettings] | None = None,
                  seed: int | None = None) -> None:
         self.pool = pool
-        self.generation = 0
+        self.listeners: list[Callable[[], None]] = []
         self._settings: Mapping[str, ModelSettings] = dict(settings or {})
         self.random = random.Random(seed)
 
@@ -176,7 +176,8 @@ class VersionRouter:
     @settings.setter
     def settings(self, settings: Mapping[str, ModelSettings]) -> None:
         self._settings = settings
-        self.generation += 1
+        for listener in self.listeners:
+            listener()
 
     def settings_of(self, model: str) -> ModelSettings:
         return self._settings.get(model, NO_SETTINGS)
