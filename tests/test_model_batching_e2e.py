@@ -129,6 +129,10 @@ async def mixed_traffic(proxy: Process, calls: list[np.ndarray], fixed: list[np.
 def test_each_model_is_batched_by_its_own_settings(fleet) -> None:
     proxy, seq, ident, _ = fleet
     assert warmed(proxy, "sequence") == len(SIZES)  # warmed at 4 and 8 only
+    shown = requests.get(f"{proxy.rest_url}/v1/batchproxy/models", timeout=10).json()
+    assert shown["sequence"]["batching"]["allowed_batch_sizes"] == [4, 8]
+    assert shown["sequence"]["batching"]["max_batch_size"] == 8
+    assert shown["sequence"]["batching"]["variable_length_inputs"] == {"tokens": 0.0}
     assert refused_predicts(seq) == 0
     calls = token_calls(13, 40)
     rng = np.random.default_rng(14)

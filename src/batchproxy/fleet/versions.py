@@ -156,6 +156,18 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def batching_view(config: BatchingConfig) -> dict[str, object]:
+    """A model's own batching as the debug endpoint shows it (None there: the flags)."""
+    return {"max_batch_size": config.max_batch_size,
+            "batch_timeout_micros": config.batch_timeout_micros,
+            "allowed_batch_sizes": list(config.allowed_batch_sizes),
+            "padding_policy": config.padding_policy,
+            "variable_length_inputs": {name: pad for name, pad in config.variable_length_inputs},
+            "length_buckets": list(config.length_buckets),
+            "length_following_outputs": {out: f"{axis}={name}" for out, axis, name
+                                         in config.length_following_outputs}}
+
+
 class VersionRouter:
     """Resolves the version of each call from the fleet's view and the model settings.
     `settings` is replaced whole on a reload, so a call sees one config or the other;
@@ -262,6 +274,9 @@ class VersionRouter:
                 "shadow": None if settings.shadow is None else {
                     "version": settings.shadow.version, "sample": settings.shadow.sample,
                     "max_inflight": settings.shadow.max_inflight},
+                "priority": None if settings.priority is None else settings.priority.value,
+                "batching": None if settings.batching is None else batching_view(
+                    settings.batching),
                 "versions": self.fleet_view(model),
             }
         return out
