@@ -4,12 +4,15 @@ file and line, and a refused reload leaves the settings in force."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from batchproxy.config import BatchingConfig
 from batchproxy.fleet.versions import LatestPolicy, ModelSettings, ShadowSettings
-from batchproxy.model_config import ConfigError, ConfigFiles, ConfigReloader
+from batchproxy.model_config import ConfigError, ConfigFiles, ConfigReloader, parse_proxy_config
+from batchproxy.priority import Priority
 
 TFS_FILE = """# as TFS reads it
 model_config_list {
@@ -93,3 +96,101 @@ def test_latest_policies_pick_from_what_the_fleet_holds() -> None:
     for bad in ("share:0", "share:1.5", "pinned:-1", "highest:1", "lowest"):
         with pytest.raises(ValueError):
             LatestPolicy.parse(bad)
+
+
+BATCHING_FILE = """[models.seq]
+priority = "sheddable"
+
+[models.seq.batching]
+max_batch_size = 64
+batch_timeout_micros = 1000
+allowed_batch_sizes = [8, 16, 32, 64]
+padding_policy = "min_cost"
+variable_length_inputs = { tokens = 0, text = "<pad>" }
+length_buckets = [32, 64, 128, 256]
+length_following_outputs = { token_scores = "1=tokens", embeddings = "tokens" }
+
+[models.compiled]
+batching = { allowed_batch_sizes = [4, 8] }
+"""
+
+FLAGS = BatchingConfig(max_batch_size=32, batch_timeout_micros=2000, max_enqueued_rows=640,
+                       padding_policy="batch_down")
+
+
+def batching_files(tmp_path: Path, ours: str = BATCHING_FILE) -> ConfigFiles:
+    (tmp_path / "proxy.toml").write_text(ours)
+    return ConfigFiles(None, str(tmp_path / "proxy.toml"), batching=FLAGS)
+
+
+def test_a_batching_table_amends_the_flags_per_model(tmp_path: Path) -> None:
+    settings = batching_files(tmp_path).load()
+    seq = settings["seq"]
+    assert seq.priority is Priority.SHEDDABLE
+    assert seq.batching == replace(
+        FLAGS, max_batch_size=64, batch_timeout_micros=1000,
+        allowed_batch_sizes=(8, 16, 32, 64), padding_policy="min_cost",
+        variable_length_inputs=(("tokens", 0.0), ("text", "<pad>")),
+        length_buckets=(32, 64, 128, 256),
+        length_following_outputs=(("token_scores", 1, "tokens"), ("embeddings", 1, "tokens")))
+    # Allowed sizes alone set max_batch_size to their last (TFS's rule); the rest are the
+    # flags, including the flags' padding policy and queue bound.
+    assert settings["compiled"].batching == replace(FLAGS, max_batch_size=8,
+                                                    allowed_batch_sizes=(4, 8))
+    assert settings["compiled"].priority is None
+    # A model without a table has no batching of its own: the flags apply.
+    assert parse_proxy_config("[models.m]\nlatency_slo_ms = 5\n", "p.toml",
+                              FLAGS)["m"]["batching"] is None
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (("max_batch_size = 64", "max_batch_size = 48"),
+     "line 7: model 'seq': batching: allowed_batch_sizes [8, 16, 32, 64]: the last entry "
+     "must equal max_batch_size (48)"),
+    (("max_batch_size = 64", "max_batch_size = 0"),
+     "line 5: model 'seq': batching: max_batch_size must be at least 1"),
+    (("max_batch_size = 64", "max_batch_size = 6400"),
+     "line 5: model 'seq': batching: max_enqueued_rows must be at least max_batch_size"),
+    (("batch_timeout_micros = 1000", "batch_timeout_micros = \"1ms\""),
+     "line 6: model 'seq': batching: batch_timeout_micros: expected an integer"),
+    (("\"min_cost\"", "\"cheapest\""),
+     "line 8: model 'seq': batching: padding_policy: 'cheapest' is not one of pad_up"),
+    (("[32, 64, 128, 256]", "[64, 32]"),
+     "line 10: model 'seq': batching: length_buckets [64, 32] must be positive and "
+     "strictly increasing"),
+    (("\"1=tokens\"", "\"1=words\""),
+     "line 11: model 'seq': batching: length_following_outputs token_scores:1=words"),
+    (("\"1=tokens\"", "\"one=tokens\""),
+     "line 11: model 'seq': batching: length_following_outputs: token_scores = 'one=tokens'"),
+    (("tokens = 0,", "tokens = true,"),
+     "line 9: model 'seq': batching: variable_length_inputs: expected { INPUT = PAD_VALUE"),
+    (("length_buckets", "length_bucket"),
+     "line 10: model 'seq': batching: length_bucket: unknown batching key"),
+    (("[4, 8]", "[8, 4]"),
+     "line 14: model 'compiled': batching: allowed_batch_sizes [8, 4] must be strictly"),
+    (("\"sheddable\"", "\"urgent\""),
+     "line 2: model 'seq': priority 'urgent': expected 'critical' or 'sheddable'"),
+    (("batching = {", "batching = 3 #"),
+     "line 14: model 'compiled': batching: expected a table"),
+])
+def test_a_bad_batching_value_is_refused_naming_its_line(
+        tmp_path: Path, change: tuple[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        batching_files(tmp_path, BATCHING_FILE.replace(*change)).load()
+    assert str(raised.value).replace(str(tmp_path) + "/", "") \
+        .startswith("proxy.toml, " + expected)
+
+
+def test_a_refused_batching_reload_keeps_the_settings_in_force(tmp_path: Path) -> None:
+    applied: list[dict[str, ModelSettings]] = []
+    reloader = ConfigReloader(batching_files(tmp_path), applied.append)
+    assert applied[-1]["compiled"].batching is not None
+    (tmp_path / "proxy.toml").write_text(BATCHING_FILE.replace("[4, 8]", "[4, 9, 8]"))
+    with pytest.raises(ConfigError):
+        reloader.reload()
+    assert len(applied) == 1
+    (tmp_path / "proxy.toml").write_text(BATCHING_FILE.replace("[4, 8]", "[2, 4]"))
+    reloader.reload()
+    batching = applied[-1]["compiled"].batching
+    assert batching is not None and batching.allowed_batch_sizes == (2, 4)
+    assert batching.padding_policy == "batch_down"  # still over the flags

@@ -23,12 +23,12 @@ from batchproxy.protos import predict_pb2
 class FakeEngine:
     def __init__(self) -> None:
         self.submitted: list[codec.PredictCall] = []
-        self.priorities: list[Priority] = []
+        self.priorities: list[Priority | None] = []
         self.forwarded: list[tuple[str, bytes, float | None, str]] = []
         self.error: ProxyError | None = None
 
     async def submit(self, call: codec.PredictCall, timeout: float | None = None,
-                     priority: Priority = Priority.CRITICAL) -> bytes:
+                     priority: Priority | None = None) -> bytes:
         self.submitted.append(call)
         self.priorities.append(priority)
         if self.error is not None:
@@ -57,7 +57,8 @@ async def test_a_call_with_rows_is_batched(service):
     (call,) = service.engine.submitted
     assert (call.model_name, call.rows) == ("m", 3)
     assert service.engine.forwarded == []
-    assert service.engine.priorities == [Priority.CRITICAL]
+    # No priority named: None, so the engine applies the model's default class.
+    assert service.engine.priorities == [None]
 
 
 async def test_the_priority_goes_with_a_batched_call(service):

@@ -98,7 +98,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           "version_labels, resolved by the proxy for the whole fleet")
     mod.add_argument("--proxy_config_file", default=None,
                      help="per-model settings of the proxy (TOML, [models.NAME]): latest "
-                          "policy, canary weights, shadow version")
+                          "policy, canary weights, shadow version, default priority, and "
+                          "batching settings (the batching flags are the defaults)")
     mod.add_argument("--model_config_file_poll_wait_seconds", type=float,
                      default=defaults.model_config_file_poll_wait_seconds,
                      help="re-read both config files this often when they change; SIGHUP "

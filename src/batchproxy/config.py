@@ -48,7 +48,8 @@ class BatchingConfig:
     # increasing, the last equal to max_batch_size); empty: any size up to max_batch_size.
     allowed_batch_sizes: tuple[int, ...] = ()
     # What a batch between two allowed sizes does (engine/padding.py): "pad_up" (TFS),
-    # "batch_down" or "min_cost". Applies to every model: there are no per-model settings.
+    # "batch_down" or "min_cost". These are the flags' values; a model's batching table in
+    # the proxy config file gives it its own (model_config.py, engine/model_batching.py).
     padding_policy: str = "pad_up"
     # Variable-length batching (engine/lengths.py), opt-in per input: (input name, pad
     # value) pairs whose dimension 1 may differ between calls that share a batch, the

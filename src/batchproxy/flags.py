@@ -92,7 +92,7 @@ def add_batching_flags(group: argparse._ArgumentGroup) -> None:
                        help="with allowed sizes, a batch between two: pad_up pads it (TFS), "
                             "batch_down sends the largest allowed size that fits and keeps "
                             "the rest queued, min_cost picks the cheaper per real row by the "
-                            "replica's learned cost; applies to every model "
+                            "replica's learned cost; the default for models without their own "
                             f"(default {batching.padding_policy})")
     group.add_argument("--variable_length_inputs", type=variable_inputs, default=None,
                        metavar="NAME[:PAD],...",

@@ -13,6 +13,16 @@ version_labels from it; base_path, model_platform and the version policy are the
     weights = { "2" = 10 }      # percent of latest calls per version (a canary)
     shadow = { version = 2, sample = 0.1, max_inflight = 2 }
     latency_slo_ms = 50         # this model's latency objective (--latency_slo_ms's role)
+    priority = "sheddable"      # the class of its calls that name none (default critical)
+
+    [models.my_mnist_model.batching]   # each key as its flag; the flags are the defaults
+    max_batch_size = 64
+    batch_timeout_micros = 1000
+    allowed_batch_sizes = [8, 16, 32, 64]
+    padding_policy = "min_cost"
+    variable_length_inputs = { tokens = 0 }
+    length_buckets = [32, 64, 128, 256]
+    length_following_outputs = { token_scores = "1=tokens" }
 
 Both are read again on SIGHUP, every `--model_config_file_poll_wait_seconds` when the
 files changed, and on ModelService/HandleReloadConfigRequest (whose ModelServerConfig takes
@@ -27,19 +37,24 @@ import logging
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import text_format
 
+from batchproxy.config import PADDING_POLICIES, BatchingConfig
 from batchproxy.fleet.versions import LatestPolicy, ModelSettings, ShadowSettings
+from batchproxy.priority import Priority
 from batchproxy.protos import model_server_config_pb2
 
 log = logging.getLogger(__name__)
 
 _LOCATION = re.compile(r"^\d+:\d+ : ")
-PROXY_KEYS = ("latest", "weights", "shadow", "latency_slo_ms")
+PROXY_KEYS = ("latest", "weights", "shadow", "latency_slo_ms", "priority", "batching")
+BATCHING_KEYS = ("max_batch_size", "batch_timeout_micros", "allowed_batch_sizes",
+                 "padding_policy", "variable_length_inputs", "length_buckets",
+                 "length_following_outputs")
 SHADOW_KEYS = ("version", "sample", "max_inflight")
 
 
@@ -84,9 +99,65 @@ def _line_of(text: str, pattern: str) -> int:
     return 0
 
 
-def parse_proxy_config(text: str, source: str) -> dict[str, dict[str, Any]]:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def batching_overrides(table: Any) -> dict[str, Any]:
+    """A `[models.NAME.batching]` table as BatchingConfig fields; ValueError names the key
+    (its first word) and what it should be."""
+    if not isinstance(table, dict):
+        raise ValueError("expected a table [models.NAME.batching] or { KEY = VALUE, ... }")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in BATCHING_KEYS:
+            raise ValueError(f"{key}: unknown batching key; known: {', '.join(BATCHING_KEYS)}")
+        if key in ("max_batch_size", "batch_timeout_micros"):
+            if not _is_int(value):
+                raise ValueError(f"{key}: expected an integer, got {value!r}")
+            out[key] = value
+        elif key in ("allowed_batch_sizes", "length_buckets"):
+            if not isinstance(value, list) or not all(_is_int(size) for size in value):
+                raise ValueError(f"{key}: expected a list of integers, got {value!r}")
+            out[key] = tuple(value)
+        elif key == "padding_policy":
+            if value not in PADDING_POLICIES:
+                raise ValueError(f"{key}: {value!r} is not one of "
+                                 f"{', '.join(PADDING_POLICIES)}")
+            out[key] = value
+        elif key == "variable_length_inputs":
+            if not isinstance(value, dict) or not all(
+                    isinstance(pad, (int, float, str)) and not isinstance(pad, bool)
+                    for pad in value.values()):
+                raise ValueError(f"{key}: expected {{ INPUT = PAD_VALUE, ... }}, a number or "
+                                 f"a string each, got {value!r}")
+            out[key] = tuple((name, pad if isinstance(pad, str) else float(pad))
+                             for name, pad in value.items())
+        else:  # length_following_outputs: { OUTPUT = "AXIS=INPUT" }
+            if not isinstance(value, dict):
+                raise ValueError(f"{key}: expected {{ OUTPUT = \"AXIS=INPUT\", ... }}")
+            following = []
+            for output, spec in value.items():
+                axis, eq, name = str(spec).partition("=")
+                if not eq:
+                    axis, name = "1", str(spec)
+                if not name or not axis.strip().isdigit():
+                    raise ValueError(f"{key}: {output} = {spec!r} is not \"AXIS=INPUT\" "
+                                     "(or \"INPUT\", axis 1)")
+                following.append((output, int(axis), name.strip()))
+            out[key] = tuple(following)
+    if "allowed_batch_sizes" in out and out["allowed_batch_sizes"] \
+            and "max_batch_size" not in out:
+        # TFS's rule: the last allowed size is the largest batch.
+        out["max_batch_size"] = out["allowed_batch_sizes"][-1]
+    return out
+
+
+def parse_proxy_config(text: str, source: str,
+                       defaults: BatchingConfig | None = None) -> dict[str, dict[str, Any]]:
     """model name -> {latest: LatestPolicy, weights: {version: percent},
-    shadow: ShadowSettings | None}."""
+    shadow: ShadowSettings | None, latency_slo_ms, priority, batching: BatchingConfig |
+    None}. `defaults`: the batching flags, which a model's batching table amends."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -101,6 +172,16 @@ def parse_proxy_config(text: str, source: str) -> dict[str, dict[str, Any]]:
             line = header + after if after else header
         where = f"{source}, line {line}" if line else source
         return ConfigError(f"{where}: model '{model}': {why}")
+
+    def refuse_batching(model: str, key: str, why: str) -> ConfigError:
+        """The key's line under [models.NAME.batching]; else an inline `batching = {...}`."""
+        name = rf"\"?{re.escape(model)}\"?"
+        header = _line_of(text, rf"^\s*\[\s*models\.{name}\.batching\s*\]")
+        if not header:
+            return refuse(model, "batching", f"batching: {why}")
+        after = _line_of("\n".join(text.splitlines()[header:]), rf"^\s*{re.escape(key)}\s*=")
+        line = header + after if key and after else header
+        return ConfigError(f"{source}, line {line}: model '{model}': batching: {why}")
 
     unknown = set(data) - {"models"}
     if unknown:
@@ -157,6 +238,26 @@ def parse_proxy_config(text: str, source: str) -> dict[str, dict[str, Any]]:
                                 or slo < 0):
             raise refuse(model, "latency_slo_ms", "a number of milliseconds >= 0")
         settings["latency_slo_ms"] = None if slo is None else float(slo)
+        priority = table.get("priority")
+        settings["priority"] = None
+        if priority is not None:
+            try:
+                settings["priority"] = Priority(priority)
+            except ValueError:
+                raise refuse(model, "priority", f"priority {priority!r}: expected "
+                             "'critical' or 'sheddable'") from None
+        settings["batching"] = None
+        if "batching" in table:
+            try:
+                overrides = batching_overrides(table["batching"])
+                settings["batching"] = replace(defaults or BatchingConfig(), **overrides)
+            except ValueError as err:
+                message = str(err)
+                # Each message starts with the key it is about.
+                key = message.split(":", 1)[0].split()[0] if message else ""
+                if key == "max_enqueued_rows":
+                    key = "max_batch_size"
+                raise refuse_batching(model, key, message) from None
         out[model] = settings
     return out
 
@@ -171,18 +272,22 @@ def combine(labels: Mapping[str, Mapping[str, int]],
             latest=extra.get("latest", LatestPolicy()),
             weights=dict(extra.get("weights", {})),
             shadow=extra.get("shadow"),
-            latency_slo_ms=extra.get("latency_slo_ms"))
+            latency_slo_ms=extra.get("latency_slo_ms"),
+            batching=extra.get("batching"),
+            priority=extra.get("priority"))
     return settings
 
 
 @dataclass
 class ConfigFiles:
     """The two files, read into settings. `override`: a ModelServerConfig given by
-    HandleReloadConfigRequest, which stands for the TFS file."""
+    HandleReloadConfigRequest, which stands for the TFS file. `batching`: the batching
+    flags, the defaults each model's batching table amends."""
 
     model_config_file: str | None = None
     proxy_config_file: str | None = None
     override: model_server_config_pb2.ModelServerConfig | None = None
+    batching: BatchingConfig | None = None
 
     def load(self) -> dict[str, ModelSettings]:
         labels: dict[str, dict[str, int]] = {}
@@ -194,7 +299,8 @@ class ConfigFiles:
                                self.model_config_file)
         ours: dict[str, dict[str, Any]] = {}
         if self.proxy_config_file:
-            ours = parse_proxy_config(_read(self.proxy_config_file), self.proxy_config_file)
+            ours = parse_proxy_config(_read(self.proxy_config_file), self.proxy_config_file,
+                                      self.batching)
         return combine(labels, ours)
 
     def stamp(self) -> tuple[tuple[float, int] | None, ...]:
@@ -241,7 +347,8 @@ class ConfigReloader:
         file until the next reload without one (SIGHUP, the poll seeing a change, an empty
         request), as TFS's own poll overwrites what the RPC set."""
         files = self.files
-        candidate = ConfigFiles(files.model_config_file, files.proxy_config_file, override)
+        candidate = ConfigFiles(files.model_config_file, files.proxy_config_file, override,
+                                files.batching)
         stamp = files.stamp()
         try:
             settings = candidate.load()

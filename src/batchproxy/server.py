@@ -78,7 +78,8 @@ class Proxy:
         # Replicas and new versions are warmed before real calls (fleet/warmup.py); with
         # --workers, over slots all the workers share (fleet/shared_slots.py).
         warmup = WarmupConfig(config.warmup, config.batching.max_batch_size,
-                              config.warmup_requests_file, config.replica_timeout_s)
+                              config.warmup_requests_file, config.replica_timeout_s,
+                              sizes_of=lambda model: self.engine.scheduler.batch_sizes(model))
         shared = shared_slots.pool_class() is not ReplicaPool
         pool = SharedWarmingPool if shared else WarmingPool
         self.pool: ReplicaPool = pool(
@@ -103,7 +104,8 @@ class Proxy:
         self.versions = VersionRouter(self.pool)
         # A bad file stops start-up here (ConfigError names its line).
         self.model_config = ConfigReloader(
-            ConfigFiles(config.model_config_file, config.proxy_config_file),
+            ConfigFiles(config.model_config_file, config.proxy_config_file,
+                        batching=config.batching),
             self._apply_model_settings, config.model_config_file_poll_wait_seconds)
         self.engine = Engine(config.batching, self.pool, self.metrics, versions=self.versions)
         self.service = PredictService(

@@ -273,3 +273,22 @@ async def test_a_new_version_on_a_healthy_replica_reads_loading_until_warmed() -
     await settle()
     assert replica.versions[MODEL] == {1: 30, 2: 30}  # type: ignore[attr-defined]
     await pool.close()
+
+
+async def test_warm_up_sends_each_models_own_batch_sizes() -> None:
+    # A model with allowed sizes is warmed only at those (the proxy pads every batch to
+    # one); the sizes come from the model's own settings, not the flags' max_batch_size.
+    stub = StubTransport()
+    stub.release.set()
+    sizes = {MODEL: (2, 4, 8)}
+    pool = WarmingPool(["r:1"], 8, transports=lambda address: stub,
+                       warmup=WarmupConfig(max_batch_size=32,
+                                           sizes_of=lambda model: sizes[model]))
+    pool.note_model(MODEL)
+    replica = pool.replicas["r:1"]
+    pool.record_check(replica, True, "ok", {MODEL: ModelState.AVAILABLE})
+    for _ in range(5):
+        await settle()
+    assert sorted(p.inputs["x"].tensor_shape.dim[0].size for p in stub.predicts) == [2, 4, 8]
+    assert replica.state is ReplicaState.HEALTHY
+    await pool.close()

@@ -34,16 +34,17 @@ class Admission:
         else:
             self.service_time_s += 0.1 * (seconds - self.service_time_s)
 
-    def expected_wait_s(self, rows: int, sheddable: bool = False) -> float:
+    def expected_wait_s(self, rows: int, sheddable: bool = False,
+                        batch_rows: int | None = None) -> float:
         """A rough time to answer `rows` more rows: the full batches ahead of them, served by
         all the replica slots in parallel, then their own batch. 0 until a batch was timed,
         and 0 with no full batch ahead: a call that would go out next is never refused on a
         guess (its replica decides). Sheddable rows are not ahead of a critical call: it is
-        taken before them."""
+        taken before them. `batch_rows`: the model's max_batch_size (None: the flag's)."""
         if self.service_time_s is None:
             return 0.0
         ahead = self.queued_rows if sheddable else self.queued_rows - self.sheddable_rows
-        batches_ahead = (ahead + rows) // self.config.max_batch_size
+        batches_ahead = (ahead + rows) // (batch_rows or self.config.max_batch_size)
         if batches_ahead == 0:
             return 0.0
         slots = self.pool.max_inflight * max(len(self.pool.replicas), 1)
@@ -60,9 +61,11 @@ class Admission:
         return rows_over, bytes_over
 
     def admit_rows(self, rows: int, nbytes: int, timeout: float | None,
-                   sheddable: bool = False, slo_ms: float | None = None) -> None:
+                   sheddable: bool = False, slo_ms: float | None = None,
+                   batch_rows: int | None = None) -> None:
         """Admit a call's rows or refuse it (UNAVAILABLE). `slo_ms`: the model's own latency
-        objective (its per-model setting), in place of --latency_slo_ms."""
+        objective (its per-model setting), in place of --latency_slo_ms; `batch_rows`, its
+        own max_batch_size, which sets how many batches the rows ahead make."""
         config = self.config
         shed_bound = int(SHEDDABLE_QUEUE_SHARE * config.max_enqueued_rows)
         if sheddable and self.queued_rows and self.queued_rows + rows > shed_bound:
@@ -92,7 +95,7 @@ class Admission:
             # own deadline once admitted; only its admission is judged by the objective.
             budget, what = slo, "latency objective"
         if budget is not None:
-            wait = self.expected_wait_s(rows, sheddable)
+            wait = self.expected_wait_s(rows, sheddable, batch_rows)
             # 0.8: a margin for what the estimate leaves out (the way back, jitter). A
             # sheddable call gets less: critical calls arriving later still go first.
             share = SHEDDABLE_DEADLINE_SHARE if sheddable else 0.8

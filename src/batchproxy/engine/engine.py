@@ -66,9 +66,10 @@ class Engine:
             self._task = asyncio.get_running_loop().create_task(self.scheduler.run())
 
     def submit(self, call: codec.PredictCall, timeout: float | None = None,
-               priority: Priority = Priority.CRITICAL) -> Coroutine[Any, Any, bytes]:
+               priority: Priority | None = None) -> Coroutine[Any, Any, bytes]:
         """A batchable call (call.rows >= 1): queued, batched, answered with its own rows.
-        Critical calls go first; sheddable ones fill room and are shed first. The scheduler's
+        Critical calls go first; sheddable ones fill room and are shed first (None: the
+        model's default class, critical unless its settings say otherwise). The scheduler's
         coroutine itself, counted there under its priority (no wrapper coroutine per call)."""
         return self.scheduler.submit(call, timeout, priority)
 

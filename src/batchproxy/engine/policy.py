@@ -72,15 +72,17 @@ class FixedTimeoutPolicy:
         self.timeout_s = config.batch_timeout_s
 
     def decide(self, queue: KeyQueue, now: float) -> Flush | Hold:
-        if queue.critical_rows >= self.full:
+        full = queue.full or self.full
+        if queue.critical_rows >= full:
             return FLUSH_TO_ANY
-        if queue.rows >= self.full:
+        if queue.rows >= full:
             # Full only with sheddable rows: it waits for an idle replica, so that it takes
             # no room that critical calls arriving meanwhile would need (queued behind a
             # busy replica's batch, its rows would be fixed a whole batch time early).
             return FLUSH_TO_IDLE
         head = queue.head()
-        due = now if head is None else head.enqueued_at + self.timeout_s
+        timeout_s = self.timeout_s if queue.timeout_s is None else queue.timeout_s
+        due = now if head is None else head.enqueued_at + timeout_s
         if due <= now:
             return FLUSH_TO_IDLE
         return Hold(due)
@@ -88,7 +90,7 @@ class FixedTimeoutPolicy:
     def wake_on_submit(self, queue: KeyQueue, rows_before: int) -> bool:
         # A new head has a due time the scheduler has not seen; a queue that just became
         # full leaves at once. Anything else changes nothing until the due time.
-        return rows_before == 0 or rows_before < self.full <= queue.rows
+        return rows_before == 0 or rows_before < (queue.full or self.full) <= queue.rows
 
     def on_dispatch(self, queue: KeyQueue, replica: Endpoint, rows: int, now: float) -> None:
         pass
@@ -138,7 +140,8 @@ class AdaptivePolicy:
             starts.append((start, replica, cost, ready))
         if not starts:
             return self.fallback.decide(queue, now)
-        first, planned = self._plan(queue.rows, starts)
+        full = queue.full or self.full
+        first, planned = self._plan(queue.rows, starts, full)
         _, best, best_cost, best_ready = first
         if not best_ready:
             idle = [entry for entry in planned if entry[3]]
@@ -149,7 +152,7 @@ class AdaptivePolicy:
             # Woken when a slot frees; the time is only a backstop for a late estimate.
             return Hold(best.free_at if best.free_at > now else now + IDLE_RECHECK_S)
         mean_rows = self._mean_rows.get(model, queue.rows)
-        if queue.rows >= self.full or queue.rows >= BACKLOG_ROWS * mean_rows:
+        if queue.rows >= full or queue.rows >= BACKLOG_ROWS * mean_rows:
             # Full, or already well past the usual batch: the load outruns the plan (costs
             # above their estimate, a burst), and holding a free replica idle would only
             # add to the queue.
@@ -159,7 +162,8 @@ class AdaptivePolicy:
         spacing = batch_s / max(self._parallel(starts, typical, batch_s) * weight, 1.0)
         head = queue.head()
         waited_since = now if head is None else head.enqueued_at
-        latest = waited_since + max(self.timeout_s, spacing)
+        timeout_s = self.timeout_s if queue.timeout_s is None else queue.timeout_s
+        latest = waited_since + max(timeout_s, spacing)
         start_at = self._last_start.get(model, -math.inf) + spacing
         if now >= start_at or now >= latest:
             return Flush(idle_only=False, replica=best)
@@ -197,19 +201,19 @@ class AdaptivePolicy:
                 total += min(share, 1.0) * cost.concurrency
         return total
 
-    def _plan(self, rows: int, starts: list[tuple[float, Endpoint, CostModel, bool]]
-              ) -> tuple[tuple[float, Endpoint, CostModel, bool],
+    def _plan(self, rows: int, starts: list[tuple[float, Endpoint, CostModel, bool]],
+              full: int) -> tuple[tuple[float, Endpoint, CostModel, bool],
                          list[tuple[float, Endpoint, CostModel, bool]]]:
         """Place the queue's rows, a batch at a time, each on the replica that would finish
         it first (list scheduling). Returns the first batch's replica and every replica the
         plan gives a batch to. With a backlog, a slower replica earns a later batch when
         it would finish it before the faster ones could get to it."""
-        batches = min(max(1, -(-rows // self.full)), MAX_PLANNED_BATCHES)
+        batches = min(max(1, -(-rows // full)), MAX_PLANNED_BATCHES)
         free = list(starts)
         first = None
         used: list[tuple[float, Endpoint, CostModel, bool]] = []
         for index in range(batches):
-            size = min(self.full, rows - index * self.full)
+            size = min(full, rows - index * full)
             finishes = [start + cost.predict(size) for start, _, cost, _ in free]
             pick = min(range(len(free)), key=finishes.__getitem__)
             if first is None:
@@ -222,7 +226,7 @@ class AdaptivePolicy:
         return first, used
 
     def wake_on_submit(self, queue: KeyQueue, rows_before: int) -> bool:
-        return rows_before == 0 or rows_before < self.full <= queue.rows
+        return rows_before == 0 or rows_before < (queue.full or self.full) <= queue.rows
 
     def on_dispatch(self, queue: KeyQueue, replica: Endpoint, rows: int, now: float) -> None:
         model = queue.model

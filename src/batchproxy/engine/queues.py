@@ -8,12 +8,16 @@ import asyncio
 import collections
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from batchproxy import codec
 from batchproxy.engine.lengths import Lengths
 from batchproxy.engine.padding import padding_for
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.versions import version_spec
+
+if TYPE_CHECKING:
+    from batchproxy.engine.model_batching import ModelBatching
 
 
 def call_bytes(call: codec.PredictCall) -> int:
@@ -100,12 +104,19 @@ class KeyQueue:
     """The calls waiting for one batch key: critical ones and sheddable ones, each class
     oldest first. A batch takes critical rows first; sheddable rows fill the room left."""
 
-    __slots__ = ("entries", "key", "latest", "model", "rows", "sheddable", "sheddable_rows",
-                 "version")
+    __slots__ = ("batching", "entries", "full", "key", "latest", "model", "rows", "sheddable",
+                 "sheddable_rows", "timeout_s", "version")
 
-    def __init__(self, key: tuple, version: int | None = None, latest: bool = False) -> None:
+    def __init__(self, key: tuple, version: int | None = None, latest: bool = False,
+                 batching: ModelBatching | None = None) -> None:
         self.key = key
         self.model: str = key[0]
+        # The model's batching as it was when the queue began (a reload that changes it
+        # starts a new queue): its max_batch_size (`full`) and batch timeout; 0 and None
+        # without one, and the policy's own settings (the flags) apply.
+        self.batching = batching
+        self.full = batching.full if batching is not None else 0
+        self.timeout_s = batching.timeout_s if batching is not None else None
         # The version every batch of this queue is sent for (the calls' own, a label's, or
         # the one a `latest` call was given); None: as the calls name it. `latest`: the
         # proxy chose it, so it may choose again if that version goes away.

@@ -12,7 +12,8 @@ batch takes, and which calls are shed first, follows their priority (engine/prio
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -20,8 +21,7 @@ from batchproxy import codec
 from batchproxy.config import BatchingConfig
 from batchproxy.engine import priorities
 from batchproxy.engine.admission import Admission
-from batchproxy.engine.lengths import Lengths
-from batchproxy.engine.padding import Padding
+from batchproxy.engine.model_batching import BatchingTable, ModelBatching
 from batchproxy.engine.policy import FlushPolicy, Hold
 from batchproxy.engine.queues import Batch, Entry, KeyQueue, Piece, call_bytes
 from batchproxy.errors import ProxyError
@@ -31,6 +31,8 @@ from batchproxy.metrics import ProxyMetrics
 from batchproxy.priority import Priority
 
 Dispatch = Callable[[Endpoint, Batch], None]
+# Marks the key of a queue whose calls wait under settings a reload replaced.
+RETIRED = "retired"
 
 
 def no_replica(model: str) -> ProxyError:
@@ -55,8 +57,9 @@ class Scheduler:
         self.dispatch = dispatch
         self.metrics = metrics
         self.queues: dict[tuple, KeyQueue] = {}
-        self.padding = Padding(config)
-        self.lengths = Lengths(config) if config.variable_length_inputs else None
+        # Each model's batching (the flags, or its own table in the proxy config file).
+        self.batching = BatchingTable(config, versions)
+        self._retired = itertools.count()
         self._waiter: asyncio.Future[None] | None = None
         self._woken = False
         # Futures resolved after the next pass of the loop or the next call taken out of
@@ -66,14 +69,26 @@ class Scheduler:
 
     # -- submitting ------------------------------------------------------------------------
 
+    def batching_of(self, model: str) -> ModelBatching:
+        return self.batching.of(model)
+
+    def batch_sizes(self, model: str) -> Sequence[int]:
+        """The batch sizes the proxy may send for `model` (what warm-up sends)."""
+        return self.batching.of(model).batch_sizes
+
     async def submit(self, call: codec.PredictCall, timeout: float | None = None,
-                     priority: Priority = Priority.CRITICAL) -> bytes:
-        """Queue a batchable call (call.rows >= 1) and wait for its own answer. Every outcome
-        is counted under the call's priority, here rather than in a wrapper coroutine."""
+                     priority: Priority | None = None) -> bytes:
+        """Queue a batchable call (call.rows >= 1) and wait for its own answer. `priority`:
+        the call's own; None, the model's default (critical unless its settings say).
+        Every outcome is counted under the call's priority, here rather than in a wrapper
+        coroutine."""
         code = "OK"
+        model = call.model_name
+        batching = self.batching.of(model)
+        if priority is None:
+            priority = batching.priority
         try:
             rows = call.rows
-            model = call.model_name
             self.pool.note_model(model)
             if self.pool.route(model) is Route.NOWHERE:
                 self.metrics.reject("no_replica")
@@ -84,18 +99,20 @@ class Scheduler:
             sheddable = priority is Priority.SHEDDABLE
             if not sheddable:
                 self._evict_for(rows, nbytes)
-            admission.admit_rows(rows, nbytes, timeout, sheddable,
-                                 None if self.versions is None
-                                 else self.versions.settings_of(model).latency_slo_ms)
+            admission.admit_rows(rows, nbytes, timeout, sheddable, batching.slo_ms,
+                                 batching.full)
             loop = asyncio.get_running_loop()
             now = loop.time()
+            lengths = batching.lengths
             # The resolved version is part of the key: no batch mixes versions.
-            key = call.key if self.lengths is None else self.lengths.key(call)
+            key = call.key if lengths is None else lengths.key(call)
             if version is not None:
                 key = (*key, version)
             queue = self.queues.get(key)
-            if queue is None:
-                queue = self.queues[key] = KeyQueue(key, version, latest)
+            if queue is None or queue.batching is not batching:
+                if queue is not None:
+                    self._retire(key, queue)
+                queue = self.queues[key] = KeyQueue(key, version, latest, batching)
             deadline = None if timeout is None else now + timeout
             entry = Entry(call, loop.create_future(), deadline, now, queue, nbytes, sheddable,
                           priorities.promote_at(now, timeout) if sheddable else now)
@@ -125,6 +142,13 @@ class Scheduler:
             raise
         finally:
             self.metrics.observe_priority(priority.value, code)
+
+    def _retire(self, key: tuple, queue: KeyQueue) -> None:
+        """A reload changed the batching of the calls in `queue`: they leave under the
+        settings they were queued under, from a key no new call has; new calls start a
+        queue of their own, so no batch mixes the two."""
+        del self.queues[key]
+        self.queues[(*key, RETIRED, next(self._retired))] = queue
 
     def _target(self, call: codec.PredictCall) -> tuple[int | None, bool]:
         """The version the call is sent for, and whether the proxy chose it (a `latest`
@@ -273,7 +297,7 @@ class Scheduler:
                         self._fail_queue(queue, no_replica(queue.model))
                     break
                 answer_by = self.policy.answer_by(
-                    replica, queue.model, min(queue.rows, self.config.max_batch_size), now)
+                    replica, queue.model, min(queue.rows, queue.full), now)
                 batch = self.take_batch(queue, now, replica, answer_by)
                 if batch is None:
                     self.pool.release(replica)
@@ -293,7 +317,8 @@ class Scheduler:
         to answer) is refused now instead: sent, it would only be late, and its rows would
         slow the batch for everyone else in it."""
         cost = replica.cost(queue.model) if replica is not None else None
-        size = room = self.padding.room(queue.rows, cost)
+        batching = queue.batching or self.batching.default
+        size = room = batching.padding.room(queue.rows, cost)
         pieces: list[Piece] = []
         waited = self.metrics.queue_wait_tally.observe
         freed_bytes = 0
@@ -326,5 +351,5 @@ class Scheduler:
         queue.sheddable_rows -= sheddable_rows
         self.admission.sheddable_rows -= sheddable_rows
         self.admission.queued_bytes -= freed_bytes
-        return Batch.of(queue.model, pieces, queue.version, queue.latest, self.padding.sizes,
-                        self.lengths)
+        return Batch.of(queue.model, pieces, queue.version, queue.latest,
+                        batching.padding.sizes, batching.lengths)

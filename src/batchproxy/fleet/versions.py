@@ -10,13 +10,15 @@ batch (whose key holds the resolved version) never mixes two."""
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
 
+from batchproxy.config import BatchingConfig
 from batchproxy.errors import ProxyError
+from batchproxy.priority import Priority
 from batchproxy.protos import get_model_status_pb2, model_pb2
 
 if TYPE_CHECKING:
@@ -100,6 +102,11 @@ class ModelSettings:
     shadow: ShadowSettings | None = None
     # The model's latency objective for admission (None: --latency_slo_ms; 0: none).
     latency_slo_ms: float | None = None
+    # The model's batching: the flags with its `[models.NAME.batching]` table applied
+    # (None: the flags as they are).
+    batching: BatchingConfig | None = None
+    # The priority of its calls that name none (None: critical); a call's own wins.
+    priority: Priority | None = None
 
 
 NO_SETTINGS = ModelSettings()
@@ -149,18 +156,43 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def batching_view(config: BatchingConfig) -> dict[str, object]:
+    """A model's own batching as the debug endpoint shows it (None there: the flags)."""
+    return {"max_batch_size": config.max_batch_size,
+            "batch_timeout_micros": config.batch_timeout_micros,
+            "allowed_batch_sizes": list(config.allowed_batch_sizes),
+            "padding_policy": config.padding_policy,
+            "variable_length_inputs": {name: pad for name, pad in config.variable_length_inputs},
+            "length_buckets": list(config.length_buckets),
+            "length_following_outputs": {out: f"{axis}={name}" for out, axis, name
+                                         in config.length_following_outputs}}
+
+
 class VersionRouter:
     """Resolves the version of each call from the fleet's view and the model settings.
-    `settings` is replaced whole on a reload, so a call sees one config or the other."""
+    `settings` is replaced whole on a reload, so a call sees one config or the other;
+    `listeners` hear of each replacement, so what is derived from them (the scheduler's
+    per-model batching) is derived again."""
 
     def __init__(self, pool: ReplicaPool, settings: Mapping[str, ModelSettings] | None = None,
                  seed: int | None = None) -> None:
         self.pool = pool
-        self.settings: Mapping[str, ModelSettings] = dict(settings or {})
+        self.listeners: list[Callable[[], None]] = []
+        self._settings: Mapping[str, ModelSettings] = dict(settings or {})
         self.random = random.Random(seed)
 
+    @property
+    def settings(self) -> Mapping[str, ModelSettings]:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Mapping[str, ModelSettings]) -> None:
+        self._settings = settings
+        for listener in self.listeners:
+            listener()
+
     def settings_of(self, model: str) -> ModelSettings:
-        return self.settings.get(model, NO_SETTINGS)
+        return self._settings.get(model, NO_SETTINGS)
 
     def available(self, model: str) -> tuple[dict[int, int], int]:
         """version -> healthy replicas where it is AVAILABLE, and how many healthy replicas
@@ -242,6 +274,9 @@ class VersionRouter:
                 "shadow": None if settings.shadow is None else {
                     "version": settings.shadow.version, "sample": settings.shadow.sample,
                     "max_inflight": settings.shadow.max_inflight},
+                "priority": None if settings.priority is None else settings.priority.value,
+                "batching": None if settings.batching is None else batching_view(
+                    settings.batching),
                 "versions": self.fleet_view(model),
             }
         return out

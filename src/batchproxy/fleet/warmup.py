@@ -11,17 +11,18 @@ new on a healthy replica reads LOADING there. When the warm-up ends, the last ch
 applied as it came. A replica that is ejected or drained forgets what was warmed (it may
 come back as a new process).
 
-What a warm-up sends: for each batch size 1..max_batch_size (what the batcher can make), a
-Predict built from a template. Templates come from TFS's warm-up records when the proxy is
-given them (`--warmup_requests_file`, the TFRecord of PredictionLog that TFS reads from
-assets.extra/tf_serving_warmup_requests; its predict_log requests, per model name), else
-from the model's serving_default signature (GetModelMetadata from that replica): zeros,
-every unknown dimension but the batch one 1. A template's rows are repeated or cut to each
-batch size. Warm-up calls go straight to the replica, outside the batcher, and are counted
-apart (batchproxy_warmup_calls_total). A warm-up call the replica refuses for its content
-ends that warm-up (logged, counted failed): a template the model rejects must not keep a
-replica out for ever; one that finds the replica down leaves it unwarmed, to try again on
-its next passing check.
+What a warm-up sends: for each batch size the batcher can make for the model (its allowed
+batch sizes, else 1..max_batch_size; the model's own settings where the proxy config file
+gives it some, else the flags), a Predict built from a template. Templates come from TFS's
+warm-up records when the proxy is given them (`--warmup_requests_file`, the TFRecord of
+PredictionLog that TFS reads from assets.extra/tf_serving_warmup_requests; its predict_log
+requests, per model name), else from the model's serving_default signature
+(GetModelMetadata from that replica): zeros, every unknown dimension but the batch one 1. A
+template's rows are repeated or cut to each batch size. Warm-up calls go straight to the
+replica, outside the batcher, and are counted apart (batchproxy_warmup_calls_total). A
+warm-up call the replica refuses for its content ends that warm-up (logged, counted
+failed): a template the model rejects must not keep a replica out for ever; one that finds
+the replica down leaves it unwarmed, to try again on its next passing check.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,13 @@ class WarmupConfig:
     # Warm-up calls in flight on one replica at once: tracing is mostly CPU work, so a few
     # batch sizes warm together.
     concurrency: int = 8
+    # The batch sizes the proxy sends for a model (its own max_batch_size or allowed
+    # sizes, engine/model_batching.py); None: 1..max_batch_size for every model.
+    sizes_of: Callable[[str], Sequence[int]] | None = None
 
-    @property
-    def batch_sizes(self) -> range:
+    def batch_sizes(self, model: str) -> Sequence[int]:
+        if self.sizes_of is not None:
+            return self.sizes_of(model)
         return range(1, self.max_batch_size + 1)
 
 
@@ -404,6 +409,7 @@ class WarmingPool(ReplicaPool):
             log.warning("warm-up of %s on %s skipped: %s", what, replica.address, err)
             return True
         limit = asyncio.Semaphore(self.warmup.concurrency)
+        sizes = self.warmup.batch_sizes(model)
         down = False
         failure: ProxyError | None = None
 
@@ -435,7 +441,7 @@ class WarmingPool(ReplicaPool):
                 self.count(model, "ok")
 
         await asyncio.gather(*(send(template, rows) for template in templates
-                               for rows in self.warmup.batch_sizes))
+                               for rows in sizes))
         if down:
             log.info("warm-up of %s on %s stopped: the replica went down", what,
                      replica.address)
@@ -445,7 +451,7 @@ class WarmingPool(ReplicaPool):
                         failure.code.name, failure.message)
             return True
         log.info("warmed %s on %s: %d batch sizes in %.2fs", what, replica.address,
-                 len(self.warmup.batch_sizes) * len(templates), loop.time() - started)
+                 len(sizes) * len(templates), loop.time() - started)
         return True
 
     async def close(self) -> None:

@@ -87,7 +87,7 @@ class PredictionHandlers:
             try:
                 self._authenticate(context)
                 with self.service.validating():  # a bad value is the caller's mistake
-                    priority = priority_of_metadata(context.invocation_metadata())
+                    priority = priority_of_metadata(context.invocation_metadata(), None)
                 return await self.service.predict_bytes(request, context.time_remaining(),
                                                         record, priority)
             except ProxyError as err:

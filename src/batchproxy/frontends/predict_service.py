@@ -40,7 +40,7 @@ class Engine(Protocol):
     """What the service needs of batchproxy.engine.Engine (a fake will do in tests)."""
 
     async def submit(self, call: codec.PredictCall, timeout: float | None = None,
-                     priority: Priority = Priority.CRITICAL) -> bytes: ...
+                     priority: Priority | None = None) -> bytes: ...
 
     async def forward(self, path: str, request: bytes, timeout: float | None,
                       model: str = "") -> bytes: ...
@@ -154,7 +154,7 @@ class PredictService:
 
     def predict_bytes(self, request: bytes, timeout: float | None,
                       record: CallRecord | None = None,
-                      priority: Priority = Priority.CRITICAL) -> Awaitable[bytes]:
+                      priority: Priority | None = None) -> Awaitable[bytes]:
         """A serialized PredictRequest (gRPC): decoded, validated and answered."""
         with self.validating():
             call = codec.decode_predict_request(request)
@@ -164,10 +164,11 @@ class PredictService:
 
     def predict(self, call: codec.PredictCall, timeout: float | None,
                 request: bytes | None = None,
-                priority: Priority = Priority.CRITICAL) -> Awaitable[bytes]:
+                priority: Priority | None = None) -> Awaitable[bytes]:
         """A decoded Predict: batched when it has rows, else forwarded alone, exactly as TFS
         without batching would answer it. `request` is its serialized form when the caller
-        has it (else it is encoded from the call, only if needed)."""
+        has it (else it is encoded from the call, only if needed). `priority`: the one the
+        call names; None, its model's default."""
         self.check_limits(call)
         if call.rows <= 0:
             if request is None:

@@ -305,7 +305,7 @@ class RestFrontend:
 
     async def _predict(self, request: web.Request, key: ModelKey, deadline: _Deadline) -> bytes:
         with self.service.validating():
-            priority = parse_priority(request.headers.get(PRIORITY_HEADER))
+            priority = parse_priority(request.headers.get(PRIORITY_HEADER), None)
             doc = rest_json.loads(await self._body(request))
             signature_name = rest_json.signature_name(doc)
         models = await self.signatures.get(key, deadline.remaining())
