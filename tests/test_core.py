@@ -1301,3 +1301,160 @@ def test_both_cores_read_the_one_dtype_table(core: ModuleType) -> None:
         assert core.itemsize(dt.value) == dt.itemsize, dt.name
     for value in (24, 33, 101, -1, 1000):  # valid or not, never batched
         assert core.itemsize(value) == -1
+
+
+# --- decode_predict_response: the REST answer path ----------------------------------------
+
+
+def old_answer_path(core: ModuleType, data: bytes) -> tuple[dict, int | None]:
+    """What the REST frontend did before the codec read answers: protobuf, then each output
+    re-serialized through decode_tensor."""
+    resp = predict_pb2.PredictResponse.FromString(data)
+    outputs = {
+        name: core.decode_tensor(resp.outputs[name].SerializeToString())
+        for name in sorted(resp.outputs)
+    }
+    spec = resp.model_spec
+    return outputs, spec.version.value if spec.HasField("version") else None
+
+
+def as_tuples(outputs: dict) -> dict:
+    return {k: (t.dtype, t.shape, t.data) for k, t in outputs.items()}
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "content"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_decode_predict_response_every_dtype(core: ModuleType, dtype: int, typed: bool) -> None:
+    rng = np.random.default_rng(dtype)
+    shapes = {"b": (2, 3), "a_bytes": (2,), "s": ()}
+    arrays = {name: make_array(dtype, shape, rng) for name, shape in shapes.items()}
+    resp = predict_pb2.PredictResponse()
+    for name, arr in arrays.items():
+        resp.outputs[name].CopyFrom(tensor_proto(dtype, shapes[name], arr, typed))
+    resp.model_spec.name = "m"
+    resp.model_spec.version.value = 7
+    data = resp.SerializeToString()
+    outputs, version = core.decode_predict_response(data)
+    assert list(outputs) == ["a_bytes", "b", "s"]  # sorted by name
+    assert version == 7
+    assert as_tuples(outputs) == {
+        name: (dtype, shapes[name], elements(dtype, arr)) for name, arr in arrays.items()
+    }
+    old_outputs, old_version = old_answer_path(core, data)
+    assert (as_tuples(outputs), version) == (as_tuples(old_outputs), old_version)
+
+
+def test_decode_predict_response_version_and_spec(core: ModuleType) -> None:
+    y = tensor_proto(FLOAT, (1,), np.ones(1), True).SerializeToString()
+    entry = ld(1, ld(1, b"y") + ld(2, y))
+    assert core.decode_predict_response(entry)[1] is None  # no model_spec
+    spec = model_pb2.ModelSpec(name="m", version_label="canary").SerializeToString()
+    assert core.decode_predict_response(entry + ld(2, spec))[1] is None  # a label, no version
+    # version then label: the oneof's last member wins; records of the spec merge.
+    v3 = model_pb2.ModelSpec(name="m", version={"value": 3}).SerializeToString()
+    assert core.decode_predict_response(entry + ld(2, spec) + ld(2, v3))[1] == 3
+    assert core.decode_predict_response(entry + ld(2, v3) + ld(2, spec))[1] is None
+    assert core.decode_predict_response(b"") == ({}, None)
+
+
+def test_decode_predict_response_repeated_key_and_fill(core: ModuleType) -> None:
+    a = tensor_proto(FLOAT, (1,), np.ones(1), True).SerializeToString()
+    b = tensor_proto(FLOAT, (3,), np.arange(1), True).SerializeToString()  # one value: filled
+    data = ld(1, ld(1, b"y") + ld(2, a)) + ld(1, ld(1, b"y") + ld(2, b))
+    outputs, _ = core.decode_predict_response(data)
+    assert as_tuples(outputs) == {"y": (FLOAT, (3,), np.zeros(3, "<f4").tobytes())}
+    assert as_tuples(outputs) == as_tuples(old_answer_path(core, data)[0])
+    # A dtype the core does not batch keeps its shape and carries no data, as decode_tensor.
+    res = tensor_pb2.TensorProto(dtype=RESOURCE, tensor_shape={"dim": [{"size": 1}]},
+                                 resource_handle_val=[b"\x0a\x01h"])
+    data = ld(1, ld(1, b"r") + ld(2, res.SerializeToString()))
+    assert as_tuples(core.decode_predict_response(data)[0]) == {"r": (RESOURCE, (1,), b"")}
+
+
+def _bad_tensors() -> list[tensor_pb2.TensorProto]:
+    short = tensor_pb2.TensorProto(dtype=FLOAT, tensor_content=b"\x00" * 7)
+    short.tensor_shape.dim.add(size=2)
+    many = tensor_pb2.TensorProto(dtype=INT32, int_val=[1, 2, 3])
+    many.tensor_shape.dim.add(size=2)
+    negative = tensor_pb2.TensorProto(dtype=FLOAT)
+    negative.tensor_shape.dim.add(size=-1)
+    odd = tensor_pb2.TensorProto(dtype=COMPLEX64, scomplex_val=[1.0])
+    odd.tensor_shape.dim.add(size=1)
+    bad_strings = tensor_pb2.TensorProto(dtype=STRING, tensor_content=b"\x05ab")
+    bad_strings.tensor_shape.dim.add(size=1)
+    huge = tensor_pb2.TensorProto(dtype=DOUBLE, double_val=[1.0, 2.0])  # 2 values: expand
+    for size in (2**15, 2**15):
+        huge.tensor_shape.dim.add(size=size)
+    return [short, many, negative, odd, bad_strings, tensor_pb2.TensorProto(), huge]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_tensors())))
+def test_decode_predict_response_malformed_outputs_are_internal(core: ModuleType,
+                                                                index: int) -> None:
+    bad = _bad_tensors()[index]
+    data = response_bytes({"ok": tensor_proto(FLOAT, (1,), np.ones(1), True), "y": bad})
+    with pytest.raises(core.CodecError) as err:
+        core.decode_predict_response(data)
+    assert err.value.code == "INTERNAL"
+    assert err.value.message.startswith("output y: ")
+
+
+def test_decode_predict_response_malformed_bytes_are_internal(core: ModuleType) -> None:
+    for data in BAD_BYTES[:13]:
+        with pytest.raises(core.CodecError) as err:
+            core.decode_predict_response(data)
+        assert err.value.code == "INTERNAL"
+        assert err.value.message.startswith("Could not parse PredictResponse: ")
+    # A ModelSpec that does not parse, and an output name that is no UTF-8.
+    y = tensor_proto(FLOAT, (1,), np.ones(1), True).SerializeToString()
+    for data in (ld(1, ld(1, b"y") + ld(2, y)) + ld(2, b"\x0a\x05ab"),
+                 ld(1, ld(1, b"\xff") + ld(2, y))):
+        with pytest.raises(core.CodecError) as err:
+            core.decode_predict_response(data)
+        assert err.value.code == "INTERNAL"
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=64), pos=st.integers(0, 200))
+def test_decode_predict_response_random_bytes_never_crash(core: ModuleType, data: bytes,
+                                                          pos: int) -> None:
+    y = tensor_proto(INT64, (2, 2), np.arange(4), True).SerializeToString()
+    good = response_bytes({"y": tensor_pb2.TensorProto.FromString(y)})
+    for blob in (data, good[: pos % (len(good) + 1)], good[:pos] + data + good[pos:]):
+        try:
+            core.decode_predict_response(blob)
+        except core.CodecError as exc:
+            assert exc.code == "INTERNAL"
+
+
+_names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=6)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    outputs=st.dictionaries(
+        _names,
+        st.tuples(st.sampled_from(ALL_DTYPES), st.lists(st.integers(0, 3), max_size=3),
+                  st.booleans()),
+        max_size=3,
+    ),
+    version=st.none() | st.integers(-(2**63), 2**63 - 1),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_decode_predict_response_round_trips_protobuf(both_cores, outputs, version,
+                                                      seed) -> None:
+    rng = np.random.default_rng(seed)
+    resp = predict_pb2.PredictResponse()
+    want = {}
+    for name, (dtype, shape, typed) in outputs.items():
+        arr = make_array(dtype, tuple(shape), rng)
+        resp.outputs[name].CopyFrom(tensor_proto(dtype, tuple(shape), arr, typed))
+        want[name] = (dtype, tuple(shape), elements(dtype, arr))
+    resp.model_spec.name = "m"
+    if version is not None:
+        resp.model_spec.version.value = version
+    data = resp.SerializeToString()
+    for core in both_cores:
+        got, got_version = core.decode_predict_response(data)
+        assert list(got) == sorted(want)
+        assert (as_tuples(got), got_version) == (want, version)

@@ -22,7 +22,8 @@ from hypothesis.extra import numpy as hnp
 from procs import start_replica
 from proxy_procs import start_proxy
 
-from batchproxy.frontends.rest import HTTP_STATUS, http_status
+from batchproxy.errors import ProxyError
+from batchproxy.frontends.rest import HTTP_STATUS, _response_outputs, http_status
 from batchproxy.replica.models import demo_samples
 
 
@@ -550,3 +551,25 @@ def test_random_tensors_round_trip_in_both_formats(identity_fleet, values, colum
     np.testing.assert_array_equal(back, values)
     assert np.array_equal(np.signbit(back), np.signbit(values)) or any(
         math.isnan(v) for v in values.ravel())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"\x0a",  # a tag with no length
+        b"\x0a\x05ab",  # a length past the end
+        # output "y": DT_FLOAT, shape [2], 7 bytes of tensor_content
+        b"\x0a\x16\x0a\x01y\x12\x11\x08\x01\x12\x04\x12\x02\x08\x02\x22\x07" + b"\x00" * 7,
+    ],
+    ids=["truncated", "overlong", "payload_against_shape"],
+)
+def test_a_malformed_replica_answer_is_internal(answer: bytes) -> None:
+    """A replica that breaks the contract gets the caller a 500 that says so, not a crash
+    and not a 400 (the caller sent nothing wrong)."""
+    with pytest.raises(ProxyError) as raised:
+        _response_outputs(answer)
+    assert raised.value.code == grpc.StatusCode.INTERNAL
+    assert http_status(raised.value.code) == 500
+    assert raised.value.message.startswith("Could not read the replica's PredictResponse: ")
+    if answer.endswith(b"\x00" * 7):
+        assert raised.value.message.endswith("output y: tensor_content of 7 bytes for 2 elements")

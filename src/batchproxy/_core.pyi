@@ -101,6 +101,17 @@ def split_predict_response(data: bytes, rows: list[int]) -> list[bytes]:
     malformed (payload against shape, more than 254 dimensions, a shape past 2**31 - 1
     elements, a partial fill too large to expand)."""
 
+def decode_predict_response(data: bytes) -> tuple[dict[str, Tensor], int | None]:
+    """(outputs, version) of a serialized PredictResponse, without protobuf objects: every
+    output in normalized form (as decode_tensor gives it; typed values and tensor_content
+    alike, TF's fill rule applied), keyed and ordered by name (a repeated key keeps its last
+    value, as protobuf does), and the ModelSpec's version when it names one (else None).
+    Raises CodecError("INTERNAL", ...): "Could not parse PredictResponse: ..." when the bytes
+    are not the wire format (the ModelSpec included), "output NAME: DETAIL" for an output
+    that is no concrete tensor (decode_predict_request's checks) or a partial fill past the
+    256 MiB budget ("too large to expand"). A valid dtype the core does not batch comes back
+    with the shape and no data, as decode_tensor gives it."""
+
 def concat_predict_responses(parts: list[bytes]) -> bytes:
     """Join responses for consecutive row ranges of one request back into one response,
     along dimension 0, in the encoding of the first part that has rows (a part of no rows

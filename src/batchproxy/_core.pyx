@@ -1471,6 +1471,40 @@ cdef tuple read_outputs(bytes data):
     return list(entries.values()), spec
 
 
+def decode_predict_response(data):
+    """(outputs by name, sorted, in normalized form; the version that answered or None) of a
+    serialized PredictResponse, read without protobuf objects: what the REST frontend needs
+    to write its JSON. Mirrors _core_py.decode_predict_response. CodecError("INTERNAL") for
+    bytes that do not parse or an output that is malformed (payload against shape, a partial
+    fill too large to expand): the replica broke the contract, not the client."""
+    cdef bytes buf = _as_bytes(data)
+    cdef const uint8_t* vp
+    cdef TInfo t
+    cdef bint ok
+    cdef int64_t budget = MAX_FILL_BYTES
+    cdef Tensor tensor
+    try:
+        entries, spec = read_outputs(buf)
+    except _WireError as exc:
+        raise CodecError("INTERNAL", f"Could not parse PredictResponse: {exc}") from None
+    outputs = {}
+    for key, _, vbuf, vstart, vstop in sorted(entries):
+        vp = <const uint8_t*>PyBytes_AS_STRING(vbuf)
+        scan_tensor(vp + <Py_ssize_t>vstart, vp + <Py_ssize_t>vstop, &t)  # read_outputs: valid
+        try:
+            tensor = normalize(vp + <Py_ssize_t>vstart, vp + <Py_ssize_t>vstop, &t, &ok, &budget)
+        except _Mismatch as exc:
+            raise CodecError("INTERNAL", f"output {key}: {exc}") from None
+        if not ok and _itemsize(tensor.dtype) >= 0:
+            raise CodecError("INTERNAL", f"output {key}: too large to expand")
+        outputs[key] = tensor
+    version = None
+    if spec is not None:
+        vp = <const uint8_t*>PyBytes_AS_STRING(spec)
+        version = parse_model_spec(vp, vp + PyBytes_GET_SIZE(spec))[1]
+    return outputs, version
+
+
 cdef inline Py_ssize_t advance_varints(Src* s, int64_t target) except -1:
     """Move the cursor to value `target` of a packed varint source; its byte offset."""
     while s.cur_idx < target:

@@ -32,6 +32,7 @@ decode_predict_request = _impl.decode_predict_request
 encode_predict_request = _impl.encode_predict_request
 split_predict_response = _impl.split_predict_response
 concat_predict_responses = _impl.concat_predict_responses
+decode_predict_response = _impl.decode_predict_response
 encode_tensor = _impl.encode_tensor
 encode_predict_response = _impl.encode_predict_response
 decode_tensor = _impl.decode_tensor
@@ -44,6 +45,7 @@ __all__ = [
     "Tensor",
     "concat_predict_responses",
     "decode_predict_request",
+    "decode_predict_response",
     "decode_tensor",
     "encode_predict_request",
     "encode_predict_response",

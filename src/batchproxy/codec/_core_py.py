@@ -717,6 +717,26 @@ def _parse_response(data: bytes) -> predict_pb2.PredictResponse:
     return resp
 
 
+def decode_predict_response(data: bytes) -> tuple[dict[str, Tensor], int | None]:
+    """(outputs by name, sorted, in normalized form; the version that answered or None) of a
+    serialized PredictResponse. CodecError("INTERNAL") for bytes that do not parse or an
+    output that is malformed."""
+    resp = _parse_response(bytes(data))
+    budget = [MAX_FILL_BYTES]
+    outputs: dict[str, Tensor] = {}
+    for name in sorted(resp.outputs):
+        try:
+            tensor, ok = _normalize(resp.outputs[name], budget)
+        except _Mismatch as exc:
+            raise CodecError("INTERNAL", f"output {name}: {exc}") from None
+        if not ok and _ITEMSIZE.get(tensor.dtype, -1) >= 0:
+            raise CodecError("INTERNAL", f"output {name}: too large to expand")
+        outputs[name] = tensor
+    spec = resp.model_spec
+    version = spec.version.value if spec.WhichOneof("version_choice") == "version" else None
+    return outputs, version
+
+
 def _batch_dims(name: str, tp: tensor_pb2.TensorProto) -> tuple[int, int, int]:
     """(dim 0, elements per row, bytes per element) of an output that can be cut on dim 0."""
     if len(tp.tensor_shape.dim) > MAX_RANK:

@@ -28,7 +28,6 @@ from collections.abc import Iterable, Mapping
 import grpc
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from google.protobuf.message import DecodeError
 
 from batchproxy import codec
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
@@ -43,7 +42,6 @@ from batchproxy.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
-    predict_pb2,
 )
 
 log = logging.getLogger(__name__)
@@ -150,20 +148,14 @@ class _Deadline:
 
 
 def _response_outputs(data: bytes) -> tuple[dict[str, codec.Tensor], int | None]:
-    """(outputs by name, the version that answered) of a serialized PredictResponse."""
+    """(outputs by name, the version that answered) of a serialized PredictResponse, read by
+    the codec without building protobuf messages. A malformed answer is INTERNAL: the
+    replica broke the contract, not the caller."""
     try:
-        response = predict_pb2.PredictResponse.FromString(data)
-        outputs = {
-            name: codec.decode_tensor(response.outputs[name].SerializeToString())
-            for name in sorted(response.outputs)
-        }
-    except DecodeError as err:
-        raise ProxyError(grpc.StatusCode.INTERNAL,
-                         f"Could not parse the replica's PredictResponse: {err}") from None
+        return codec.decode_predict_response(data)
     except codec.CodecError as err:
-        raise ProxyError.from_codec_error(err) from None
-    spec = response.model_spec
-    return outputs, spec.version.value if spec.HasField("version") else None
+        raise ProxyError(grpc.StatusCode.INTERNAL,
+                         f"Could not read the replica's PredictResponse: {err.message}") from None
 
 
 class RestFrontend:

@@ -20,6 +20,7 @@ import binascii
 import json
 import math
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -324,10 +325,107 @@ def _finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def _fast(value: Any, dtype: int, may_have_bools: bool) -> np.ndarray | None:
-    """`value` converted by numpy, when numpy's result is surely TFS's; None otherwise."""
+# Up to this many values, a tensor of plain numbers is converted by a walk in Python and
+# struct: numpy's array creation, checks and casts cost more than that for a few values.
+SMALL_TENSOR = 32
+
+_STRUCT_CODES = {
+    dtypes.DT_FLOAT: "f", dtypes.DT_DOUBLE: "d", dtypes.DT_INT32: "i", dtypes.DT_INT64: "q",
+    dtypes.DT_UINT32: "I", dtypes.DT_UINT64: "Q",
+}
+# Narrow integer types travel as int_val (int32) and are cut to their width, as TF's
+# narrowing casts do: (struct code of the unsigned width, mask).
+_NARROW = {dtypes.DT_INT16: ("H", 0xFFFF), dtypes.DT_INT8: ("B", 0xFF),
+           dtypes.DT_UINT8: ("B", 0xFF)}
+
+
+def _small_leaves(value: Any) -> tuple[tuple[int, ...], list[Any]] | None:
+    """(shape, row-major leaves) of a dense nested list of at most SMALL_TENSOR leaves, or
+    None (ragged, too big). Leaves are not checked here: a list among them (a ragged
+    deeper level) fails the caller's type check."""
+    if type(value) is not list:
+        return (), [value]
+    rows = len(value)
+    if not rows or type(value[0]) is not list:  # rank 1, the usual column of one-row calls
+        return ((rows,), value) if rows <= SMALL_TENSOR else None
+    first = value[0]
+    if not first or type(first[0]) is not list:  # rank 2, the usual instances list
+        width = len(first)
+        if rows * width > SMALL_TENSOR:
+            return None
+        flat: list[Any] = []
+        for row in value:
+            if type(row) is not list or len(row) != width:
+                return None
+            flat += row
+        return (rows, width), flat
+    shape = _dense_shape(value)
+    level = [value]
+    count = 1
+    for size in shape:
+        count *= size
+        if count > SMALL_TENSOR:
+            return None
+        flat = []
+        for item in level:
+            if type(item) is not list or len(item) != size:
+                return None
+            flat += item
+        level = flat
+    return shape, level
+
+
+def _small(value: Any, dtype: int) -> JsonTensor | None:
+    """A small tensor of plain JSON numbers (or booleans for DT_BOOL) packed without numpy,
+    when every value is surely accepted as is; None sends it down the other paths, which
+    decide everything else (NaN, Infinity, values near the limits, wrong types)."""
+    found = _small_leaves(value)
+    if found is None:
+        return None
+    shape, leaves = found
+    if dtype == dtypes.DT_BOOL:
+        for v in leaves:
+            if type(v) is not bool:
+                return None
+        return JsonTensor(dtype, shape, bytes(leaves))
+    limit = _LOSSLESS_INT.get(dtype)
+    if limit is not None:
+        # An integer or a finite float within the type's exact integer range: one C cast
+        # away from the float element (the numpy path's own condition).
+        for v in leaves:
+            kind = type(v)
+            if (kind is not float and kind is not int) or not -limit <= v <= limit:
+                return None  # NaN fails the comparison too
+    else:
+        bounds = _INT_RANGE.get(dtype)
+        if bounds is None:
+            return None
+        low, high = bounds
+        for v in leaves:
+            if type(v) is not int or not low <= v <= high:
+                return None
+        narrow = _NARROW.get(dtype)
+        if narrow is not None:
+            code, mask = narrow
+            return JsonTensor(dtype, shape,
+                              struct.pack(f"<{len(leaves)}{code}", *[v & mask for v in leaves]))
+    return JsonTensor(dtype, shape, struct.pack(f"<{len(leaves)}{_STRUCT_CODES[dtype]}", *leaves))
+
+
+def _fast(value: Any, dtype: int, may_have_bools: bool) -> JsonTensor | None:
+    """`value` converted without the careful walk, when the result is surely TFS's: small
+    tensors in plain Python, others by numpy; None otherwise."""
     if dtype == dtypes.DT_STRING or dtype not in dtypes.NUMPY_DTYPES:
         return None
+    small = _small(value, dtype)
+    if small is not None:
+        return small
+    array = _fast_numpy(value, dtype, may_have_bools)
+    return None if array is None else JsonTensor(dtype, array.shape, array.tobytes())
+
+
+def _fast_numpy(value: Any, dtype: int, may_have_bools: bool) -> np.ndarray | None:
+    """`value` converted by numpy, when numpy's result is surely TFS's; None otherwise."""
     if may_have_bools and dtype != dtypes.DT_BOOL:
         return None  # numpy would read true as 1
     try:
@@ -361,9 +459,9 @@ def _fast(value: Any, dtype: int, may_have_bools: bool) -> np.ndarray | None:
 
 
 def _tensor(value: Any, dtype: int, may_have_bools: bool) -> JsonTensor:
-    array = _fast(value, dtype, may_have_bools)
-    if array is not None:
-        return JsonTensor(dtype, array.shape, array.tobytes())
+    tensor = _fast(value, dtype, may_have_bools)
+    if tensor is not None:
+        return tensor
     shape = _dense_shape(value)
     values: list[Any] = []
     _fill(value, 0, shape, dtype, values)
@@ -385,10 +483,10 @@ def _fast_instances(
         columns = {next(iter(inputs)): instances}
     tensors = {}
     for name, column in columns.items():
-        array = _fast(column, inputs[name], may_have_bools)
-        if array is None:
+        tensor = _fast(column, inputs[name], may_have_bools)
+        if tensor is None:
             return None
-        tensors[name] = JsonTensor(inputs[name], array.shape, array.tobytes())
+        tensors[name] = tensor
     return tensors
 
 
