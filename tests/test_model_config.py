@@ -4,6 +4,7 @@ file and line, and a refused reload leaves the settings in force."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,18 @@ def test_latest_policies_pick_from_what_the_fleet_holds() -> None:
     for bad in ("share:0", "share:1.5", "pinned:-1", "highest:1", "lowest"):
         with pytest.raises(ValueError):
             LatestPolicy.parse(bad)
+
+
+def test_fields_the_proxy_does_not_act_on_are_logged_once_per_reload(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="batchproxy.model_config")
+    reloader = ConfigReloader(files(tmp_path), lambda settings: None)
+    reloader.reload()
+    left = [r.getMessage() for r in caplog.records if "left to the replicas" in r.getMessage()]
+    assert len(left) == 2  # at start, then once for the reload
+    assert left[0].endswith("my_mnist_model: base_path, model_platform, "
+                            "model_version_policy; other: base_path")
+    caplog.clear()
+    (tmp_path / "models.config").write_text('model_config_list { config { name: "m" } }')
+    reloader.reload()  # nothing set beyond what the proxy uses: nothing to say
+    assert not [r for r in caplog.records if "left to the replicas" in r.getMessage()]
