@@ -410,7 +410,12 @@ class WarmingPool(ReplicaPool):
         except ValueError as err:
             log.warning("warm-up of %s on %s skipped: %s", what, replica.address, err)
             return True
-        limit = asyncio.Semaphore(self.warmup.concurrency)
+        concurrency = self.warmup.concurrency
+        if replica.state is ReplicaState.HEALTHY and self.max_inflight > 1:
+            # A new version on a replica that serves calls: they keep a slot, or they
+            # would wait behind the warm-up's slow first calls, which is what it spares them.
+            concurrency = min(concurrency, self.max_inflight - 1)
+        limit = asyncio.Semaphore(concurrency)
         down = False
         failure: ProxyError | None = None
 
