@@ -224,7 +224,18 @@ class VersionRouter:
         """Whether the fleet holds `version` of `model`: "available" somewhere (or some
         replica serving the model has not listed its versions, so it may), "coming" (only
         START or LOADING somewhere: calls for it wait), "absent" (listed nowhere in those
-        states), or "unknown" (no replica serving the model has been checked yet)."""
+        states), or "unknown" (no replica serving the model has been checked yet). Asked
+        on every call for a specific version: kept until the pool reports a change."""
+        key = ("holds", model, version)
+        cached = self.pool.derived.get(key)
+        if cached is not None:
+            return cast(str, cached)
+        held = self._holds(model, version)
+        if len(self.pool.derived) < 4 * 256:  # versions come from clients
+            self.pool.derived[key] = held
+        return held
+
+    def _holds(self, model: str, version: int) -> str:
         if self.pool.route(model) is not Route.SERVED:
             return "unknown"
         listed = coming = False
