@@ -1,7 +1,10 @@
 """Versions across a fleet, in virtual time: a call naming a version goes only where it is
 AVAILABLE, labels resolve in the proxy, `latest` follows the model's policy and canary
 weights, a version rolled back before the health checks noticed costs no call, and a shadow
-version is compared without reaching callers."""
+version is compared without reaching callers. `share:F` counts capacity (a fast replica
+counts for more); a version no replica holds is refused at once, one still loading is
+waited for within the caller's deadline, and a canary weight on an absent version gives its
+share to the policy's version."""
 
 from __future__ import annotations
 
