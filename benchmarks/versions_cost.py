@@ -4,7 +4,8 @@ A fleet of 64 replicas listing versions 1 and 2 of one model. Measured in one ru
 alternating rounds (the machine is shared): resolving a latest call's version from the
 cached fleet view (what the scheduler does per call) against recounting the view (what it
 would cost uncached), and merging a 64-call batch with the version override appended against
-merging it without (the baseline: the merge every batch already pays).
+merging it without (the baseline: the merge every batch already pays), and the check that
+a call's specific version is held anywhere (cached, against looking at every replica).
 
     PYTHONPATH=src .venv/bin/python benchmarks/versions_cost.py
 """
@@ -66,15 +67,22 @@ def main() -> None:
     pieces = [(Entry(c, None, None, 0.0, queue, 0), 0, 1) for c in batch_calls]  # type: ignore[arg-type]
     n = 20000
     cached, uncached, plain, override = [], [], [], []
+    check, recheck = [], []
     for _ in range(ROUNDS):
         cached.append(timeit.timeit(lambda: router.resolve_latest("m"), number=n) / n)
         uncached.append(timeit.timeit(lambda: router._count("m"), number=n) / n)
+        # A call naming a version (or pinned, or a label's): is it held anywhere?
+        check.append(timeit.timeit(lambda: router.refuse_absent("m", 2, True), number=n) / n)
+        recheck.append(timeit.timeit(lambda: router._holds("m", 2), number=n) / n)
         plain.append(timeit.timeit(lambda: Batch.of("m", pieces), number=200) / 200)
         override.append(timeit.timeit(lambda: Batch.of("m", pieces, 2), number=200) / 200)
     med = statistics.median
     print(f"resolve_latest (cached view): {med(cached) * 1e6:.2f} us/call")
     print(f"recount the view (uncached):  {med(uncached) * 1e6:.2f} us/call "
           f"-> cached/uncached {med(cached) / med(uncached):.3f}x")
+    print(f"version held anywhere (cached): {med(check) * 1e6:.2f} us/call; uncached "
+          f"{med(recheck) * 1e6:.2f} us -> {med(check) / med(recheck):.3f}x; against "
+          f"resolve_latest {med(check) / med(cached):.3f}x")
     print(f"merge 64 calls: {med(plain) * 1e6:.1f} us; with the version override "
           f"{med(override) * 1e6:.1f} us -> {med(override) / med(plain):.3f}x")
 

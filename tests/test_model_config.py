@@ -4,6 +4,7 @@ file and line, and a refused reload leaves the settings in force."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -194,3 +195,16 @@ def test_a_refused_batching_reload_keeps_the_settings_in_force(tmp_path: Path) -
     batching = applied[-1]["compiled"].batching
     assert batching is not None and batching.allowed_batch_sizes == (2, 4)
     assert batching.padding_policy == "batch_down"  # still over the flags
+def test_fields_the_proxy_does_not_act_on_are_logged_once_per_reload(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="batchproxy.model_config")
+    reloader = ConfigReloader(files(tmp_path), lambda settings: None)
+    reloader.reload()
+    left = [r.getMessage() for r in caplog.records if "left to the replicas" in r.getMessage()]
+    assert len(left) == 2  # at start, then once for the reload
+    assert left[0].endswith("my_mnist_model: base_path, model_platform, "
+                            "model_version_policy; other: base_path")
+    caplog.clear()
+    (tmp_path / "models.config").write_text('model_config_list { config { name: "m" } }')
+    reloader.reload()  # nothing set beyond what the proxy uses: nothing to say
+    assert not [r for r in caplog.records if "left to the replicas" in r.getMessage()]

@@ -278,3 +278,24 @@ def test_an_unreadable_warmup_file_stops_start_up(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, env=child_env())
     assert result.returncode == 1
     assert "batchproxy serve: TFRecord cut short at byte 0" in result.stderr
+
+
+def test_with_workers_one_of_them_warms_each_replica(base: Path) -> None:
+    # Every worker health-checks the replica; only one sends the warm-up, the other waits
+    # for it, so the replica runs each batch size once (its slow first calls once).
+    replica = replica_on(base)
+    proxy = start_proxy([replica], health_check_model=NAME, health_interval_ms=200,
+                        max_batch_size=MAX_BATCH, workers=2)
+    try:
+        wait_until(lambda: fleet_log(proxy).count("joining -> healthy") >= 2, 90,
+                   "the replica did not become healthy in both workers")
+        log = fleet_log(proxy)
+        assert "warmed by another worker" in log, log
+        assert metric(replica.rest_url, "batchproxy_replica_batch_rows_count") == MAX_BATCH
+        assert metric(replica.rest_url, "batchproxy_replica_batch_rows_sum") == \
+            MAX_BATCH * (MAX_BATCH + 1) / 2
+        assert metric(proxy.rest_url, "batchproxy_warmup_calls_total", model=NAME,
+                      outcome="ok") == MAX_BATCH
+    finally:
+        proxy.stop()
+        replica.stop()

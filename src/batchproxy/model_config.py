@@ -4,7 +4,9 @@
 (`model_config_list { config { name: "m" version_labels { key: "stable" value: 1 } } }`),
 parsed by protobuf's text_format against TFS's message, so a file TFS reads reads here and
 a misspelt field is refused naming its line. The proxy takes each model's name and
-version_labels from it; base_path, model_platform and the version policy are the replicas'.
+version_labels from it; base_path, model_platform, model_version_policy, logging_config
+are the replicas': each (re)load logs, once, which of them the file sets, as "left to
+the replicas", so they are not taken for settings the proxy applies.
 
 `--proxy_config_file` holds what TFS has no field for, in TOML (tomllib, no dependency):
 
@@ -37,7 +39,7 @@ import logging
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,23 @@ def labels_of(message: model_server_config_pb2.ModelServerConfig,
         if config.name in out:
             raise ConfigError(f"{source}: model '{config.name}' is configured twice")
         out[config.name] = dict(config.version_labels)
+    return out
+
+
+# The ModelConfig fields the proxy acts on; the others (base_path, model_platform,
+# model_version_policy, logging_config, ...) are the replicas' business.
+ACTED_ON = frozenset(("name", "version_labels"))
+
+
+def left_to_replicas(message: model_server_config_pb2.ModelServerConfig) -> dict[str, list[str]]:
+    """model name -> the fields set in its config that the proxy does not act on: logged at
+    each (re)load, so that nobody takes them for settings the proxy applies."""
+    out: dict[str, list[str]] = {}
+    for config in message.model_config_list.config:
+        fields = [descriptor.name for descriptor, _ in config.ListFields()
+                  if descriptor.name not in ACTED_ON]
+        if fields:
+            out[config.name] = fields
     return out
 
 
@@ -288,15 +307,20 @@ class ConfigFiles:
     proxy_config_file: str | None = None
     override: model_server_config_pb2.ModelServerConfig | None = None
     batching: BatchingConfig | None = None
+    # Set by load(): per model, the fields of the TFS file the proxy does not act on.
+    left: dict[str, list[str]] = field(default_factory=dict, compare=False)
 
     def load(self) -> dict[str, ModelSettings]:
         labels: dict[str, dict[str, int]] = {}
+        self.left = {}
         if self.override is not None:
             labels = labels_of(self.override, "HandleReloadConfigRequest")
+            self.left = left_to_replicas(self.override)
         elif self.model_config_file:
             text = _read(self.model_config_file)
-            labels = labels_of(read_model_server_config(text, self.model_config_file),
-                               self.model_config_file)
+            message = read_model_server_config(text, self.model_config_file)
+            labels = labels_of(message, self.model_config_file)
+            self.left = left_to_replicas(message)
         ours: dict[str, dict[str, Any]] = {}
         if self.proxy_config_file:
             ours = parse_proxy_config(_read(self.proxy_config_file), self.proxy_config_file,
@@ -306,6 +330,14 @@ class ConfigFiles:
     def stamp(self) -> tuple[tuple[float, int] | None, ...]:
         """What the poll compares: each file's mtime and size."""
         return tuple(_stamp(path) for path in (self.model_config_file, self.proxy_config_file))
+
+
+def _log_left(files: ConfigFiles) -> None:
+    left = files.left
+    if left:
+        log.info("model config: fields left to the replicas (the proxy does not act on "
+                 "them): %s", "; ".join(f"{model}: {', '.join(fields)}"
+                                        for model, fields in sorted(left.items())))
 
 
 def _read(path: str) -> str:
@@ -340,6 +372,7 @@ class ConfigReloader:
         self._stamp = files.stamp()
         self.reloads = 0
         apply(files.load())
+        _log_left(files)
 
     def reload(self, override: model_server_config_pb2.ModelServerConfig | None = None) -> None:
         """Read and apply; ConfigError (and nothing changed) when a file is refused.
@@ -360,6 +393,7 @@ class ConfigReloader:
         self.apply(settings)
         self.reloads += 1
         log.info("model config reloaded: %s", ", ".join(sorted(settings)) or "no models")
+        _log_left(candidate)
 
     def reload_logged(self) -> None:
         with contextlib.suppress(ConfigError):

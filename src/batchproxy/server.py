@@ -101,7 +101,8 @@ class Proxy:
                                           config.dns_refresh_s, config.dns_server)
             self.discovery.on_change.append(self.health_checker.check_soon)
         self.readiness = Readiness(self.pool, self.supervisor)
-        self.versions = VersionRouter(self.pool)
+        # A replica's speed, for the `share:F` policy, is judged at full batches.
+        self.versions = VersionRouter(self.pool, batch_rows=config.batching.max_batch_size)
         # A bad file stops start-up here (ConfigError names its line).
         self.model_config = ConfigReloader(
             ConfigFiles(config.model_config_file, config.proxy_config_file,

@@ -1,7 +1,10 @@
 """Versions across a fleet, in virtual time: a call naming a version goes only where it is
 AVAILABLE, labels resolve in the proxy, `latest` follows the model's policy and canary
 weights, a version rolled back before the health checks noticed costs no call, and a shadow
-version is compared without reaching callers."""
+version is compared without reaching callers. `share:F` counts capacity (a fast replica
+counts for more); a version no replica holds is refused at once, one still loading is
+waited for within the caller's deadline, and a canary weight on an absent version gives its
+share to the policy's version."""
 
 from __future__ import annotations
 
@@ -19,7 +22,13 @@ from batchproxy.config import BatchingConfig
 from batchproxy.engine import Engine
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.health_checks import HealthChecker
-from batchproxy.fleet.versions import LatestPolicy, ModelSettings, ShadowSettings, VersionRouter
+from batchproxy.fleet.versions import (
+    CAPACITY_TTL_S,
+    LatestPolicy,
+    ModelSettings,
+    ShadowSettings,
+    VersionRouter,
+)
 from batchproxy.methods import GET_MODEL_STATUS, PREDICT
 from batchproxy.protos import get_model_status_pb2, predict_pb2
 
@@ -234,3 +243,121 @@ def test_a_models_own_latency_objective_governs_its_admission(vrun):
     error = vrun(main())
     assert error.code is grpc.StatusCode.UNAVAILABLE
     assert "latency objective" in error.message
+
+
+def test_share_counts_capacity_so_a_fast_replica_counts_for_more(vrun):
+    # a answers a batch in 10 ms, b and c in 40 ms: version 2 on a alone is a third of the
+    # replicas but two thirds of the capacity (100 batches/s of 150), once speeds are learned.
+    replicas = {"a": VersionedReplica(cost_s=0.01), "b": VersionedReplica(cost_s=0.04),
+                "c": VersionedReplica(cost_s=0.04)}
+    settings = {"m": ModelSettings(latest=LatestPolicy.parse("share:0.5"))}
+
+    async def main():
+        engine, checker, router = await fleet(replicas, settings, max_inflight=1)
+        replicas["a"].versions[2] = AVAILABLE
+        await checker.check_all()
+        before = router.resolve_latest("m")  # no speed learned yet: replicas count alike
+        pool = router.pool
+        for _ in range(300):  # one call at a time: each batch runs alone and is timed
+            await engine.submit(make_call(1))
+            if all(r.costs.get("m") is not None and r.costs["m"].warm
+                   for r in pool.replicas.values()):
+                break
+        await asyncio.sleep(CAPACITY_TTL_S)  # the capacity view is counted again
+        after = router.resolve_latest("m")
+        for replica in replicas.values():
+            replica.batches.clear()
+        answers = await asyncio.gather(*(engine.submit(make_call(1)) for _ in range(16)))
+        await engine.close()
+        return before, after, answers
+
+    before, after, answers = vrun(main())
+    assert (before, after) == (1, 2)
+    assert {version_of(r) for r in answers} == {2}
+    assert replicas["b"].batches == replicas["c"].batches == []  # they hold only version 1
+
+
+def test_a_version_no_replica_holds_is_refused_at_once(vrun):
+    a = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE})
+    settings = {"m": ModelSettings(latest=LatestPolicy.parse("pinned:3"),
+                                   labels={"stable": 1, "canary": 3})}
+
+    async def main():
+        engine, _, _ = await fleet({"a": a}, settings)
+        loop = asyncio.get_running_loop()
+        errors = []
+        for how in ("pinned", "label", "named"):
+            call = make_call(1)
+            if how == "label":
+                call.version_label = "canary"
+            elif how == "named":
+                call.version = 3
+                call.key = (call.model_name, 3, *call.key[2:])
+            start = loop.time()
+            with pytest.raises(ProxyError) as raised:
+                await engine.submit(call, timeout=5.0)
+            errors.append((raised.value, loop.time() - start))
+        await engine.close()
+        return errors
+
+    (pinned, t1), (label, t2), (named, t3) = vrun(main())
+    assert max(t1, t2, t3) < 0.001  # at once, not at the deadline
+    assert pinned.code is label.code is grpc.StatusCode.UNAVAILABLE
+    assert "Version 3 of model 'm'" in pinned.message and "pinned" in pinned.message
+    assert "Version 3 of model 'm'" in label.message and "label 'canary'" in label.message
+    # A version the caller named itself gets TFS's own answer, from the proxy.
+    assert named.code is grpc.StatusCode.NOT_FOUND
+    assert named.message == "Servable not found for request: Specific(m, 3)"
+    assert a.batches == []
+
+
+def test_calls_for_a_loading_version_wait_for_it_within_their_deadline(vrun):
+    a = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE})
+    b = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE, 2: LOADING})
+    settings = {"m": ModelSettings(latest=LatestPolicy.parse("pinned:2"))}
+
+    async def main():
+        engine, checker, _ = await fleet({"a": a, "b": b}, settings)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(ProxyError) as raised:
+            await engine.submit(make_call(1), timeout=0.3)
+        expired = loop.time() - start
+        start = loop.time()
+        waiting = asyncio.ensure_future(engine.submit(make_call(1), timeout=5.0))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        b.versions[2] = AVAILABLE
+        await checker.check_all()
+        answer = await waiting
+        answered = loop.time() - start
+        await engine.close()
+        return raised.value, expired, answer, answered
+
+    error, expired, answer, answered = vrun(main())
+    assert error.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.3 <= expired < 0.31  # at its deadline, not after
+    assert version_of(answer) == 2
+    assert 0.2 <= answered < 0.25
+    assert a.batches == []
+
+
+def test_a_canary_weight_on_a_version_no_replica_holds_goes_to_the_policys(vrun):
+    a = VersionedReplica(cost_s=0.005, versions={1: AVAILABLE, 3: AVAILABLE})
+    # Version 2 is on no replica: its 50 % goes to the pinned version, not to version 3.
+    settings = {"m": ModelSettings(latest=LatestPolicy.parse("pinned:1"),
+                                   weights={2: 50.0, 3: 20.0})}
+
+    async def main():
+        engine, _, _ = await fleet({"a": a}, settings)
+        versions = []
+        for _ in range(10):
+            answers = await asyncio.gather(*(engine.submit(make_call(1)) for _ in range(100)))
+            versions += [version_of(r) for r in answers]
+        await engine.close()
+        return versions
+
+    versions = vrun(main())
+    assert len(versions) == 1000
+    assert set(versions) == {1, 3}
+    assert abs(versions.count(3) / 1000 - 0.20) <= 0.04

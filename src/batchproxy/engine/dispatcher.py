@@ -211,6 +211,9 @@ class Dispatcher:
                 if (version is not None and version != batch.version
                         and pool.can_serve(batch.model, version=version)):
                     return batch.without_answered().for_version(version)
+                if version == batch.version and \
+                        self.versions.holds(batch.model, version) == "absent":
+                    return None  # pinned to a version the fleet dropped: nothing to wait for
             if pool.can_serve(batch.model, exclude=used, version=batch.version):
                 return batch.without_answered()
             remaining = deadline - loop.time()

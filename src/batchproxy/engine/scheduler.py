@@ -153,15 +153,24 @@ class Scheduler:
     def _target(self, call: codec.PredictCall) -> tuple[int | None, bool]:
         """The version the call is sent for, and whether the proxy chose it (a `latest`
         call): its own, its label's (refused when the label is unknown), or the latest
-        policy's; None while the proxy knows no versions of the model (sent as named)."""
-        if call.version is not None:
-            return call.version, False
+        policy's; None while the proxy knows no versions of the model (sent as named).
+        A version no replica holds or is loading is refused at once (VersionRouter)."""
         router = self.versions
+        model = call.model_name
+        if call.version is not None:
+            if router is not None:
+                router.refuse_absent(model, call.version, named=True)
+            return call.version, False
         if router is None:
             return None, False
         if call.version_label is not None:
-            return router.resolve_label(call.model_name, call.version_label), False
-        version = router.resolve_latest(call.model_name)
+            version = router.resolve_label(model, call.version_label)
+            if version is not None:
+                router.refuse_absent(model, version, False, call.version_label)
+            return version, False
+        version = router.resolve_latest(model)
+        if version is not None and router.settings_of(model).latest.kind == "pinned":
+            router.refuse_absent(model, version, named=False)
         return version, version is not None
 
     def _evict_for(self, rows: int, nbytes: int) -> None:

@@ -32,6 +32,7 @@ import hashlib
 import logging
 import mmap
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable
@@ -78,6 +79,8 @@ class SlotTable:
         self.words = memoryview(self.map).cast("q")
         self.worker = -1  # set in each worker by attach()
         self.owns_files = False  # the table create() made closes the file and the pipes
+        # Where the workers agree on who warms which replica (fleet/warmup_claims.py).
+        self.warmup_dir: str | None = None
 
     @classmethod
     def create(cls, workers: int, rows: int = ROWS) -> SlotTable:
@@ -89,6 +92,7 @@ class SlotTable:
         os.ftruncate(fd, _size(workers, rows))
         table = cls(fd, workers, rows, wake)
         table.owns_files = True
+        table.warmup_dir = tempfile.mkdtemp(prefix="batchproxy-warmup-")
         table.words[0], table.words[1], table.words[2] = MAGIC, workers, rows
         return table
 
@@ -100,6 +104,7 @@ class SlotTable:
         """Another mapping of the same table, as worker `worker` sees it (tests run two
         workers' pools in one process this way)."""
         other = SlotTable(self.fd, self.workers, self.rows, self.wake)
+        other.warmup_dir = self.warmup_dir
         other.attach(worker)
         return other
 
@@ -242,6 +247,8 @@ class SlotTable:
         self.map.close()
         if not self.owns_files:
             return
+        if self.warmup_dir is not None:
+            shutil.rmtree(self.warmup_dir, ignore_errors=True)
         os.close(self.fd)
         for read_end, write_end in self.wake:
             os.close(read_end)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # TFS's ModelVersionStatus.State AVAILABLE.
 AVAILABLE_STATE = 30
+COMING_STATES = (10, 20)  # START, LOADING: on their way to AVAILABLE
 
 # Model names come from clients: bound what is tracked per name.
 MAX_TRACKED_MODELS = 256
@@ -327,9 +328,12 @@ class ReplicaPool:
             route = self._compute_route(model)
             if version is not None and route is Route.SERVED and not any(
                     r.serves(model, version) for r in self.replicas.values()):
-                # No replica holds that version: one that serves the model answers with
+                # No replica holds that version. While one is loading it, calls wait for it
+                # (within their deadlines); else one that serves the model answers with
                 # TFS's own NOT_FOUND for it.
-                route = Route.MISSING
+                route = Route.WAIT if any(
+                    r.serves(model) and r.versions.get(model, {}).get(version)
+                    in COMING_STATES for r in self.replicas.values()) else Route.MISSING
             self._routes[(model, version)] = route
         return route
 

@@ -12,19 +12,26 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 
 from batchproxy.config import BatchingConfig
 from batchproxy.errors import ProxyError
+from batchproxy.fleet.slots import Route, loop_time
 from batchproxy.priority import Priority
 from batchproxy.protos import get_model_status_pb2, model_pb2
 
 if TYPE_CHECKING:
-    from batchproxy.fleet.slots import ReplicaPool
+    from batchproxy.fleet.slots import Endpoint, ReplicaPool
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+# States of a version on its way to AVAILABLE: calls for it wait (within their deadline).
+COMING = frozenset((get_model_status_pb2.ModelVersionStatus.START,
+                    get_model_status_pb2.ModelVersionStatus.LOADING))
+# How long the capacity behind each version is kept before it is counted again: the
+# learned speeds move with every batch, not only when a health check changes something.
+CAPACITY_TTL_S = 1.0
 STATE_NAMES = {value.number: value.name for value in
                get_model_status_pb2.ModelVersionStatus.State.DESCRIPTOR.values}
 
@@ -33,8 +40,11 @@ STATE_NAMES = {value.number: value.name for value in
 class LatestPolicy:
     """Which version a `latest` call gets while replicas disagree:
     `highest`: the highest version AVAILABLE on any healthy replica (TFS's rule per server);
-    `share:F`: the newest version once it is AVAILABLE on at least F of the replicas that
-    serve the model, else the highest one below it that is;
+    `share:F`: the newest version once it is AVAILABLE on at least F of the capacity that
+    serves the model, else the highest one below it that is. A replica's capacity is its
+    slots (--max_inflight_per_replica) times its speed, learned per model (fleet/costs.py):
+    one that answers a batch twice as fast counts twice. Until a replica's cost is learned
+    it counts as fast as the mean of those learned (all alike when none is);
     `pinned:N`: version N, whatever else the fleet holds."""
 
     kind: str = "highest"
@@ -64,9 +74,9 @@ class LatestPolicy:
             return f"pinned:{int(self.value)}"
         return f"share:{self.value:g}"
 
-    def pick(self, available: Mapping[int, int], serving: int) -> int | None:
-        """The version among `available` (version -> replicas holding it AVAILABLE), with
-        `serving` replicas serving the model in all; None when nothing is available."""
+    def pick(self, available: Mapping[int, float], serving: float) -> int | None:
+        """The version among `available` (version -> capacity holding it AVAILABLE), with
+        `serving` the capacity serving the model in all; None when nothing is available."""
         if self.kind == "pinned":
             return int(self.value)
         if not available:
@@ -175,11 +185,13 @@ class VersionRouter:
     per-model batching) is derived again."""
 
     def __init__(self, pool: ReplicaPool, settings: Mapping[str, ModelSettings] | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, batch_rows: int = 1) -> None:
         self.pool = pool
         self.listeners: list[Callable[[], None]] = []
         self._settings: Mapping[str, ModelSettings] = dict(settings or {})
         self.random = random.Random(seed)
+        # The batch size a replica's speed is judged at (the engine's max_batch_size).
+        self.batch_rows = max(1, batch_rows)
 
     @property
     def settings(self) -> Mapping[str, ModelSettings]:
@@ -194,33 +206,101 @@ class VersionRouter:
     def settings_of(self, model: str) -> ModelSettings:
         return self._settings.get(model, NO_SETTINGS)
 
-    def available(self, model: str) -> tuple[dict[int, int], int]:
-        """version -> healthy replicas where it is AVAILABLE, and how many healthy replicas
-        serve the model at all (any version). Asked on every latest call: kept until the
-        pool reports a change (ReplicaPool.derived)."""
+    def available(self, model: str) -> tuple[dict[int, float], float]:
+        """version -> capacity of the healthy replicas where it is AVAILABLE, and the
+        capacity of those serving the model at all (any version). Asked on every latest
+        call: kept until the pool reports a change (ReplicaPool.derived), or CAPACITY_TTL_S
+        at most, so that speeds learned since count."""
         key = ("versions", model)
-        cached = self.pool.derived.get(key)
-        if cached is not None:
-            return cached  # type: ignore[return-value]
+        cached = cast("tuple[tuple[dict[int, float], float], float] | None",
+                      self.pool.derived.get(key))
+        now = loop_time()
+        if cached is not None and now - cached[1] < CAPACITY_TTL_S:
+            return cached[0]
         result = self._count(model)
         if len(self.pool.derived) < 4 * 256:  # model names come from clients
-            self.pool.derived[key] = result
+            self.pool.derived[key] = (result, now)
         return result
 
-    def _count(self, model: str) -> tuple[dict[int, int], int]:
-        counts: dict[int, int] = {}
-        serving = 0
+    def _count(self, model: str) -> tuple[dict[int, float], float]:
+        holders = [replica for replica in self.pool.replicas.values()
+                   if replica.serves(model) and replica.versions.get(model)]
+        speeds = self._speeds(model, holders)
+        slots = self.pool.max_inflight
+        counts: dict[int, float] = {}
+        serving = 0.0
+        for replica, speed in zip(holders, speeds, strict=True):
+            capacity = slots * speed
+            serving += capacity
+            for version, state in replica.versions[model].items():
+                if state == AVAILABLE:
+                    counts[version] = counts.get(version, 0.0) + capacity
+        return counts, serving
+
+    def _speeds(self, model: str, replicas: list[Endpoint]) -> list[float]:
+        """Each replica's speed for `model`, relative to the others: batches per second at
+        `batch_rows` rows where its cost is learned, the mean of the learned ones where not,
+        1 for all when none is."""
+        learned: list[float | None] = []
+        for replica in replicas:
+            cost = replica.costs.get(model)
+            seconds = cost.predict(self.batch_rows) if cost is not None and cost.warm else 0.0
+            learned.append(1.0 / seconds if seconds > 0 else None)
+        known = [speed for speed in learned if speed is not None]
+        if not known:
+            return [1.0] * len(replicas)
+        mean = sum(known) / len(known)
+        return [mean if speed is None else speed for speed in learned]
+
+    def holds(self, model: str, version: int) -> str:
+        """Whether the fleet holds `version` of `model`: "available" somewhere (or some
+        replica serving the model has not listed its versions, so it may), "coming" (only
+        START or LOADING somewhere: calls for it wait), "absent" (listed nowhere in those
+        states), or "unknown" (no replica serving the model has been checked yet). Asked
+        on every call for a specific version: kept until the pool reports a change."""
+        key = ("holds", model, version)
+        cached = self.pool.derived.get(key)
+        if cached is not None:
+            return cast(str, cached)
+        held = self._holds(model, version)
+        if len(self.pool.derived) < 4 * 256:  # versions come from clients
+            self.pool.derived[key] = held
+        return held
+
+    def _holds(self, model: str, version: int) -> str:
+        if self.pool.route(model) is not Route.SERVED:
+            return "unknown"
+        listed = coming = False
         for replica in self.pool.replicas.values():
             if not replica.serves(model):
                 continue
             versions = replica.versions.get(model)
-            if not versions:
-                continue
-            serving += 1
-            for version, state in versions.items():
-                if state == AVAILABLE:
-                    counts[version] = counts.get(version, 0) + 1
-        return counts, serving
+            if versions is None:
+                return "available"
+            listed = True
+            state = versions.get(version)
+            if state == AVAILABLE:
+                return "available"
+            coming = coming or state in COMING
+        if coming:
+            return "coming"
+        return "absent" if listed else "unknown"
+
+    def refuse_absent(self, model: str, version: int, named: bool,
+                      label: str | None = None) -> None:
+        """Refuse at once a call for a version no replica holds or is loading, rather than
+        let it wait for its deadline. A version the caller named gets TFS's own answer
+        (NOT_FOUND); one the proxy chose for it (a label's, a pinned latest) is the fleet's
+        failing: UNAVAILABLE, naming the version."""
+        if self.holds(model, version) != "absent":
+            return
+        if named:
+            raise ProxyError(grpc.StatusCode.NOT_FOUND,
+                             f"Servable not found for request: Specific({model}, {version})")
+        why = f"label '{label}'" if label is not None else "its pinned latest version"
+        raise ProxyError(grpc.StatusCode.UNAVAILABLE,
+                         f"Version {version} of model '{model}' ({why}) is not available "
+                         f"on any replica")
 
     def resolve_label(self, model: str, label: str) -> int | None:
         """The version a label names; None when the proxy has no labels for the model (the
@@ -244,8 +324,10 @@ class VersionRouter:
         if settings.weights:
             draw = self.random.random() * 100.0
             for version, percent in sorted(settings.weights.items()):
-                if draw < percent and version in available:
-                    return version
+                if draw < percent:
+                    if version in available:
+                        return version
+                    break  # a weight on a version no replica holds: the policy's share
                 draw -= percent
         return settings.latest.pick(available, serving)
 

@@ -44,6 +44,7 @@ from batchproxy.codec import dtypes
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.shared_slots import SharedReplicaPool
 from batchproxy.fleet.slots import Endpoint, ModelState, ReplicaPool, ReplicaState
+from batchproxy.fleet.warmup_claims import WarmupClaims
 from batchproxy.methods import GET_MODEL_METADATA, PREDICT
 from batchproxy.protos import get_model_metadata_pb2, predict_pb2, tensor_pb2
 
@@ -53,6 +54,8 @@ SERVING_DEFAULT = "serving_default"
 # TFS's ModelVersionStatus.State numbers (the versions a health check lists).
 LOADING_STATE = 20
 AVAILABLE_STATE = 30
+# How often a worker waiting for another's warm-up of a replica looks whether it ended.
+CLAIM_POLL_S = 0.05
 # Codes that say the replica is down, not that the warm-up call was wrong.
 DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                   grpc.StatusCode.CANCELLED})
@@ -362,7 +365,7 @@ class WarmingPool(ReplicaPool):
         down = False
         try:
             for key in due:
-                if await self._warm_one(replica, key):
+                if await self._warm_key(replica, key):
                     self.warmed.add(key)
                 else:
                     down = True
@@ -375,6 +378,10 @@ class WarmingPool(ReplicaPool):
             # The latest check, as it came: the pool now sees what was warmed.
             self.record_check(replica, check.passed, check.reason, check.models,
                               check.certain, **check.more)
+
+    async def _warm_key(self, replica: Endpoint, key: Key) -> bool:
+        """Warm `key` (see _warm_one); workers sharing the fleet warm each key once."""
+        return await self._warm_one(replica, key)
 
     async def _templates(self, replica: Endpoint, model: str,
                          version: int | None) -> list[Template]:
@@ -408,7 +415,12 @@ class WarmingPool(ReplicaPool):
         except ValueError as err:
             log.warning("warm-up of %s on %s skipped: %s", what, replica.address, err)
             return True
-        limit = asyncio.Semaphore(self.warmup.concurrency)
+        concurrency = self.warmup.concurrency
+        if replica.state is ReplicaState.HEALTHY and self.max_inflight > 1:
+            # A new version on a replica that serves calls: the warm-up runs beside them,
+            # outside their slots, and at most one fewer at once than a replica's batches.
+            concurrency = min(concurrency, self.max_inflight - 1)
+        limit = asyncio.Semaphore(concurrency)
         sizes = self.warmup.batch_sizes(model)
         down = False
         failure: ProxyError | None = None
@@ -464,4 +476,62 @@ class WarmingPool(ReplicaPool):
 
 
 class SharedWarmingPool(WarmingPool, SharedReplicaPool):
-    """Warm-up before traffic over slot counts and ejections shared by `--workers`."""
+    """Warm-up before traffic over slot counts and ejections shared by `--workers`: one
+    worker warms each replica's model version, the others wait for it to end
+    (fleet/warmup_claims.py)."""
+
+    _claims: WarmupClaims | None = None
+
+    @property
+    def claims(self) -> WarmupClaims | None:
+        if self._claims is None and self.table.warmup_dir is not None:
+            self._claims = WarmupClaims(self.table.warmup_dir)
+        return self._claims
+
+    def _wait_bound_s(self, model: str) -> float:
+        """How long another worker's warm-up is waited for before this one warms on its
+        own: what a live one takes at worst (its metadata call, then every batch size,
+        `concurrency` at a time, each within the warm-up timeout)."""
+        rounds = -(-len(self.warmup.batch_sizes(model)) // self.warmup.concurrency)
+        return self.warmup.timeout_s * (1 + rounds)
+
+    async def _warm_key(self, replica: Endpoint, key: Key) -> bool:
+        claims = self.claims
+        if claims is None:
+            return await self._warm_one(replica, key)
+        _, model, version = key
+        what = f"model {model}" + (f" version {version}" if version is not None else "")
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._wait_bound_s(model)
+        while True:
+            if claims.done(key):
+                log.info("%s on %s was warmed by another worker", what, replica.address)
+                return True
+            if claims.try_lock(key):
+                try:
+                    if claims.done(key):  # ended between the look and the lock
+                        return True
+                    warmed = await self._warm_one(replica, key)
+                    if warmed:
+                        claims.mark_done(key)
+                    return warmed
+                finally:
+                    claims.unlock(key)
+            if loop.time() >= give_up_at:
+                log.warning("another worker's warm-up of %s on %s took over %.0fs: warming "
+                            "it here", what, replica.address, self._wait_bound_s(model))
+                return await self._warm_one(replica, key)
+            if self.replicas.get(replica.address) is not replica:
+                return False  # dropped meanwhile
+            await asyncio.sleep(CLAIM_POLL_S)
+
+    def _forget_warmed(self, replica: Endpoint, old: ReplicaState, reason: str) -> None:
+        super()._forget_warmed(replica, old, reason)
+        if self.claims is not None and replica.state in (ReplicaState.EJECTED,
+                                                         ReplicaState.DRAINING):
+            self.claims.forget(replica.address)
+
+    async def close(self) -> None:
+        await super().close()
+        if self._claims is not None:
+            self._claims.close()
