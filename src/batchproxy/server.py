@@ -253,21 +253,31 @@ class Proxy:
             drain,
             close_engine,
             stop_frontends,
-            self.supervisor.close,  # every supervised loop: scheduler, checks, samplers
-            close_discovery,
-            self.health_checker.close,
-            self.sampler.close,
-            close_monitoring,
+            # every supervised loop: scheduler, checks, samplers
+            lambda: bounded(self.supervisor.close(), CLOSE_STEP_S, "background tasks"),
+            lambda: bounded(close_discovery(), CLOSE_STEP_S, "discovery"),
+            lambda: bounded(self.health_checker.close(), CLOSE_STEP_S, "health checks"),
+            lambda: bounded(self.sampler.close(), CLOSE_STEP_S, "gauge sampler"),
+            lambda: bounded(close_monitoring(), CLOSE_STEP_S, "monitoring port"),
             lambda: bounded(self.pool.close(), CLOSE_STEP_S, "replica channels"),
         ])
 
 
 async def bounded(step: Awaitable[None], timeout_s: float, what: str) -> None:
-    """Await `step` for at most `timeout_s`; past that it is cancelled and the stop goes on."""
+    """Await `step` for at most `timeout_s`; past that it is cancelled and the stop goes on.
+    Not asyncio.wait_for: that waits for the cancelled step to finish, and a step stuck
+    past its cancellation would hold the stop for ever."""
+    task = asyncio.ensure_future(step)
     try:
-        await asyncio.wait_for(step, timeout_s)
-    except TimeoutError:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
         log.warning("stopping: %s did not close within %.1f s; going on", what, timeout_s)
+        return
+    task.result()
 
 
 async def run_all(steps: list[Callable[[], Awaitable[object]]]) -> None:
