@@ -63,6 +63,18 @@ def test_the_proxy_batches_under_load_and_keeps_up():
     assert all(0 < u <= 1 for u in proxy.utilization)
 
 
+def test_inside_slo_counts_measured_calls_answered_in_time(tmp_path):
+    # Three calls in the warm-up are not counted. Of the two measured ones, the first is
+    # answered after 12.2 ms; the second, 5 ms later, waits for the first's batch to end
+    # (at 1.0122 s) and then takes its own 10.2 ms: 17.4 ms, past a 15 ms SLO.
+    lines = ["0.01,1,m,", "0.02,1,m,", "0.03,1,m,", "1.0,1,m,", "1.005,1,m,"]
+    config = SimConfig(**{**EXACT, "replicas": 1}, workload="trace", warmup_s=0.5,
+                       trace=trace(tmp_path, lines), slo_ms=15.0, systems=("tfs",))
+    result = simulate(config).run("tfs")
+    assert result.requests == 2
+    assert result.inside_slo == 0.5
+
+
 def test_a_crashed_replica_costs_the_proxy_little(tmp_path):
     config = SimConfig(replicas=3, rates=(300.0,), duration_s=4.0, deadline_ms=1000,
                        faults=(parse_fault("crash:0:1-3"),), health_interval_ms=200)

@@ -60,6 +60,7 @@ class RunResult:
     p999_ms: float | None
     mean_ms: float | None
     goodput_per_s: float
+    inside_slo: float | None  # share of the measured calls answered OK within the SLO
     errors: dict[str, int]
     mean_batch_rows: float
     batches: int
@@ -96,6 +97,7 @@ class RunResult:
             p99_ms=_ms(percentile(ok, 0.99)), p999_ms=_ms(percentile(ok, 0.999)),
             mean_ms=_ms(math.fsum(ok) / len(ok)) if ok else None,
             goodput_per_s=round(good / duration_s, 3) if duration_s else 0.0,
+            inside_slo=round(good / len(outcomes.codes), 6) if outcomes.codes else None,
             errors=dict(sorted(errors.items())),
             mean_batch_rows=round(rows / batches, 3) if batches else 0.0,
             batches=batches,
