@@ -9,8 +9,9 @@ adaptive`, max batch 32. Each call sends 1 to 3 rows whose values name the calle
 call, and every answer is checked against them (identity: its own rows).
 
 Phases per run: warm-up, a healthy window (its p99 is the bar's reference), replica 0
-stopped for --stop_s, SIGCONT, a recovery window. Latencies are of calls by the phase they
-started in; a failed call counts with the time it took. Hedges and batches are read from
+stopped for --stop_s, SIGCONT, a recovery window. Calls count in the phase they started in,
+except that one sent while healthy and still out at the stop counts as stopped (the stopped
+replica may hold it); a failed call counts with the time it took. Hedges and batches are read from
 the proxy's /metrics at the start of the stop and at the end.
 
     .venv/bin/python benchmarks/e2e/gray_failure.py [--rounds 1] [--stop_s 10]
