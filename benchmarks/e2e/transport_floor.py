@@ -14,6 +14,7 @@ server, on the same busy machine, in the same minute.
         /tmp/base/src/batchproxy/  # when _core.pyx is the same in both
     .venv/bin/python benchmarks/e2e/transport_floor.py --reference_src /tmp/base/src
     .venv/bin/python benchmarks/e2e/transport_floor.py --policy adaptive --protocols grpc
+    .venv/bin/python benchmarks/e2e/transport_floor.py --rate 900 --protocols grpc
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from harness import (
 )
 
 CONCURRENCY = 64
+LOOP = f"closed loop c={CONCURRENCY}"  # what report() says of the load (main() sets it)
 
 
 def rest_answers(url: str) -> str | None:
@@ -71,7 +73,7 @@ def with_batch_size(url: str, run: Callable[[], Measured]) -> Callable[[], Measu
 
 
 def report(name: str, pairs: list[tuple[Measured, Measured]]) -> None:
-    print(f"\n{name}: {len(pairs)} round pair(s), closed loop c={CONCURRENCY}, one row per call")
+    print(f"\n{name}: {len(pairs)} round pair(s), {LOOP}, one row per call")
     print("  CPU in us per request, and in cores busy over the window (1.00: one core flat out)")
     print(f"  {'':9}{'req/s':>8}{'server us':>11}{'cores':>7}{'replicas us':>13}"
           f"{'generator us':>14}{'cores':>7}{'p50 ms':>8}{'p99 ms':>8}")
@@ -118,10 +120,20 @@ def main() -> None:
                         help="the proxies' --batching_policy (default: the proxy's own)")
     parser.add_argument("--protocols", default="grpc,rest",
                         help="which to measure, of grpc and rest (comma-separated)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="open loop at this many calls per second instead of "
+                             f"{CONCURRENCY} closed-loop callers: every server sees the same "
+                             "arrivals, so a proxy's batches do not follow its own speed")
     args = parser.parse_args()
     protocols = set(args.protocols.split(","))
     flags = {} if args.policy is None else {"batching_policy": args.policy}
-    load = dict(concurrency=CONCURRENCY, duration_s=args.seconds, warmup_s=args.warmup)
+    load: dict[str, object] = dict(duration_s=args.seconds, warmup_s=args.warmup)
+    if args.rate > 0:
+        load["rate"] = args.rate
+    else:
+        load["concurrency"] = CONCURRENCY
+    global LOOP
+    LOOP = f"open loop {args.rate:g}/s" if args.rate > 0 else f"closed loop c={CONCURRENCY}"
     print(f"machine: {machine()}")
     with ExitStack() as stack:
         echo = stack.enter_context(start_echo())
