@@ -50,7 +50,8 @@ class GrpcTransport:
 
     A call is made on grpc.aio's Cython channel directly (see _LeanCalls) where this grpcio
     has it: the public `UnaryUnaryMultiCallable` wraps each call in a Task, a call object and
-    a weak reference, which on the proxy's hot path cost more than the call itself."""
+    a weak reference, 2-3 % of the proxy's CPU under load, besides the Task's own step
+    (benchmarks/RESULTS.md, "gRPC cost per call")."""
 
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None,
                  reconnect_backoff_ms: int = 1000) -> None:
