@@ -13,6 +13,8 @@ server, on the same busy machine, in the same minute.
     git archive BASE src | tar -x -C /tmp/base && cp src/batchproxy/_core*.so \
         /tmp/base/src/batchproxy/  # when _core.pyx is the same in both
     .venv/bin/python benchmarks/e2e/transport_floor.py --reference_src /tmp/base/src
+    .venv/bin/python benchmarks/e2e/transport_floor.py --policy adaptive --protocols grpc
+    .venv/bin/python benchmarks/e2e/transport_floor.py --rate 900 --protocols grpc
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from harness import (
 )
 
 CONCURRENCY = 64
+LOOP = f"closed loop c={CONCURRENCY}"  # what report() says of the load (main() sets it)
 
 
 def rest_answers(url: str) -> str | None:
@@ -70,7 +73,7 @@ def with_batch_size(url: str, run: Callable[[], Measured]) -> Callable[[], Measu
 
 
 def report(name: str, pairs: list[tuple[Measured, Measured]]) -> None:
-    print(f"\n{name}: {len(pairs)} round pair(s), closed loop c={CONCURRENCY}, one row per call")
+    print(f"\n{name}: {len(pairs)} round pair(s), {LOOP}, one row per call")
     print("  CPU in us per request, and in cores busy over the window (1.00: one core flat out)")
     print(f"  {'':9}{'req/s':>8}{'server us':>11}{'cores':>7}{'replicas us':>13}"
           f"{'generator us':>14}{'cores':>7}{'p50 ms':>8}{'p99 ms':>8}")
@@ -113,32 +116,51 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--reference_src", default=None, metavar="DIR",
                         help="also run a proxy from this source tree in every round")
+    parser.add_argument("--policy", default=None, choices=("fixed", "adaptive"),
+                        help="the proxies' --batching_policy (default: the proxy's own)")
+    parser.add_argument("--protocols", default="grpc,rest",
+                        help="which to measure, of grpc and rest (comma-separated)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="open loop at this many calls per second instead of "
+                             f"{CONCURRENCY} closed-loop callers: every server sees the same "
+                             "arrivals, so a proxy's batches do not follow its own speed")
     args = parser.parse_args()
-    load = dict(concurrency=CONCURRENCY, duration_s=args.seconds, warmup_s=args.warmup)
+    protocols = set(args.protocols.split(","))
+    flags = {} if args.policy is None else {"batching_policy": args.policy}
+    load: dict[str, object] = dict(duration_s=args.seconds, warmup_s=args.warmup)
+    if args.rate > 0:
+        load["rate"] = args.rate
+    else:
+        load["concurrency"] = CONCURRENCY
+    global LOOP
+    LOOP = f"open loop {args.rate:g}/s" if args.rate > 0 else f"closed loop c={CONCURRENCY}"
     print(f"machine: {machine()}")
     with ExitStack() as stack:
         echo = stack.enter_context(start_echo())
         replicas = [stack.enter_context(start_replica("identity", model_name="default"))
                     for _ in range(2)]
-        proxy = stack.enter_context(start_proxy(replicas))
+        proxy = stack.enter_context(start_proxy(replicas, **flags))
         replica_pids = [r.pid for r in replicas]
         print(f"bare: batchproxy bench --echo_server (pid {echo.pid}); proxy: "
               f"{' '.join(proxy.args[1:])} (pid {proxy.pid}); 2 identity replicas")
         if args.reference_src:
             reference = stack.enter_context(start_proxy(
-                replicas, env={"PYTHONPATH": args.reference_src}))
+                replicas, env={"PYTHONPATH": args.reference_src}, **flags))
             print(f"reference proxy: the same, from {args.reference_src} "
                   f"(pid {reference.pid})")
-            compare(args, load, echo, proxy, reference, replica_pids)
+            compare(args, protocols, load, echo, proxy, reference, replica_pids)
             return
 
-        with timed("gRPC"):
-            pairs = alternate(
-                args.rounds,
-                lambda: measure(grpc_spec([echo.address], **load), [echo.pid]),
-                with_batch_size(proxy.rest_url, lambda: measure(
-                    grpc_spec([proxy.address], **load), [proxy.pid], replica_pids)))
-            report("gRPC", pairs)
+        if "grpc" in protocols:
+            with timed("gRPC"):
+                pairs = alternate(
+                    args.rounds,
+                    lambda: measure(grpc_spec([echo.address], **load), [echo.pid]),
+                    with_batch_size(proxy.rest_url, lambda: measure(
+                        grpc_spec([proxy.address], **load), [proxy.pid], replica_pids)))
+                report("gRPC", pairs)
+        if "rest" not in protocols:
+            return
 
         # The REST frontend is the newest part of the proxy: skip it, saying why, rather
         # than fail the gRPC figures.
@@ -157,20 +179,23 @@ def main() -> None:
             report("REST", pairs)
 
 
-def compare(args: argparse.Namespace, load: dict, echo: Process, proxy: Process,
-            reference: Process, replica_pids: list[int]) -> None:
+def compare(args: argparse.Namespace, protocols: set[str], load: dict, echo: Process,
+            proxy: Process, reference: Process, replica_pids: list[int]) -> None:
     """Bare server, reference proxy and proxy in every round, gRPC then REST."""
     def grpc_run(target: Process, watched: list[int], others: list[int]) -> Measured:
         return measure(grpc_spec([target.address], **load), watched, others)
 
-    with timed("gRPC"):
-        rounds = rotate(args.rounds, [
-            lambda: grpc_run(echo, [echo.pid], []),
-            with_batch_size(reference.rest_url, lambda: grpc_run(
-                reference, [reference.pid], replica_pids)),
-            with_batch_size(proxy.rest_url, lambda: grpc_run(
-                proxy, [proxy.pid], replica_pids))])
-        report_reference("gRPC", rounds)
+    if "grpc" in protocols:
+        with timed("gRPC"):
+            rounds = rotate(args.rounds, [
+                lambda: grpc_run(echo, [echo.pid], []),
+                with_batch_size(reference.rest_url, lambda: grpc_run(
+                    reference, [reference.pid], replica_pids)),
+                with_batch_size(proxy.rest_url, lambda: grpc_run(
+                    proxy, [proxy.pid], replica_pids))])
+            report_reference("gRPC", rounds)
+    if "rest" not in protocols:
+        return
 
     def rest_run(url: str, watched: list[int], others: list[int]) -> Measured:
         return measure(rest_spec([url.removeprefix("http://")], **load), watched, others)

@@ -12,6 +12,7 @@ so that one hung replica in a quiet fleet is still hedged."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import grpc
@@ -159,18 +160,26 @@ class Hedger:
         self.metrics = metrics
         self.budget = HedgeBudget(percent)
 
-    async def predict(self, replica: Endpoint, batch: Batch, patience: float,
-                      beside: int) -> bytes | HedgeWin:
+    def predict(self, replica: Endpoint, batch: Batch, patience: float,
+                beside: int) -> Awaitable[bytes | HedgeWin]:
         """Send `batch` to `replica` (its slot held by the caller, which also releases it)
         and, once it is overdue, to a second replica. Returns the first call's answer, or
-        the hedge's as a HedgeWin; raises the first call's error when nothing answered."""
+        the hedge's as a HedgeWin; raises the first call's error when nothing answered.
+
+        A plain function that returns what to await: a batch that will not be hedged awaits
+        the replica call itself, with no coroutine of the hedger's per batch."""
         pool = self.pool
         budget = self.budget
         budget.note_sent()
         cost = expected_cost(pool, replica, batch.model) if budget.enabled else None
         delay = None if cost is None else overdue_after(cost, batch.sent_rows, beside)
         if delay is None or delay >= patience:
-            return await pool.predict(replica, batch.request, patience)
+            return pool.predict(replica, batch.request, patience)
+        return self._hedged(replica, batch, patience, delay)
+
+    async def _hedged(self, replica: Endpoint, batch: Batch, patience: float,
+                      delay: float) -> bytes | HedgeWin:
+        pool = self.pool
         loop = asyncio.get_running_loop()
         first = loop.create_task(pool.predict(replica, batch.request, patience))
         try:

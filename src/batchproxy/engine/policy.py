@@ -209,6 +209,16 @@ class AdaptivePolicy:
         plan gives a batch to. With a backlog, a slower replica earns a later batch when
         it would finish it before the faster ones could get to it."""
         batches = min(max(1, -(-rows // full)), MAX_PLANNED_BATCHES)
+        if batches == 1:
+            # The usual case, asked on every decision: the replica finishing the one batch
+            # first (the first of equals, as below), with no plan to build.
+            best = starts[0]
+            finish = best[0] + best[2].predict(rows)
+            for entry in starts[1:]:
+                end = entry[0] + entry[2].predict(rows)
+                if end < finish:
+                    finish, best = end, entry
+            return best, [best]
         free = list(starts)
         first = None
         used: list[tuple[float, Endpoint, CostModel, bool]] = []

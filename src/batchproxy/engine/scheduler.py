@@ -61,6 +61,8 @@ class Scheduler:
         self.batching = BatchingTable(config, versions)
         self._retired = itertools.count()
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._woken = False
         # Futures resolved after the next pass of the loop or the next call taken out of
         # the queues: what a drain waits on instead of polling.
@@ -257,23 +259,42 @@ class Scheduler:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            self._woken = False
-            next_due = self.dispatch_due(loop.time())
-            if self._progress:
-                self._notify_progress()
-            if not self._woken:  # a dispatch may itself have freed or changed something
-                await self._sleep_until(loop, next_due)
+        try:
+            while True:
+                self._woken = False
+                next_due = self.dispatch_due(loop.time())
+                if self._progress:
+                    self._notify_progress()
+                if not self._woken:  # a dispatch may itself have freed or changed something
+                    await self._sleep_until(loop, next_due)
+        finally:
+            self._set_timer(loop, None)
 
     async def _sleep_until(self, loop: asyncio.AbstractEventLoop, when: float | None) -> None:
         waiter = self._waiter = loop.create_future()
-        handle = None if when is None else loop.call_at(when, self.wake)
+        self._set_timer(loop, when)
         try:
             await waiter
         finally:
             self._waiter = None
-            if handle is not None:
-                handle.cancel()
+
+    def _set_timer(self, loop: asyncio.AbstractEventLoop, when: float | None) -> None:
+        """The loop's one timer wakes it at `when` (None: no timer). A timer already set for
+        that time is kept: most passes (a submit, a slot freed) end with the same due time
+        as the pass before, and a timer per pass cost a handle armed and cancelled."""
+        timer = self._timer
+        if timer is not None:
+            if when == self._timer_at:
+                return
+            timer.cancel()
+            self._timer = None
+        if when is not None:
+            self._timer = loop.call_at(when, self._timer_fired)
+            self._timer_at = when
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self.wake()
 
     def dispatch_due(self, now: float) -> float | None:
         """Hand every batch the policy releases now to the dispatcher, oldest queue first.

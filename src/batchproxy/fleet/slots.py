@@ -16,7 +16,8 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable
+from typing import Any
 
 import grpc
 
@@ -559,9 +560,11 @@ class ReplicaPool:
         self.record_success(replica)
         return response
 
-    async def predict(self, replica: Endpoint, request: bytes, timeout: float | None) -> bytes:
-        """One merged batch to `replica`; the caller holds a slot from acquire()."""
-        return await self.call(replica, PREDICT, request, timeout)
+    def predict(self, replica: Endpoint, request: bytes,
+                timeout: float | None) -> Coroutine[Any, Any, bytes]:
+        """One merged batch to `replica`; the caller holds a slot from acquire(). The call's
+        own coroutine, for the caller to await (or run as a task)."""
+        return self.call(replica, PREDICT, request, timeout)
 
     async def close(self) -> None:
         replicas = list(self.replicas.values()) + self._closing
