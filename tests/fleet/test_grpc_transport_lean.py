@@ -132,3 +132,24 @@ async def test_close_cancels_calls_in_flight(replica: tuple[Replica, str],
     await asyncio.wait_for(t.close(), 5)
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_cython_channel_of_another_signature_falls_back_to_the_public_path(
+        replica: tuple[Replica, str]) -> None:
+    _, address = replica
+    t = transport(address, lean=True)
+    assert t._lean is not None
+    real = t._lean._channel
+
+    class OtherSignature:
+        def call(self, method: bytes, deadline: float | None, credentials: object,
+                 wait_for_ready: object) -> object:  # one argument fewer
+            return real.call(method, deadline, credentials, wait_for_ready, 0)
+
+    t._lean._channel = OtherSignature()
+    try:
+        assert await t.call(f"/{SERVICE}/echo", b"x", 5.0) == b"echo:x"
+        assert not t._lean.usable
+        assert await t.call(f"/{SERVICE}/echo", b"y", 5.0) == b"echo:y"
+    finally:
+        await t.close()

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import grpc
-from grpc import _common as _grpc_common
-from grpc._cython import cygrpc as _cygrpc
+
+try:  # private modules: where a grpcio lacks them, every call takes the public path
+    from grpc import _common as _grpc_common
+    from grpc._cython import cygrpc as _cygrpc
+except ImportError:  # pragma: no cover - this grpcio has them
+    _grpc_common = _cygrpc = None
 
 from batchproxy.errors import ProxyError
 
@@ -61,11 +65,11 @@ class GrpcTransport:
         else:
             self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
-        self._lean = _LeanCalls.of(self.channel)
+        self._lean = _LeanCalls.of(self.channel, self._public_call)
 
     def call(self, path: str, request: bytes, timeout: float) -> Coroutine[Any, Any, bytes]:
         # The call's own coroutine, no wrapper of this method's: callers await it.
-        if self._lean is not None:
+        if self._lean is not None and self._lean.usable:
             return self._lean.call(path, request, timeout)
         return self._public_call(path, request, timeout)
 
@@ -95,16 +99,23 @@ class _LeanCalls:
     per call. Calls in flight are kept so that closing cancels them first, as closing a
     grpc.aio channel cancels its own calls."""
 
-    def __init__(self, cython_channel: Any, codes: dict[Any, grpc.StatusCode]) -> None:
+    def __init__(self, cython_channel: Any, codes: dict[Any, grpc.StatusCode],
+                 public: Callable[[str, bytes, float], Coroutine[Any, Any, bytes]]) -> None:
         self._channel = cython_channel
         self._codes = codes
+        self._public = public
         self._methods: dict[str, bytes] = {}
         self._inflight: set[Any] = set()
+        self.usable = True
 
     @classmethod
-    def of(cls, channel: grpc.aio.Channel) -> _LeanCalls | None:
+    def of(cls, channel: grpc.aio.Channel,
+           public: Callable[[str, bytes, float], Coroutine[Any, Any, bytes]]
+           ) -> _LeanCalls | None:
         """None where this grpcio's internals are not the ones this was written against:
-        calls then take the public path."""
+        calls then take the public path (`public`). A grpcio whose Cython channel takes
+        other arguments is found out on the first call, before anything is sent, and
+        every call from then on takes the public path too."""
         cython_channel = getattr(channel, "_channel", None)
         codes = getattr(_grpc_common, "CYGRPC_STATUS_CODE_TO_STATUS_CODE", None)
         if not callable(getattr(cython_channel, "call", None)) or not isinstance(codes, dict):
@@ -112,15 +123,22 @@ class _LeanCalls:
         aio_call = getattr(_cygrpc, "_AioCall", None)
         if aio_call is None or not all(hasattr(aio_call, name) for name in _AIO_CALL_API):
             return None
-        return cls(cython_channel, codes)
+        return cls(cython_channel, codes, public)
 
-    async def call(self, path: str, request: bytes, timeout: float | None) -> bytes:
+    async def call(self, path: str, request: bytes, timeout: float) -> bytes:
+        if not self.usable:
+            return await self._public(path, request, timeout)
         method = self._methods.get(path)
         if method is None:
             method = self._methods[path] = path.encode()
         deadline = None if timeout is None else time.time() + timeout
-        # (method, deadline, call credentials, wait_for_ready, registered call handle)
-        call = self._channel.call(method, deadline, None, None, 0)
+        try:
+            # (method, deadline, call credentials, wait_for_ready, registered call handle)
+            call = self._channel.call(method, deadline, None, None, 0)
+        except TypeError:
+            # Another grpcio's signature: nothing was sent yet, so the public path is safe.
+            self.usable = False
+            return await self._public(path, request, timeout)
         inflight = self._inflight
         inflight.add(call)
         try:
