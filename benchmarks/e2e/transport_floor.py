@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--reference_src", default=None, metavar="DIR",
                         help="also run a proxy from this source tree in every round")
+    parser.add_argument("--protocols", default="grpc,rest",
+                        help="which to measure, comma-separated (default grpc,rest)")
     args = parser.parse_args()
     load = dict(concurrency=CONCURRENCY, duration_s=args.seconds, warmup_s=args.warmup)
     print(f"machine: {machine()}")
@@ -160,6 +162,15 @@ def main() -> None:
 def compare(args: argparse.Namespace, load: dict, echo: Process, proxy: Process,
             reference: Process, replica_pids: list[int]) -> None:
     """Bare server, reference proxy and proxy in every round, gRPC then REST."""
+    protocols = args.protocols.split(",")
+    if "grpc" in protocols:
+        compare_grpc(args, load, echo, proxy, reference, replica_pids)
+    if "rest" in protocols:
+        compare_rest(args, load, echo, proxy, reference, replica_pids)
+
+
+def compare_grpc(args: argparse.Namespace, load: dict, echo: Process, proxy: Process,
+                 reference: Process, replica_pids: list[int]) -> None:
     def grpc_run(target: Process, watched: list[int], others: list[int]) -> Measured:
         return measure(grpc_spec([target.address], **load), watched, others)
 
@@ -172,6 +183,9 @@ def compare(args: argparse.Namespace, load: dict, echo: Process, proxy: Process,
                 proxy, [proxy.pid], replica_pids))])
         report_reference("gRPC", rounds)
 
+
+def compare_rest(args: argparse.Namespace, load: dict, echo: Process, proxy: Process,
+                 reference: Process, replica_pids: list[int]) -> None:
     def rest_run(url: str, watched: list[int], others: list[int]) -> Measured:
         return measure(rest_spec([url.removeprefix("http://")], **load), watched, others)
 
