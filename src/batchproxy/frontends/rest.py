@@ -300,7 +300,10 @@ class RestFrontend:
             priority = parse_priority(request.headers.get(PRIORITY_HEADER), None)
             doc = rest_json.loads(await self._body(request))
             signature_name = rest_json.signature_name(doc)
-        models = await self.signatures.get(key, deadline.remaining())
+        remaining = deadline.remaining()  # an expired call is refused here, cached or not
+        models = self.signatures.cached(key)
+        if models is None:  # not yet fetched: the coroutine only then
+            models = await self.signatures.get(key, remaining)
         signature = models.signature(signature_name)
         with self.service.validating():
             fmt, tensors = rest_json.parse_predict(doc, signature.inputs, signature_name)
