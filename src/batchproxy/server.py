@@ -345,12 +345,12 @@ async def run(config: ProxyConfig, replicas: list[str]) -> None:
             await proxy.stop(0.0)
         raise
     log.info(banner(config, replicas, proxy.grpc_port))
-    settle_garbage_collector()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # As TFS re-reads its config on the poll, the proxy also re-reads it on SIGHUP.
     loop.add_signal_handler(signal.SIGHUP, proxy.model_config.reload_logged)
+    settle_garbage_collector()  # after the handlers: a SIGTERM meanwhile still drains
     await stop.wait()
     if gave_up:
         log.error("stopping: background task %s kept failing", ", ".join(gave_up))
