@@ -711,8 +711,10 @@ def _empty(shape: tuple[int, ...]) -> Any:
 
 # Up to this many values an output's JSON is written by the codec (codec.json_numbers) from
 # the answer's bytes: no numpy array, no orjson call. Beyond, numpy and orjson's vectorized
-# writer are the cheaper (the codec finds float32's shortest digits value by value).
-DIRECT_VALUES = 16
+# writer are the cheaper (the codec finds float32's shortest digits value by value;
+# benchmarks/rest_json_writer.py). The pure-Python core's writer is slower than numpy at
+# any size: with it, never.
+DIRECT_VALUES = 16 if codec.IMPLEMENTATION == "cython" else 0
 
 
 def _direct_response(outputs: Mapping[str, TensorLike], fmt: str) -> bytes | None:
