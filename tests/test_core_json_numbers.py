@@ -108,3 +108,9 @@ def test_empty_shapes_and_wrong_sizes_are_left_to_the_caller(core):
     assert core.json_numbers(dtypes.DT_FLOAT, (2, 0), b"") is None
     assert core.json_numbers(dtypes.DT_FLOAT, (2,), b"\x00" * 4) is None
     assert core.json_numbers(dtypes.DT_FLOAT, (1,), [b"\x00" * 4]) is None
+
+
+def test_shapes_past_the_payload_are_left_to_the_caller(core):
+    assert core.json_numbers(dtypes.DT_FLOAT, (2**62, 2**62), b"\x00" * 8) is None
+    assert core.json_numbers(dtypes.DT_FLOAT, (2**40, 0), b"") is None
+    assert core.json_numbers(dtypes.DT_FLOAT, (), b"") is None

@@ -2301,12 +2301,15 @@ def json_numbers(int dtype, tuple shape, data):
     cdef int64_t blocks[MAX_RANK]
     if size == 0 or ndim > MAX_RANK or type(data) is not bytes:
         return None
+    cdef bytes buf = <bytes>data
+    cdef Py_ssize_t have = PyBytes_GET_SIZE(buf) // size
     for k in range(ndim - 1, -1, -1):
-        if shape[k] <= 0:
+        # Past the payload's own element count, no shape can match it (and no product
+        # of client-sized dimensions can overflow).
+        if not 0 < shape[k] <= have or count * <Py_ssize_t>shape[k] > have:
             return None
         count *= <Py_ssize_t>shape[k]
         blocks[k] = count
-    cdef bytes buf = <bytes>data
     if PyBytes_GET_SIZE(buf) != count * size:
         return None
     cdef const uint8_t* src = <const uint8_t*>PyBytes_AS_STRING(buf)
