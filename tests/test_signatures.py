@@ -82,6 +82,27 @@ async def test_an_expired_entry_is_served_while_it_is_refreshed(replicas):
     await pool.close()
 
 
+async def test_cached_answers_without_fetching_and_refreshes_as_get_does(replicas):
+    first, second = replicas
+    pool = ReplicaPool([first.address])
+    cache = cache_over(pool, ttl_s=0.0)
+    assert cache.cached(KEY) is None  # never fetched: only get() fetches
+    assert cache.fetches == 0
+    entry = await cache.get(KEY)
+    assert cache.cached(KEY) is entry and entry.version == 1  # expired, still served
+    pool.set_addresses([second.address])
+    for _ in range(100):  # the expired entry asked for a refresh in the background
+        await asyncio.sleep(0.02)
+        entry = cache.cached(KEY)
+        if entry is not None and entry.version == 2:
+            break
+    assert entry is not None and entry.version == 2
+    cache.forget(KEY)
+    assert cache.cached(KEY) is None
+    await cache.close()
+    await pool.close()
+
+
 async def test_a_new_served_version_triggers_a_refresh(replicas):
     first, second = replicas
     pool = ReplicaPool([first.address])

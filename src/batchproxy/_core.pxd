@@ -12,10 +12,19 @@ cdef enum:
     NFIELDS = 18  # TensorProto field numbers 0..17
     NDTYPES = 24  # rows of dtypes.DATA_TYPES (values 0..23)
     # dtypes the code names (checked against dtypes.py when the module initializes)
+    DT_FLOAT = 1
+    DT_DOUBLE = 2
+    DT_INT32 = 3
+    DT_UINT8 = 4
+    DT_INT16 = 5
+    DT_INT8 = 6
     DT_STRING = 7
     DT_COMPLEX64 = 8
+    DT_INT64 = 9
     DT_BOOL = 10
     DT_COMPLEX128 = 18
+    DT_UINT32 = 22
+    DT_UINT64 = 23
     # element conversions for the varint fields (see elem_varint / _put_elem)
     VK_S8 = 1
     VK_U8 = 2

@@ -129,3 +129,13 @@ def encode_predict_response(outputs: dict[str, bytes], model_spec: bytes) -> byt
 def decode_tensor(data: bytes) -> Tensor:
     """Parse one serialized TensorProto into normalized form (either encoding). Applies the
     checks of decode_predict_request ("tensor parsing error: DETAIL")."""
+
+def json_numbers(dtype: int, shape: tuple[int, ...], data: bytes) -> bytes | None:
+    """The JSON text of a numeric tensor in normalized form, nested by `shape` (a scalar for
+    shape ()), exactly as orjson writes the numpy array: integers in decimal, booleans as
+    true/false, floats in their shortest form that reads back as the same value (float32's
+    own for DT_FLOAT), laid out plain for point positions -5..13 (float32) or -4..16
+    (float64) and as 1.5e+16 / 1e-7 beyond. None, for the caller's other path, when the
+    dtype is none of float, double, int8/16/32/64, uint8/32/64 and bool, when a value is NaN
+    or infinite (TFS spells those out), when a dimension is 0, or when `data` is not bytes
+    of the shape's size."""

@@ -62,7 +62,11 @@ cdef int _fill_tables() except -1:
     cdef int i
     if len(dtypes.DATA_TYPES) != NDTYPES or dtypes.DT_STRING != DT_STRING or \
             dtypes.DT_BOOL != DT_BOOL or dtypes.DT_COMPLEX64 != DT_COMPLEX64 or \
-            dtypes.DT_COMPLEX128 != DT_COMPLEX128:
+            dtypes.DT_COMPLEX128 != DT_COMPLEX128 or \
+            (dtypes.DT_FLOAT, dtypes.DT_DOUBLE, dtypes.DT_INT32, dtypes.DT_UINT8,
+             dtypes.DT_INT16, dtypes.DT_INT8, dtypes.DT_INT64, dtypes.DT_UINT32,
+             dtypes.DT_UINT64) != (DT_FLOAT, DT_DOUBLE, DT_INT32, DT_UINT8, DT_INT16,
+                                   DT_INT8, DT_INT64, DT_UINT32, DT_UINT64):
         raise ImportError("batchproxy._core was built against another dtypes table")
     for i in range(NFIELDS):
         FIELD_WIRE[i] = -1
@@ -1921,6 +1925,431 @@ def concat_predict_responses(parts):
         return concat_responses(datas)
     except _WireError as exc:
         raise CodecError("INTERNAL", f"Could not parse PredictResponse: {exc}") from None
+
+
+# --- JSON text of a numeric tensor (the REST answer) --------------------------------------
+#
+# TFS writes a predict answer's numbers as orjson writes numpy values: integers in decimal,
+# floats in their shortest round-trip form (float32's own for DT_FLOAT) laid out as below.
+# Writing them here skips a numpy array and orjson's numpy path for a small answer.
+
+cdef extern from "<stdlib.h>":
+    float strtof(const char* s, char** end) nogil
+    double strtod(const char* s, char** end) nogil
+
+cdef extern from "<stdio.h>":
+    int snprintf(char* s, size_t n, const char* fmt, ...) nogil
+
+cdef extern from "<math.h>":
+    bint isfinite(double x) nogil
+    bint signbit(double x) nogil
+    float nextafterf(float x, float y) nogil
+    double floor(double x) nogil
+    double log10(double x) nogil
+    const float INFINITY
+
+cdef extern from "Python.h":
+    char* PyOS_double_to_string(double val, char format_code, int precision, int flags,
+                                int* ptype) except NULL
+
+# Where the plain (not exponent) form ends, as a decimal exponent: a value written with
+# digits D (no leading or trailing zeros) and point position kk (value = 0.D * 10**kk) is
+# plain when LOW <= kk <= HIGH.
+cdef enum:
+    F32_LOW = -5
+    F32_HIGH = 13
+    F64_LOW = -4
+    F64_HIGH = 16
+    # Room for one number's text: 17 digits, sign, point, "e-324", zeros of the plain form.
+    NUM_ROOM = 48
+    # Room for a float32's exact decimal expansion (at most 112 significant digits).
+    EXACT_ROOM = 136
+
+
+cdef Py_ssize_t _digits_of(const char* text, char* digits, int* kk) noexcept:
+    """The significant digits of a decimal text (no sign; "1.5e+16", "0.0001", "123.0")
+    into `digits`, and the point position in `kk`; their count (0 for zero)."""
+    cdef Py_ssize_t n = 0, before = -1, i = 0
+    cdef int ex = 0, sign = 1
+    cdef char c
+    while True:
+        c = text[i]
+        if c >= 48 and c <= 57:
+            digits[n] = c
+            n += 1
+        elif c == 46:  # '.'
+            before = n
+        else:
+            break
+        i += 1
+    if before < 0:
+        before = n
+    if c == 101 or c == 69:  # 'e'
+        i += 1
+        if text[i] == 45:
+            sign = -1
+            i += 1
+        elif text[i] == 43:
+            i += 1
+        while text[i] >= 48 and text[i] <= 57:
+            ex = ex * 10 + (text[i] - 48)
+            i += 1
+    cdef Py_ssize_t lead = 0
+    while lead < n and digits[lead] == 48:
+        lead += 1
+    while n > lead and digits[n - 1] == 48:
+        n -= 1
+    if n == lead:
+        return 0
+    if lead:
+        memcpy(digits, digits + lead, n - lead)
+    kk[0] = <int>(before - lead) + sign * ex
+    return n - lead
+
+
+cdef Py_ssize_t _lay_out(char* out, bint negative, const char* digits, Py_ssize_t n, int kk,
+                         int low, int high) noexcept:
+    """A number from its digits and point position, in orjson's layout: "123.0", "1.25",
+    "0.0001", "1e+16", "1.5e-7"."""
+    cdef Py_ssize_t w = 0, i
+    cdef int e
+    cdef char exp_text[8]
+    if negative:
+        out[w] = 45
+        w += 1
+    if low <= kk <= 0:
+        out[w] = 48
+        out[w + 1] = 46
+        w += 2
+        for i in range(-kk):
+            out[w] = 48
+            w += 1
+        memcpy(out + w, digits, n)
+        return w + n
+    if 0 < kk <= high:
+        if kk >= n:
+            memcpy(out + w, digits, n)
+            w += n
+            for i in range(kk - n):
+                out[w] = 48
+                w += 1
+            out[w] = 46
+            out[w + 1] = 48
+            return w + 2
+        memcpy(out + w, digits, kk)
+        w += kk
+        out[w] = 46
+        w += 1
+        memcpy(out + w, digits + kk, n - kk)
+        return w + n - kk
+    out[w] = digits[0]
+    w += 1
+    if n > 1:
+        out[w] = 46
+        w += 1
+        memcpy(out + w, digits + 1, n - 1)
+        w += n - 1
+    e = kk - 1
+    out[w] = 101
+    w += 1
+    if e >= 0:
+        out[w] = 43
+        w += 1
+    return w + snprintf(out + w, 8, "%d", e)
+
+
+cdef Py_ssize_t _write_double(char* out, double v) except -2:
+    """v's shortest round-trip form (repr's digits); -1 when v is not finite."""
+    cdef char digits[NUM_ROOM]
+    cdef int kk = 0
+    cdef Py_ssize_t n
+    cdef char* text
+    if not isfinite(v):
+        return -1
+    if v == 0:
+        memcpy(out, b"-0.0" if signbit(v) else b"0.0", 4 if signbit(v) else 3)
+        return 4 if signbit(v) else 3
+    text = PyOS_double_to_string(v if v > 0 else -v, b'r', 0, 0, NULL)
+    n = _digits_of(text, digits, &kk)
+    PyMem_Free(text)
+    return _lay_out(out, v < 0, digits, n, kk, F64_LOW, F64_HIGH)
+
+
+cdef double _POW10[23]  # 1e0 .. 1e22: exact as doubles
+_POW10[0] = 1.0
+for _i in range(1, 23):
+    _POW10[_i] = _POW10[_i - 1] * 10.0
+
+
+cdef bint _reads_back(float a, uint64_t d, int q) noexcept:
+    """Whether the decimal d * 10**q reads back as the float32 `a`, as strtof would read
+    it. With |q| <= 22 the double nearest the decimal is one exact operation away, and its
+    rounding to float32 is the decimal's own unless it lies exactly half way between two
+    float32 values (then the decimal's side is unknown: strtof decides)."""
+    cdef char text[NUM_ROOM]
+    cdef double x
+    cdef float f, g
+    cdef double half
+    if -22 <= q <= 22:
+        x = <double>d * _POW10[q] if q >= 0 else <double>d / _POW10[-q]
+        f = <float>x
+        if <double>f == x:
+            return f == a
+        g = nextafterf(f, INFINITY if <double>f < x else 0.0)
+        half = (<double>f + <double>g) * 0.5
+        if x != half:
+            return f == a
+    snprintf(text, NUM_ROOM, "%llue%d", <unsigned long long>d, q)
+    return strtof(text, NULL) == a
+
+
+cdef bint _try_digits(float a, Py_ssize_t p, const char* exact, Py_ssize_t exact_n,
+                      int exact_kk, uint64_t* d) noexcept:
+    """Whether a p-digit decimal reads back as the float32 `a` (> 0), given a's digits
+    `exact` (enough of them that rounding them to p digits rounds `a` itself: see
+    _write_float); if so, its digits as an integer in `d` (value d * 10**(exact_kk - p)).
+    The candidate is the p-digit decimal nearest `a` or, where that lies below `a` and
+    fails, the next one up: below a power of two the values that read back as `a` span
+    half as far as above it, so the nearest can fail where the next one up does not."""
+    cdef Py_ssize_t i
+    cdef uint64_t v = 0
+    cdef bint up
+    for i in range(p):
+        v = v * 10 + (<uint64_t>(exact[i] - 48) if i < exact_n else 0)
+    # Exactly half way only where `exact` is a's exact expansion: then to the even digit.
+    up = p < exact_n and exact[p] >= 53 and (exact[p] > 53 or exact_n > p + 1 or v % 2 == 1)
+    if up:
+        v += 1
+    if _reads_back(a, v, exact_kk - <int>p):
+        d[0] = v
+        return True
+    if up:
+        return False  # the nearest lies above and fails: so does any other
+    v += 1
+    if _reads_back(a, v, exact_kk - <int>p):
+        d[0] = v
+        return True
+    return False
+
+
+cdef int _try_scaled(float a, int p, int* e10, uint64_t* d) noexcept:
+    """_try_digits with double arithmetic, for `a` (> 0) within 1e-14..1e22: the nearest
+    p-digit decimal is a * 10**(p - e10) rounded to an integer, where 10**(e10 - 1) <= a <
+    10**e10 (e10 is corrected here when the estimate was off). That product, one exact
+    power of ten away, is within 2**-53 of itself: 1 and 0 as _try_digits, and -1 where it
+    lies too near half way between two integers to tell which is nearer."""
+    cdef int s, tries
+    cdef double y, t, frac
+    cdef uint64_t v
+    cdef bint up
+    for tries in range(3):
+        s = p - e10[0]
+        if s < -22 or s > 22:
+            return -1
+        y = <double>a * _POW10[s] if s >= 0 else <double>a / _POW10[-s]
+        if y >= _POW10[p]:
+            e10[0] += 1
+        elif y < _POW10[p - 1] - 0.5:
+            e10[0] -= 1
+        else:
+            break
+    else:
+        return -1
+    t = floor(y)
+    frac = y - t
+    if 0.4999 < frac < 0.5001:
+        return -1
+    v = <uint64_t>t
+    up = frac > 0.5
+    if up:
+        v += 1
+    if _reads_back(a, v, -s):
+        d[0] = v
+        return 1
+    if up:
+        return 0  # the nearest lies above and fails: so does any other
+    v += 1
+    if _reads_back(a, v, -s):
+        d[0] = v
+        return 1
+    return 0
+
+
+cdef Py_ssize_t _write_float(char* out, float v) except -2:
+    """v's shortest form that reads back as the same float32 (ryu's digits, as orjson
+    writes them); -1 when v is not finite. By double arithmetic where it can tell (see
+    _try_scaled), else from decimal expansions (_write_float_exact)."""
+    cdef char digits[NUM_ROOM]
+    cdef int e10, low = 1, high = 9, p = 8, r, q = 0, best_q = 0, kk
+    cdef uint64_t d = 0, best_d = 0
+    cdef Py_ssize_t n
+    cdef float a = v if v > 0 else -v
+    if not isfinite(v):
+        return -1
+    if v == 0:
+        memcpy(out, b"-0.0" if signbit(v) else b"0.0", 4 if signbit(v) else 3)
+        return 4 if signbit(v) else 3
+    if not (1e-14 <= a <= 1e22):
+        return _write_float_exact(out, v)
+    e10 = <int>floor(log10(<double>a)) + 1
+    # The fewest digits that read back (nine always do; if p do, so do p + 1): bisection,
+    # tried at 8 first, where most float32 values land.
+    while low < high:
+        r = _try_scaled(a, p, &e10, &d)
+        if r < 0:
+            return _write_float_exact(out, v)
+        if r:
+            best_d, best_q, high = d, e10 - p, p
+        else:
+            low = p + 1
+        p = (low + high) // 2
+    if best_d == 0 or best_q != e10 - low:
+        if _try_scaled(a, low, &e10, &best_d) != 1:
+            return _write_float_exact(out, v)
+        best_q = e10 - low
+    # As digits again: best_d * 10**best_q.
+    n = snprintf(digits, NUM_ROOM, "%llu", <unsigned long long>best_d)
+    kk = best_q + <int>n
+    while n > 1 and digits[n - 1] == 48:
+        n -= 1
+    return _lay_out(out, v < 0, digits, n, kk, F32_LOW, F32_HIGH)
+
+
+cdef Py_ssize_t _write_float_exact(char* out, float v) except -2:
+    """_write_float from decimal expansions, for any finite nonzero v."""
+    cdef char exact[EXACT_ROOM]
+    cdef char digits[NUM_ROOM]
+    cdef int kk = 0, exact_kk = 0
+    cdef Py_ssize_t n, p, low, high, best_p = 0
+    cdef uint64_t d = 0, best_d = 0
+    cdef float a = v if v > 0 else -v
+    cdef char* text
+    # The double's shortest digits. Seven or fewer: they are float32's too (a shorter
+    # decimal is at least one unit of the 7th digit away, more than half a float32 step).
+    text = PyOS_double_to_string(<double>a, b'r', 0, 0, NULL)
+    n = _digits_of(text, exact, &exact_kk)
+    PyMem_Free(text)
+    if n <= 7:
+        return _lay_out(out, v < 0, exact, n, exact_kk, F32_LOW, F32_HIGH)
+    # Rounding those digits to p rounds `a` itself when there are at least p + 2 of them:
+    # a halfway point (p + 1 digits) between them and `a` would be a shorter decimal that
+    # reads back as the same double. With fewer, a's exact expansion (a float32 has at most
+    # 112 significant decimal digits).
+    if n < 11:
+        text = PyOS_double_to_string(<double>a, b'e', EXACT_ROOM - 16, 0, NULL)
+        n = _digits_of(text, exact, &exact_kk)
+        PyMem_Free(text)
+    # The fewest digits that read back (nine always do; if p do, so do p + 1): bisection,
+    # tried at 8 first, where most float32 values land.
+    low, high = 1, 9
+    p = 8
+    while low < high:
+        if _try_digits(a, p, exact, n, exact_kk, &d):
+            best_d, best_p, high = d, p, p
+        else:
+            low = p + 1
+        p = (low + high) // 2
+    if best_p != low:
+        _try_digits(a, low, exact, n, exact_kk, &best_d)
+        best_p = low
+    # As digits again: best_d * 10**(exact_kk - best_p), best_d of best_p digits or, where
+    # rounding up carried, one more.
+    n = snprintf(digits, NUM_ROOM, "%llu", <unsigned long long>best_d)
+    kk = exact_kk - <int>best_p + <int>n
+    while n > 1 and digits[n - 1] == 48:
+        n -= 1
+    return _lay_out(out, v < 0, digits, n, kk, F32_LOW, F32_HIGH)
+
+
+cdef Py_ssize_t _write_int(char* out, const uint8_t* src, int dtype) noexcept:
+    if dtype == DT_UINT64:
+        return snprintf(out, NUM_ROOM, "%llu", (<const unsigned long long*>src)[0])
+    cdef long long v
+    if dtype == DT_INT64:
+        v = (<const long long*>src)[0]
+    elif dtype == DT_INT32:
+        v = (<const int32_t*>src)[0]
+    elif dtype == DT_UINT32:
+        v = (<const uint32_t*>src)[0]
+    elif dtype == DT_INT16:
+        v = (<const int16_t*>src)[0]
+    elif dtype == DT_INT8:
+        v = (<const int8_t*>src)[0]
+    else:  # DT_UINT8
+        v = src[0]
+    return snprintf(out, NUM_ROOM, "%lld", v)
+
+
+cdef inline int _json_size(int dtype) noexcept:
+    """Bytes per element of the dtypes json_numbers writes; 0 for the others."""
+    if dtype == DT_DOUBLE or dtype == DT_INT64 or dtype == DT_UINT64:
+        return 8
+    if dtype == DT_FLOAT or dtype == DT_INT32 or dtype == DT_UINT32:
+        return 4
+    if dtype == DT_INT16:
+        return 2
+    if dtype == DT_INT8 or dtype == DT_UINT8 or dtype == DT_BOOL:
+        return 1
+    return 0
+
+
+def json_numbers(int dtype, tuple shape, data):
+    """JSON text of a numeric tensor, nested by shape; None when this writer does not
+    write it (see _core.pyi)."""
+    cdef int size = _json_size(dtype)
+    cdef Py_ssize_t ndim = len(shape), count = 1, i, k, w = 0, n
+    cdef int64_t blocks[MAX_RANK]
+    if size == 0 or ndim > MAX_RANK or type(data) is not bytes:
+        return None
+    cdef bytes buf = <bytes>data
+    cdef Py_ssize_t have = PyBytes_GET_SIZE(buf) // size
+    for k in range(ndim - 1, -1, -1):
+        # Past the payload's own element count, no shape can match it (and no product
+        # of client-sized dimensions can overflow).
+        if not 0 < shape[k] <= have or count * <Py_ssize_t>shape[k] > have:
+            return None
+        count *= <Py_ssize_t>shape[k]
+        blocks[k] = count
+    if PyBytes_GET_SIZE(buf) != count * size:
+        return None
+    cdef const uint8_t* src = <const uint8_t*>PyBytes_AS_STRING(buf)
+    # Every element: its text, a comma, and up to one bracket a level on either side.
+    cdef Py_ssize_t room = count * (NUM_ROOM + 1 + 2 * ndim) + 1
+    cdef char* out = <char*>PyMem_Malloc(room)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        for i in range(count):
+            if i:
+                out[w] = 44  # ','
+                w += 1
+            for k in range(ndim):
+                if i % blocks[k] == 0:
+                    out[w] = 91  # '['
+                    w += 1
+            if dtype == DT_FLOAT:
+                n = _write_float(out + w, (<const float*>src)[i])
+            elif dtype == DT_DOUBLE:
+                n = _write_double(out + w, (<const double*>src)[i])
+            elif dtype == DT_BOOL:
+                if src[i]:
+                    memcpy(out + w, b"true", 4)
+                    n = 4
+                else:
+                    memcpy(out + w, b"false", 5)
+                    n = 5
+            else:
+                n = _write_int(out + w, src + i * size, dtype)
+            if n < 0:
+                return None  # NaN or an infinity: TFS spells them out, the caller's path
+            w += n
+            for k in range(ndim - 1, -1, -1):
+                if (i + 1) % blocks[k] == 0:
+                    out[w] = 93  # ']'
+                    w += 1
+        return PyBytes_FromStringAndSize(out, w)
+    finally:
+        PyMem_Free(out)
 
 
 # Last, so that the dtypes import (which runs the codec selector) sees every name above.

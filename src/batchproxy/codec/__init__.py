@@ -37,6 +37,7 @@ encode_tensor = _impl.encode_tensor
 encode_predict_response = _impl.encode_predict_response
 decode_tensor = _impl.decode_tensor
 pad_length = _impl.pad_length
+json_numbers = _impl.json_numbers
 
 __all__ = [
     "IMPLEMENTATION",
@@ -51,6 +52,7 @@ __all__ = [
     "encode_predict_response",
     "encode_tensor",
     "itemsize",
+    "json_numbers",
     "pad_length",
     "split_predict_response",
 ]

@@ -10,6 +10,7 @@ the replica's output order) and the exact bytes of an embedded ModelSpec.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable
 
 import numpy as np
@@ -940,3 +941,113 @@ def concat_predict_responses(parts: list[bytes]) -> bytes:
     if spec is not None:
         out_entries.append(_len_field(2, spec))
     return b"".join(out_entries)
+
+
+# --- JSON text of a numeric tensor (the REST answer) --------------------------------------
+
+# struct codes of the dtypes json_numbers writes.
+_JSON_CODES = {
+    dtypes.DT_FLOAT: "f", dtypes.DT_DOUBLE: "d", dtypes.DT_INT32: "i", dtypes.DT_UINT8: "B",
+    dtypes.DT_INT16: "h", dtypes.DT_INT8: "b", dtypes.DT_INT64: "q", dtypes.DT_BOOL: "B",
+    dtypes.DT_UINT32: "I", dtypes.DT_UINT64: "Q",
+}
+# The plain (not exponent) form's range of point positions (value = 0.D * 10**kk), as
+# orjson lays numbers out: float32, float64.
+_PLAIN_F32 = (-5, 13)
+_PLAIN_F64 = (-4, 16)
+
+
+def _digits_of(text: str) -> tuple[str, int]:
+    """(significant digits, point position) of a positive decimal text such as "1.5e+16",
+    "0.0001" or "123.0"; ("", 0) for zero."""
+    mantissa, _, exponent = text.lower().partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = whole + fraction
+    stripped = digits.lstrip("0")
+    kk = len(whole) - (len(digits) - len(stripped)) + int(exponent or 0)
+    stripped = stripped.rstrip("0")
+    return stripped, kk if stripped else 0
+
+
+def _lay_out(negative: bool, digits: str, kk: int, plain: tuple[int, int]) -> str:
+    sign = "-" if negative else ""
+    n = len(digits)
+    if plain[0] <= kk <= 0:
+        return f"{sign}0.{'0' * -kk}{digits}"
+    if 0 < kk <= plain[1]:
+        if kk >= n:
+            return f"{sign}{digits}{'0' * (kk - n)}.0"
+        return f"{sign}{digits[:kk]}.{digits[kk:]}"
+    e = kk - 1
+    head = digits[0] + ("." + digits[1:] if n > 1 else "")
+    return f"{sign}{head}e{'+' if e >= 0 else ''}{e}"
+
+
+def _as_float32(text: str) -> float | None:
+    try:
+        return struct.unpack("<f", struct.pack("<f", float(text)))[0]
+    except OverflowError:
+        return None
+
+
+def _float32_digits(a: float) -> tuple[str, int]:
+    """The shortest digits that read back as the float32 `a` (> 0), as the compiled core
+    finds them: the nearest p-digit decimal, or where `a` is a power of two (whose interval
+    is narrower below) the next one up."""
+    for p in range(1, 10):
+        text = f"{a:.{p - 1}e}"
+        if _as_float32(text) == a:
+            return _digits_of(text)
+        if float(text) < a:
+            mantissa, _, exponent = text.partition("e")
+            raised = int(mantissa.replace(".", "")) + 1
+            up = f"{raised}e{int(exponent) - (p - 1)}"
+            if _as_float32(up) == a:
+                return _digits_of(up)
+    raise AssertionError(f"no float32 digits for {a!r}")  # nine digits always read back
+
+
+def _float_text(v: float, single: bool) -> str | None:
+    if not math.isfinite(v):
+        return None
+    if v == 0:
+        return "-0.0" if math.copysign(1.0, v) < 0 else "0.0"
+    a = abs(v)
+    if single:
+        digits, kk = _float32_digits(a)
+        return _lay_out(v < 0, digits, kk, _PLAIN_F32)
+    digits, kk = _digits_of(repr(a))
+    return _lay_out(v < 0, digits, kk, _PLAIN_F64)
+
+
+def _nest_text(texts: list[str], shape: tuple[int, ...]) -> str:
+    if not shape:
+        return texts[0]
+    if len(shape) == 1:
+        return "[" + ",".join(texts) + "]"
+    step = len(texts) // shape[0]
+    return "[" + ",".join(_nest_text(texts[i * step:(i + 1) * step], shape[1:])
+                          for i in range(shape[0])) + "]"
+
+
+def json_numbers(dtype: int, shape: tuple[int, ...], data: bytes) -> bytes | None:
+    code = _JSON_CODES.get(dtype)
+    if code is None or type(data) is not bytes or any(d <= 0 for d in shape):
+        return None
+    count = math.prod(shape)
+    if len(data) != count * struct.calcsize(code):
+        return None
+    values = struct.unpack(f"<{count}{code}", data)
+    texts: list[str] = []
+    if dtype == dtypes.DT_FLOAT or dtype == dtypes.DT_DOUBLE:
+        single = dtype == dtypes.DT_FLOAT
+        for v in values:
+            text = _float_text(v, single)
+            if text is None:
+                return None
+            texts.append(text)
+    elif dtype == dtypes.DT_BOOL:
+        texts = ["true" if v else "false" for v in values]
+    else:
+        texts = [str(v) for v in values]
+    return _nest_text(texts, shape).encode()

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 MAX_CACHED_SPECS = 1024
+MAX_CACHED_ROUTES = 1024
 
 # TFS's own route patterns (http_rest_api_util.cc), matched whole and case-insensitively.
 PREDICT_PATH = re.compile(
@@ -172,6 +173,7 @@ class RestFrontend:
         self.body_timeout_s = body_timeout_s
         # Serialized ModelSpecs by (model key, signature): the same few on every call.
         self._specs: dict[tuple[ModelKey, str], bytes] = {}
+        self._post_routes: dict[str, tuple[str, str | None, str | None, str, str]] = {}
 
     def _spec(self, key: ModelKey, signature_name: str) -> bytes:
         spec = self._specs.get((key, signature_name))
@@ -216,15 +218,30 @@ class RestFrontend:
                 # The details stay in the log: an exception's text is no client's business.
                 return error_response(500, INTERNAL_ERROR_MESSAGE)
 
+    def _post_route(self, path: str) -> tuple[str, str | None, str | None, str, str] | None:
+        """(name, version text, label, verb, method name) of a POST path PREDICT_PATH
+        matches, or None. Remembered by path: the same few paths come on every call, and
+        the match costs more than the lookup (bounded: paths come from clients)."""
+        route = self._post_routes.get(path)
+        if route is None and (match := PREDICT_PATH.fullmatch(path)):
+            name, version, label, verb = match.groups()
+            verb = verb.lower()
+            route = (name, version, label, verb, verb.capitalize())
+            if len(self._post_routes) >= MAX_CACHED_ROUTES:
+                self._post_routes.clear()
+            self._post_routes[path] = route
+        return route
+
     async def _route(self, request: web.Request, call: CallRecord) -> bytes:
         deadline = _Deadline(request.headers)
         method, path = request.method, request.path
-        if not path.lower().startswith("/v1/"):
+        # A path PREDICT_PATH matches starts with /v1/ (in any case).
+        route = self._post_route(path) if method == "POST" else None
+        if route is None and not path.lower().startswith("/v1/"):
             raise HttpError(404, f"Not found: {method} {path}")
-        if method == "POST" and (match := PREDICT_PATH.fullmatch(path)):
-            name, version, label, verb = match.groups()
-            verb = verb.lower()
-            call.method, call.model = verb.capitalize(), name
+        if route is not None:
+            name, version, label, verb, call.method = route
+            call.model = name
             key = (name, _version(version), label)
             if verb == "predict":
                 return await self._predict(request, key, deadline)
@@ -300,7 +317,10 @@ class RestFrontend:
             priority = parse_priority(request.headers.get(PRIORITY_HEADER), None)
             doc = rest_json.loads(await self._body(request))
             signature_name = rest_json.signature_name(doc)
-        models = await self.signatures.get(key, deadline.remaining())
+        remaining = deadline.remaining()  # an expired call is refused here, cached or not
+        models = self.signatures.cached(key)
+        if models is None:  # not yet fetched: the coroutine only then
+            models = await self.signatures.get(key, remaining)
         signature = models.signature(signature_name)
         with self.service.validating():
             fmt, tensors = rest_json.parse_predict(doc, signature.inputs, signature_name)

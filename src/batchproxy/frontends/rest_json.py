@@ -22,7 +22,6 @@ import math
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import grpc
@@ -30,6 +29,7 @@ import numpy as np
 import orjson
 from google.protobuf import json_format
 
+from batchproxy import codec
 from batchproxy.codec import dtypes
 from batchproxy.errors import ProxyError
 from batchproxy.frontends import json_text
@@ -81,13 +81,19 @@ class TensorLike(Protocol):
     data: bytes | list[bytes]
 
 
-@dataclass(frozen=True)
-class JsonDoc:
-    """A parsed request body. `may_have_bools` is False when the body holds no `true` or
-    `false` token: then numbers can take numpy's path, which cannot tell 1 from true."""
+class JsonDoc(NamedTuple):
+    """A parsed request body and its text. (A NamedTuple: one is built per call, and a
+    frozen dataclass's __init__ costs a microsecond of object.__setattr__ calls.)"""
 
     value: dict[str, Any]
-    may_have_bools: bool
+    body: bytes
+
+    @property
+    def may_have_bools(self) -> bool:
+        """False when the body holds no `true` or `false` token: then numbers can take
+        numpy's path, which cannot tell 1 from true. Asked only on that path (the two
+        searches cost more than a small tensor's whole conversion)."""
+        return b"true" in self.body or b"false" in self.body
 
 
 def invalid(message: str) -> ProxyError:
@@ -160,7 +166,7 @@ def loads(body: bytes) -> JsonDoc:
             raise invalid(f"JSON Parse error: {err}") from None
     if not isinstance(value, dict):
         raise invalid(f"JSON Value: {value_text(value)} Is not object")
-    return JsonDoc(value, b"true" in body or b"false" in body)
+    return JsonDoc(value, body)
 
 
 def _finite_float(text: str) -> float:
@@ -412,7 +418,7 @@ def _small(value: Any, dtype: int) -> JsonTensor | None:
     return JsonTensor(dtype, shape, struct.pack(f"<{len(leaves)}{_STRUCT_CODES[dtype]}", *leaves))
 
 
-def _fast(value: Any, dtype: int, may_have_bools: bool) -> JsonTensor | None:
+def _fast(value: Any, dtype: int, doc: JsonDoc) -> JsonTensor | None:
     """`value` converted without the careful walk, when the result is surely TFS's: small
     tensors in plain Python, others by numpy; None otherwise."""
     if dtype == dtypes.DT_STRING or dtype not in dtypes.NUMPY_DTYPES:
@@ -420,7 +426,7 @@ def _fast(value: Any, dtype: int, may_have_bools: bool) -> JsonTensor | None:
     small = _small(value, dtype)
     if small is not None:
         return small
-    array = _fast_numpy(value, dtype, may_have_bools)
+    array = _fast_numpy(value, dtype, doc.may_have_bools)
     return None if array is None else JsonTensor(dtype, array.shape, array.tobytes())
 
 
@@ -458,8 +464,8 @@ def _fast_numpy(value: Any, dtype: int, may_have_bools: bool) -> np.ndarray | No
     return None
 
 
-def _tensor(value: Any, dtype: int, may_have_bools: bool) -> JsonTensor:
-    tensor = _fast(value, dtype, may_have_bools)
+def _tensor(value: Any, dtype: int, doc: JsonDoc) -> JsonTensor:
+    tensor = _fast(value, dtype, doc)
     if tensor is not None:
         return tensor
     shape = _dense_shape(value)
@@ -469,7 +475,7 @@ def _tensor(value: Any, dtype: int, may_have_bools: bool) -> JsonTensor:
 
 
 def _fast_instances(
-    instances: list[Any], inputs: Mapping[str, int], objects: bool, may_have_bools: bool
+    instances: list[Any], inputs: Mapping[str, int], objects: bool, doc: JsonDoc
 ) -> dict[str, JsonTensor] | None:
     """Row format through numpy, or None when anything needs the careful walk."""
     if objects:
@@ -478,12 +484,15 @@ def _fast_instances(
             return None
         columns = {name: [item[name] for item in instances] for name in inputs}
     else:
-        if any(_is_element_object(item) for item in instances):
-            return None
-        columns = {next(iter(inputs)): instances}
+        for item in instances:  # a loop, not any(): no generator per call
+            if _is_element_object(item):
+                return None
+        name = next(iter(inputs))
+        tensor = _fast(instances, inputs[name], doc)
+        return None if tensor is None else {name: tensor}
     tensors = {}
     for name, column in columns.items():
-        tensor = _fast(column, inputs[name], may_have_bools)
+        tensor = _fast(column, inputs[name], doc)
         if tensor is None:
             return None
         tensors[name] = tensor
@@ -579,7 +588,7 @@ def _parse_instances(doc: JsonDoc, inputs: Mapping[str, int]) -> dict[str, JsonT
             "tensors required as per tensorinfo_map"
         )
     objects = _is_element_object(instances[0])
-    tensors = _fast_instances(instances, inputs, objects, doc.may_have_bools)
+    tensors = _fast_instances(instances, inputs, objects, doc)
     if tensors is None:
         tensors = _careful_instances(instances, inputs, objects)
     return tensors
@@ -594,13 +603,13 @@ def _parse_inputs(doc: JsonDoc, inputs: Mapping[str, int]) -> dict[str, JsonTens
                 "tensors required as per tensorinfo_map"
             )
         name = next(iter(inputs))
-        return {name: _tensor(value, inputs[name], doc.may_have_bools)}
+        return {name: _tensor(value, inputs[name], doc)}
     tensors = {}
     # TFS walks the signature's inputs, so keys the signature lacks are ignored, as there.
     for name in sorted(inputs):
         if name not in value:
             raise invalid(f"Missing named input: {name} in 'inputs' object.")
-        tensors[name] = _tensor(value[name], inputs[name], doc.may_have_bools)
+        tensors[name] = _tensor(value[name], inputs[name], doc)
     return tensors
 
 
@@ -700,6 +709,35 @@ def _empty(shape: tuple[int, ...]) -> Any:
     return [_empty(shape[1:]) for _ in range(shape[0])]
 
 
+# Up to this many values an output's JSON is written by the codec (codec.json_numbers) from
+# the answer's bytes: no numpy array, no orjson call. Beyond, numpy and orjson's vectorized
+# writer are the cheaper (the codec finds float32's shortest digits value by value;
+# benchmarks/rest_json_writer.py). The pure-Python core's writer is slower than numpy at
+# any size: with it, never.
+DIRECT_VALUES = 16 if codec.IMPLEMENTATION == "cython" else 0
+
+
+def _direct_response(outputs: Mapping[str, TensorLike], fmt: str) -> bytes | None:
+    """The answer written by the codec, when every output is a small numeric tensor with
+    finite values and the layout is not rows of several outputs; None otherwise."""
+    if fmt == ROW and len(outputs) > 1:
+        return None
+    texts = []
+    for name, tensor in outputs.items():
+        shape = tuple(tensor.shape)
+        if math.prod(shape) > DIRECT_VALUES:
+            return None
+        text = codec.json_numbers(tensor.dtype, shape, tensor.data)  # type: ignore[arg-type]
+        if text is None:
+            return None
+        texts.append((name, text))
+    key = b'{"predictions":' if fmt == ROW else b'{"outputs":'
+    if len(texts) == 1:
+        return key + texts[0][1] + b"}"
+    return key + b"{" + b",".join(orjson.dumps(name) + b":" + text
+                                  for name, text in texts) + b"}}"
+
+
 def predict_response(outputs: Mapping[str, TensorLike], fmt: str) -> bytes:
     """TFS's answer to a predict request of format `fmt` (MakeJsonFromTensors)."""
     if not outputs:
@@ -716,6 +754,9 @@ def predict_response(outputs: Mapping[str, TensorLike], fmt: str) -> bytes:
                     f"expecting: {batch}"
                 )
             batch = rows
+    direct = _direct_response(outputs, fmt)
+    if direct is not None:
+        return direct
     prepared = {name: _Output(name, tensor) for name, tensor in outputs.items()}
     if fmt == ROW:
         if len(prepared) == 1:

@@ -134,14 +134,20 @@ class SignatureCache:
                 key = await self._stale.get()
                 refreshes.create_task(self._refresh(key))
 
-    async def get(self, key: ModelKey, timeout: float | None = None) -> ModelSignatures:
+    def cached(self, key: ModelKey) -> ModelSignatures | None:
+        """The entry get() would return at once (a stale or expired one is refreshed in
+        the background, as there), or None when it would fetch: callers on the hot path
+        skip the coroutine get() costs when the entry is there."""
         entry = self._entries.get(key)
+        if entry is not None and (
+            entry.stale or asyncio.get_running_loop().time() - entry.fetched_at > self.ttl_s
+        ) and key not in self._fetching:
+            self._refresh_later(key)
+        return entry
+
+    async def get(self, key: ModelKey, timeout: float | None = None) -> ModelSignatures:
+        entry = self.cached(key)
         if entry is not None:
-            loop = asyncio.get_running_loop()
-            if (entry.stale or loop.time() - entry.fetched_at > self.ttl_s) and (
-                key not in self._fetching
-            ):
-                self._refresh_later(key)
             return entry
         pending = self._fetching.get(key)
         if pending is None:
