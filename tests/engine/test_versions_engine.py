@@ -85,8 +85,11 @@ async def fleet(replicas: dict[str, VersionedReplica],
     router = VersionRouter(pool, settings, seed=7)
     checker = HealthChecker(pool, 1.0, ("m",))
     await checker.check_all()
-    engine = Engine(BatchingConfig(max_batch_size=8, batch_timeout_micros=1000), pool,
-                    versions=router)
+    # The fixed rule: it sends a lone call to any idle replica, so one call at a time times
+    # every replica (test_share_counts_capacity...); the adaptive policy sends each to the
+    # one expected to finish first and never learns the slower ones' speed from that load.
+    engine = Engine(BatchingConfig(max_batch_size=8, batch_timeout_micros=1000,
+                                   policy="fixed"), pool, versions=router)
     engine.start()
     return engine, checker, router
 
