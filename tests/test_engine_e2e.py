@@ -110,8 +110,9 @@ async def test_a_caller_with_no_deadline_never_inherits_a_batch_mates_deadline()
 
 async def test_thirty_two_uniformly_invalid_calls_cost_at_most_eight_replica_calls():
     # The fixed rule: the 32 calls gather for the 300 ms timeout into one batch, whose
-    # bisection the bound is about. Adaptive sends each to the idle replica as it arrives
-    # (the replica refuses at once, so it is idle again for the next): a call each.
+    # bisection the bound is about. Adaptive sends calls to the idle replica as they arrive
+    # (it refuses at once, so it is idle again for the next): 30 replica calls for the 32,
+    # none more than a call's own.
     replica = start_replica("identity", check_numerics=True)
     proxy = start_proxy([replica], max_batch_size=32, batch_timeout_micros=300_000,
                         batching_policy="fixed")
