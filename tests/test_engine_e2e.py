@@ -38,9 +38,10 @@ async def test_rows_left_after_a_full_batch_go_to_the_idle_replica_at_their_due_
     # Max batch 4: a 1-row call and a 4-row call fill one batch and leave one row over; a
     # 1-row call joins it. The left-over row and the last call leave together, at their due
     # time, on the idle second replica: the last call costs one replica call, not two.
+    # The fixed rule's due time (adaptive sends a lone row to an idle replica at once).
     replicas = [start_replica("identity", batch_cost_ms=500) for _ in range(2)]
     proxy = start_proxy(replicas, max_batch_size=4, batch_timeout_micros=50_000,
-                        health_interval_ms=200)
+                        health_interval_ms=200, batching_policy="fixed")
     try:
         async with grpc.aio.insecure_channel(proxy.address) as channel:
             client = stub(channel)
@@ -108,8 +109,13 @@ async def test_a_caller_with_no_deadline_never_inherits_a_batch_mates_deadline()
 
 
 async def test_thirty_two_uniformly_invalid_calls_cost_at_most_eight_replica_calls():
+    # The fixed rule: the 32 calls gather for the 300 ms timeout into one batch, whose
+    # bisection the bound is about. Adaptive sends calls to the idle replica as they arrive
+    # (it refuses at once, so it is idle again for the next): 30 replica calls for the 32,
+    # none more than a call's own.
     replica = start_replica("identity", check_numerics=True)
-    proxy = start_proxy([replica], max_batch_size=32, batch_timeout_micros=300_000)
+    proxy = start_proxy([replica], max_batch_size=32, batch_timeout_micros=300_000,
+                        batching_policy="fixed")
     try:
         async with grpc.aio.insecure_channel(proxy.address) as channel:
             client = stub(channel)

@@ -36,8 +36,9 @@ class BatchingConfig:
     max_enqueued_bytes: int = 1 << 30
     # Bound on unbatched calls (metadata, status, classify, ...) in flight at once.
     max_forwarded_calls: int = 1024
-    # The flush policy (engine/policy.py): "fixed" is TFS's rule.
-    policy: str = "fixed"
+    # The flush policy (engine/policy.py): "adaptive" plans with learned costs; "fixed" is
+    # TFS's rule.
+    policy: str = "adaptive"
     # Hedges (engine/hedging.py) as a percentage of batches sent; 0 turns hedging off. None:
     # on (5 %) with the adaptive policy, off with "fixed", which keeps TFS's behaviour.
     hedge_budget_percent: float | None = None

@@ -80,7 +80,7 @@ def add_batching_flags(group: argparse._ArgumentGroup) -> None:
                        help="a batch overdue on its replica (3x its learned time) is sent "
                             "again to another; hedges are at most PERCENT %% of batches sent, "
                             "plus one a second; 0 turns hedging off (default "
-                            f"{DEFAULT_HEDGE_PERCENT:g} with the adaptive policy, 0 with fixed)")
+                            f"{DEFAULT_HEDGE_PERCENT:g}; 0 with --batching_policy fixed)")
 
     group.add_argument("--allowed_batch_sizes", type=batch_sizes, default=None,
                        metavar="N,N,...",

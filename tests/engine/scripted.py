@@ -120,14 +120,27 @@ def make_pool(replicas: dict[str, ScriptedReplica], max_inflight: int = 1,
     return pool
 
 
+# The flush policy make_engine uses unless a test names one: the fixed rule, whose due times
+# (a lone call leaves at batch_timeout_micros) make the times these tests assert exact.
+# A test about something either policy must do asks for each (POLICIES) by name.
+TESTED_POLICY = "fixed"
+POLICIES = ("fixed", "adaptive")
+
+
+def lone_call_sent_at(policy: str, batch_timeout_micros: int = 2000) -> float:
+    """When a call alone in its queue leaves for an idle replica: at its batch timeout
+    under the fixed rule; at once under the adaptive policy (no batch started before)."""
+    return batch_timeout_micros / 1e6 if policy == "fixed" else 0.0
+
+
 def make_engine(replicas: dict[str, ScriptedReplica], *, max_batch_size: int = 4,
                 batch_timeout_micros: int = 2000, max_inflight: int = 1,
                 default_timeout_s: float = 30.0, max_enqueued_rows: int = 64,
-                **batching: Any) -> Engine:
+                policy: str = TESTED_POLICY, **batching: Any) -> Engine:
     config = BatchingConfig(max_batch_size=max_batch_size,
                             batch_timeout_micros=batch_timeout_micros,
                             max_enqueued_rows=max(max_enqueued_rows, max_batch_size),
-                            **batching)
+                            policy=policy, **batching)
     engine = Engine(config, make_pool(replicas, max_inflight, default_timeout_s))
     engine.start()
     return engine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from scripted import ScriptedReplica, answer_values, make_call, make_engine
 
 from batchproxy.engine.policy import FixedTimeoutPolicy, Flush, Hold
@@ -12,7 +13,7 @@ from batchproxy.supervisor import Supervisor
 
 
 class FailsOnce(FixedTimeoutPolicy):
-    """Today's policy with one bug: its first decision raises."""
+    """The fixed policy with one bug: its first decision raises."""
 
     failed = False
 
@@ -50,13 +51,17 @@ def test_a_scheduler_that_dies_is_restarted_and_readiness_follows(vrun, caplog):
     assert "background task scheduler failed" in caplog.text
 
 
-def test_drain_returns_when_the_last_queued_row_is_answered_and_not_later(vrun):
-    # Rows held for the batch timeout, then a 100 ms batch: drain ends exactly when the
-    # answer does, without a poll in between.
+@pytest.mark.parametrize(("policy", "answered_at"), [("fixed", 0.12), ("adaptive", 0.1)])
+def test_drain_returns_when_the_last_queued_row_is_answered_and_not_later(
+        vrun, policy, answered_at):
+    # Rows held for the batch timeout (the fixed rule; adaptive sends them at once to the
+    # idle replica), then a 100 ms batch: drain ends exactly when the answer does, without
+    # a poll in between.
     replicas = {"a": ScriptedReplica(cost_s=0.1)}
 
     async def main():
-        engine = make_engine(replicas, max_batch_size=8, batch_timeout_micros=20_000)
+        engine = make_engine(replicas, max_batch_size=8, batch_timeout_micros=20_000,
+                             policy=policy)
         loop = asyncio.get_running_loop()
         calls = [asyncio.ensure_future(engine.submit(make_call(1))) for _ in range(3)]
         await asyncio.sleep(0)
@@ -67,4 +72,4 @@ def test_drain_returns_when_the_last_queued_row_is_answered_and_not_later(vrun):
         await engine.close()
         return drained
 
-    assert abs(vrun(main()) - 0.12) < 1e-6
+    assert abs(vrun(main()) - answered_at) < 1e-6

@@ -9,7 +9,14 @@ import asyncio
 
 import grpc
 import pytest
-from scripted import ScriptedReplica, answer_values, make_call, make_engine
+from scripted import (
+    POLICIES,
+    ScriptedReplica,
+    answer_values,
+    lone_call_sent_at,
+    make_call,
+    make_engine,
+)
 
 from batchproxy.config import BatchingConfig
 from batchproxy.engine.hedging import BURST, FLOOR_PER_S, HedgeBudget, overdue_after
@@ -20,6 +27,13 @@ from batchproxy.metrics import HEDGE_OUTCOMES
 # Every replica has learned a cost of 0.1 s a batch: a batch is overdue after 0.3 s.
 LEARNED_S = 0.1
 OVERDUE_S = 0.3
+
+
+@pytest.fixture(params=POLICIES)
+def policy(request) -> str:
+    """Hedging works on a batch once sent, whichever policy sent it: each test runs under
+    both, its times counted from when the policy sends the lone call."""
+    return request.param
 
 
 def learned(engine, cost_s: float = LEARNED_S) -> None:
@@ -50,12 +64,12 @@ async def first_batch_to_a(engine, coro):
     return await call
 
 
-def test_a_batch_on_a_hung_replica_is_answered_by_the_hedge(vrun):
+def test_a_batch_on_a_hung_replica_is_answered_by_the_hedge(vrun, policy):
     hung = ScriptedReplica(hung=True)
     healthy = ScriptedReplica(cost_s=LEARNED_S)
 
     async def main():
-        engine = make_engine({"a": hung, "b": healthy}, hedge_budget_percent=5)
+        engine = make_engine({"a": hung, "b": healthy}, hedge_budget_percent=5, policy=policy)
         learned(engine)
         loop = asyncio.get_running_loop()
         answer = await first_batch_to_a(engine, engine.submit(make_call([3.0]), timeout=2.0))
@@ -67,24 +81,27 @@ def test_a_batch_on_a_hung_replica_is_answered_by_the_hedge(vrun):
 
     answer, answered_at, (outstanding, failures, counts) = vrun(main())
     assert answer_values(answer) == [3.0]
-    # Sent to a at 2 ms (the batch timeout), overdue at 302 ms, answered 100 ms later.
+    # Sent to a at 2 ms (the fixed rule's batch timeout; adaptive: at once), overdue
+    # 300 ms later, answered 100 ms after that.
+    sent = lone_call_sent_at(policy)
     (first,) = hung.sent
     (hedge,) = healthy.sent
-    assert abs(first.at - 0.002) < 1e-9
-    assert abs(hedge.at - (0.002 + OVERDUE_S)) < 1e-9
-    assert abs(hedge.timeout - (2.0 - 0.302)) < 1e-9  # the caller's own time left
-    assert abs(answered_at - 0.402) < 1e-9
+    assert abs(first.at - sent) < 1e-9
+    assert abs(hedge.at - (sent + OVERDUE_S)) < 1e-9
+    assert abs(hedge.timeout - (2.0 - sent - OVERDUE_S)) < 1e-9  # the caller's own time left
+    assert abs(answered_at - (sent + OVERDUE_S + LEARNED_S)) < 1e-9
     assert outstanding == 0  # the loser's slot is released
     assert failures == 1  # losing by that much counts against the replica
     assert counts == {**dict.fromkeys(HEDGE_OUTCOMES, 0.0), "won": 1.0}
 
 
-def test_the_first_call_answering_first_cancels_the_hedge_and_frees_its_slot(vrun):
+def test_the_first_call_answering_first_cancels_the_hedge_and_frees_its_slot(vrun, policy):
     degraded = ScriptedReplica(cost_s=0.35)  # overdue at 0.3 s, answers at 0.35 s
     healthy = ScriptedReplica(cost_s=LEARNED_S)
 
     async def main():
-        engine = make_engine({"a": degraded, "b": healthy}, hedge_budget_percent=5)
+        engine = make_engine({"a": degraded, "b": healthy}, hedge_budget_percent=5,
+                             policy=policy)
         learned(engine)
         loop = asyncio.get_running_loop()
         answer = await first_batch_to_a(engine, engine.submit(make_call([4.0])))
@@ -97,18 +114,19 @@ def test_the_first_call_answering_first_cancels_the_hedge_and_frees_its_slot(vru
 
     answer, answered_at, (a_outstanding, b_outstanding, counts) = vrun(main())
     assert answer_values(answer) == [4.0]
-    assert abs(answered_at - 0.352) < 1e-9
+    assert abs(answered_at - (lone_call_sent_at(policy) + 0.35)) < 1e-9
     assert len(healthy.sent) == 1  # the hedge left, and was cancelled
     assert a_outstanding == 0 and b_outstanding == 0
     assert counts["lost"] == 1.0 and counts["won"] == 0.0
 
 
-def test_a_replica_answering_in_time_is_not_hedged(vrun):
+def test_a_replica_answering_in_time_is_not_hedged(vrun, policy):
     replica = ScriptedReplica(cost_s=0.25)  # slower than learned, but not overdue
     spare = ScriptedReplica(cost_s=LEARNED_S)
 
     async def main():
-        engine = make_engine({"a": replica, "b": spare}, hedge_budget_percent=5)
+        engine = make_engine({"a": replica, "b": spare}, hedge_budget_percent=5,
+                             policy=policy)
         learned(engine)
         loop = asyncio.get_running_loop()
         answer = await first_batch_to_a(engine, engine.submit(make_call([5.0])))
@@ -119,13 +137,14 @@ def test_a_replica_answering_in_time_is_not_hedged(vrun):
 
     answer, answered_at, counts = vrun(main())
     assert answer_values(answer) == [5.0]
-    assert abs(answered_at - 0.252) < 1e-9
+    assert abs(answered_at - (lone_call_sent_at(policy) + 0.25)) < 1e-9
     assert not spare.sent
     assert set(counts.values()) == {0.0}
 
 
-@pytest.mark.parametrize("settings", [{"hedge_budget_percent": 0},
-                                      {"policy": "fixed"}])
+@pytest.mark.parametrize("settings", [{"hedge_budget_percent": 0, "policy": "adaptive"},
+                                      {"hedge_budget_percent": 0, "policy": "fixed"},
+                                      {"policy": "fixed"}])  # off by default with fixed
 def test_hedging_off_leaves_a_hung_batch_to_the_replica_timeout_and_retry(vrun, settings):
     hung = ScriptedReplica(hung=True)
     healthy = ScriptedReplica(cost_s=LEARNED_S)
@@ -143,8 +162,9 @@ def test_hedging_off_leaves_a_hung_batch_to_the_replica_timeout_and_retry(vrun, 
     answer, answered_at, counts = vrun(main())
     assert answer_values(answer) == [6.0]
     (retry,) = healthy.sent
-    assert abs(retry.at - 1.002) < 1e-9  # as before hedging: the replica timeout, then retry
-    assert abs(answered_at - 1.102) < 1e-9
+    sent = lone_call_sent_at(settings["policy"])
+    assert abs(retry.at - (sent + 1.0)) < 1e-9  # as before hedging: the replica timeout, retry
+    assert abs(answered_at - (sent + 1.1)) < 1e-9
     assert set(counts.values()) == {0.0}
 
 
@@ -157,7 +177,7 @@ def test_hedging_is_on_by_default_with_the_adaptive_policy_only():
         BatchingConfig(hedge_budget_percent=-1)
 
 
-def test_the_budget_caps_hedges_at_five_percent_of_batches_plus_the_floor(vrun):
+def test_the_budget_caps_hedges_at_five_percent_of_batches_plus_the_floor(vrun, policy):
     # One hung replica of four under steady traffic: every batch it takes is overdue. Only
     # the budget's share is hedged; the rest wait for the replica timeout and are retried.
     # Every caller is answered once, with its own rows.
@@ -167,7 +187,7 @@ def test_the_budget_caps_hedges_at_five_percent_of_batches_plus_the_floor(vrun):
 
     async def main():
         engine = make_engine(fleet, max_batch_size=1, max_inflight=4, default_timeout_s=1.0,
-                             max_enqueued_rows=calls, hedge_budget_percent=5)
+                             max_enqueued_rows=calls, hedge_budget_percent=5, policy=policy)
         engine.pool.eject_after_failures = 10**6  # keep the hung replica in the fleet
         learned(engine, 0.01)
         loop = asyncio.get_running_loop()
@@ -221,12 +241,12 @@ def test_a_batch_is_overdue_after_three_times_its_expected_time_with_a_floor():
     assert overdue_after(fast, 1, 0) == pytest.approx(0.027)
 
 
-def test_a_hedge_failing_leaves_the_first_call_to_answer(vrun):
+def test_a_hedge_failing_leaves_the_first_call_to_answer(vrun, policy):
     slow = ScriptedReplica(cost_s=0.5)
     failing = ScriptedReplica(error=ProxyError(grpc.StatusCode.UNAVAILABLE, "refused"))
 
     async def main():
-        engine = make_engine({"a": slow, "b": failing}, hedge_budget_percent=5)
+        engine = make_engine({"a": slow, "b": failing}, hedge_budget_percent=5, policy=policy)
         learned(engine)
         loop = asyncio.get_running_loop()
         answer = await first_batch_to_a(engine, engine.submit(make_call([7.0])))
@@ -238,7 +258,7 @@ def test_a_hedge_failing_leaves_the_first_call_to_answer(vrun):
 
     answer, answered_at, counts, outstanding = vrun(main())
     assert answer_values(answer) == [7.0]
-    assert abs(answered_at - 0.502) < 1e-9
+    assert abs(answered_at - (lone_call_sent_at(policy) + 0.5)) < 1e-9
     assert counts["failed"] == 1.0 and outstanding == 0
 
 

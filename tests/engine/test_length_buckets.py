@@ -64,8 +64,10 @@ def run(vrun, calls: list[list[list[int]]], **batching):
     replica = EchoReplica()
 
     async def main():
+        # The fixed rule: the calls gather for the batch timeout, so which share a batch
+        # is exact (the adaptive policy sends the first one alone to the idle replica).
         config = BatchingConfig(max_batch_size=8, batch_timeout_micros=2000,
-                                max_enqueued_rows=64, **batching)
+                                max_enqueued_rows=64, policy="fixed", **batching)
         engine = Engine(config, make_pool({"a": replica}))
         engine.start()
         answers = await asyncio.gather(*(engine.submit(tokens_call(c)) for c in calls))

@@ -17,8 +17,10 @@ from batchproxy.model_config import combine, parse_proxy_config
 from batchproxy.priority import Priority
 from batchproxy.protos import predict_pb2, tensor_pb2
 
-# The flags: batches of 8 at most, 2 ms timeout.
-FLAGS = BatchingConfig(max_batch_size=8, batch_timeout_micros=2000, max_enqueued_rows=64)
+# The flags: batches of 8 at most, 2 ms timeout. The fixed rule, whose per-model due times
+# (each model's own batch timeout) these tests time exactly.
+FLAGS = BatchingConfig(max_batch_size=8, batch_timeout_micros=2000, max_enqueued_rows=64,
+                       policy="fixed")
 
 CONFIG = """
 [models.a.batching]

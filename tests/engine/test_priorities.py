@@ -8,7 +8,14 @@ import asyncio
 
 import grpc
 import pytest
-from scripted import ScriptedReplica, answer_values, make_call, make_engine
+from scripted import (
+    POLICIES,
+    ScriptedReplica,
+    answer_values,
+    lone_call_sent_at,
+    make_call,
+    make_engine,
+)
 
 from batchproxy.errors import ProxyError
 from batchproxy.priority import Priority, parse_priority, priority_of_metadata
@@ -140,11 +147,12 @@ def test_a_critical_call_at_a_full_queue_evicts_the_newest_sheddable_call(vrun):
     assert engine.queued_rows == 0 and engine.admission.sheddable_rows == 0
 
 
-def test_a_sheddable_call_alone_is_served_as_a_critical_one_would_be(vrun):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_sheddable_call_alone_is_served_as_a_critical_one_would_be(vrun, policy):
     replica = ScriptedReplica(cost_s=0.1)
 
     async def main():
-        engine = make_engine({"a": replica}, batch_timeout_micros=2000)
+        engine = make_engine({"a": replica}, batch_timeout_micros=2000, policy=policy)
         loop = asyncio.get_running_loop()
         answer = await engine.submit(make_call([7.0]), 1.0, priority=SHED)
         took = loop.time()
@@ -153,7 +161,8 @@ def test_a_sheddable_call_alone_is_served_as_a_critical_one_would_be(vrun):
 
     answer, took = vrun(main())
     assert answer_values(answer) == [7.0]
-    assert abs(took - 0.102) < 1e-9  # its batch timeout, then the replica's cost
+    # When a lone call leaves (fixed: its batch timeout), then the replica's cost.
+    assert abs(took - (lone_call_sent_at(policy) + 0.1)) < 1e-9
 
 
 def test_a_sheddable_call_is_not_starved_by_a_stream_of_critical_calls(vrun):
@@ -207,7 +216,8 @@ def test_priority_from_grpc_metadata():
 def test_a_batch_full_only_with_sheddable_rows_waits_for_an_idle_replica(vrun):
     # Two batches may be in flight on the replica. Four critical rows go at once to the
     # second slot; four sheddable rows wait until the replica is idle, so critical calls
-    # arriving meanwhile would still find room ahead of them.
+    # arriving meanwhile would still find room ahead of them. The fixed rule's (make_engine's):
+    # the adaptive policy sends no batch to a busy replica that runs one at a time at all.
     replica = ScriptedReplica(cost_s=0.1, refuse_negative=False)
 
     async def main():

@@ -21,9 +21,11 @@ from batchproxy import codec
 from batchproxy.config import BatchingConfig
 from batchproxy.engine import Engine
 from batchproxy.errors import ProxyError
+from batchproxy.fleet.costs import WARM
 from batchproxy.fleet.health_checks import HealthChecker
 from batchproxy.fleet.versions import (
     CAPACITY_TTL_S,
+    SPEED_STALE_S,
     LatestPolicy,
     ModelSettings,
     ShadowSettings,
@@ -85,8 +87,11 @@ async def fleet(replicas: dict[str, VersionedReplica],
     router = VersionRouter(pool, settings, seed=7)
     checker = HealthChecker(pool, 1.0, ("m",))
     await checker.check_all()
-    engine = Engine(BatchingConfig(max_batch_size=8, batch_timeout_micros=1000), pool,
-                    versions=router)
+    # The fixed rule: it sends a lone call to any idle replica, so one call at a time times
+    # every replica (test_share_counts_capacity...); the adaptive policy sends each to the
+    # one expected to finish first and never learns the slower ones' speed from that load.
+    engine = Engine(BatchingConfig(max_batch_size=8, batch_timeout_micros=1000,
+                                   policy="fixed"), pool, versions=router)
     engine.start()
     return engine, checker, router
 
@@ -275,6 +280,40 @@ def test_share_counts_capacity_so_a_fast_replica_counts_for_more(vrun):
     assert (before, after) == (1, 2)
     assert {version_of(r) for r in answers} == {2}
     assert replicas["b"].batches == replicas["c"].batches == []  # they hold only version 1
+
+
+def test_a_speed_no_batch_timed_lately_counts_as_the_mean_of_the_others(vrun):
+    # a and b hold version 2, c version 1 only; all answer in 10 ms now. b's only batches,
+    # long ago, were slow (40 ms): trusted still, version 2 would hold 125 of 225 batches/s
+    # (0.56, under share:0.6). Untimed for SPEED_STALE_S, b counts as the mean: two thirds.
+    both = {1: AVAILABLE, 2: AVAILABLE}
+    replicas = {"a": VersionedReplica(cost_s=0.01, versions=dict(both)),
+                "b": VersionedReplica(cost_s=0.01, versions=dict(both)),
+                "c": VersionedReplica(cost_s=0.01)}
+    settings = {"m": ModelSettings(latest=LatestPolicy.parse("share:0.6"))}
+
+    async def main():
+        engine, checker, router = await fleet(replicas, settings)
+        pool = router.pool
+
+        def timed(name: str, seconds: float) -> None:
+            for _ in range(WARM):
+                pool.note_answered(pool.replicas[name], "m", 1, seconds, 0)
+
+        timed("b", 0.04)
+        await asyncio.sleep(SPEED_STALE_S)
+        timed("a", 0.01)
+        timed("c", 0.01)
+        await asyncio.sleep(CAPACITY_TTL_S)
+        await checker.check_all()
+        stale = router.resolve_latest("m")
+        timed("b", 0.04)  # timed again, still slow: it counts as it is
+        await asyncio.sleep(CAPACITY_TTL_S)
+        slow = router.resolve_latest("m")
+        await engine.close()
+        return stale, slow
+
+    assert vrun(main()) == (2, 1)
 
 
 def test_a_version_no_replica_holds_is_refused_at_once(vrun):

@@ -33,12 +33,15 @@ def test_same_seed_same_bytes():
 
 
 def test_one_call_waits_the_batch_timeout_then_its_cost(tmp_path):
+    # Under the fixed rule, as under TFS; the adaptive policy sends it to an idle replica
+    # at once, as a direct call goes.
     config = SimConfig(**EXACT, workload="trace", trace=trace(tmp_path, ["0.1,1,m,"]),
-                       systems=("direct", "tfs", "proxy"))
+                       systems=("direct", "tfs", "proxy:fixed", "proxy:adaptive"))
     report = simulate(config)
     assert report.run("direct").p50_ms == pytest.approx(10.2, abs=1e-9)
     assert report.run("tfs").p50_ms == pytest.approx(12.2, abs=1e-9)
-    assert report.run("proxy").p50_ms == pytest.approx(12.2, abs=1e-9)
+    assert report.run("proxy:fixed").p50_ms == pytest.approx(12.2, abs=1e-9)
+    assert report.run("proxy:adaptive").p50_ms == pytest.approx(10.2, abs=1e-9)
 
 
 def test_a_full_batch_leaves_at_once(tmp_path):
@@ -98,10 +101,13 @@ def test_a_hung_replica_with_deadlines():
 
 def test_ten_virtual_seconds_end_where_the_last_call_is_answered(tmp_path):
     config = SimConfig(**EXACT, workload="trace",
-                       trace=trace(tmp_path, ["0,1,m,", "9.99,1,m,"]), duration_s=10.0)
+                       trace=trace(tmp_path, ["0,1,m,", "9.99,1,m,"]), duration_s=10.0,
+                       systems=("direct", "proxy:fixed", "proxy:adaptive"))
     report = simulate(config)
     assert report.run("direct").end_s == pytest.approx(9.99 + 0.0102, abs=1e-9)
-    assert report.run("proxy").end_s == pytest.approx(9.99 + 0.0122, abs=1e-9)
+    # The last call's batch timeout (the fixed rule; adaptive: none), then its cost.
+    assert report.run("proxy:fixed").end_s == pytest.approx(9.99 + 0.0122, abs=1e-9)
+    assert report.run("proxy:adaptive").end_s == pytest.approx(9.99 + 0.0102, abs=1e-9)
 
 
 def test_loads_are_fractions_of_capacity():

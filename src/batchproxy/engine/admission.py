@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 from batchproxy.config import BatchingConfig
+from batchproxy.engine.policy import FlushPolicy
 from batchproxy.engine.priorities import SHEDDABLE_DEADLINE_SHARE, SHEDDABLE_QUEUE_SHARE
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.slots import ReplicaPool
@@ -17,7 +18,7 @@ from batchproxy.metrics import ProxyMetrics
 
 class Admission:
     def __init__(self, config: BatchingConfig, metrics: ProxyMetrics,
-                 pool: ReplicaPool) -> None:
+                 pool: ReplicaPool, policy: FlushPolicy | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.queued_rows = 0
@@ -26,6 +27,7 @@ class Admission:
         self.forwarded = 0  # unbatched calls in flight
         self.service_time_s: float | None = None  # mean replica time per batch
         self.pool = pool  # its replica slots serve the batches ahead
+        self.policy = policy  # how many of those slots it fills at once
 
     def note_service_time(self, seconds: float) -> None:
         # An exponentially weighted mean: recent batches matter most (replicas slow down).
@@ -35,20 +37,30 @@ class Admission:
             self.service_time_s += 0.1 * (seconds - self.service_time_s)
 
     def expected_wait_s(self, rows: int, sheddable: bool = False,
-                        batch_rows: int | None = None) -> float:
+                        batch_rows: int | None = None, model: str | None = None) -> float:
         """A rough time to answer `rows` more rows: the full batches ahead of them, served by
         all the replica slots in parallel, then their own batch. 0 until a batch was timed,
         and 0 with no full batch ahead: a call that would go out next is never refused on a
         guess (its replica decides). Sheddable rows are not ahead of a critical call: it is
-        taken before them. `batch_rows`: the model's max_batch_size (None: the flag's)."""
+        taken before them. `batch_rows`: the model's max_batch_size (None: the flag's).
+        `model`: the slots are counted as the policy fills them for it (None: all)."""
         if self.service_time_s is None:
             return 0.0
         ahead = self.queued_rows if sheddable else self.queued_rows - self.sheddable_rows
         batches_ahead = (ahead + rows) // (batch_rows or self.config.max_batch_size)
         if batches_ahead == 0:
             return 0.0
-        slots = self.pool.max_inflight * max(len(self.pool.replicas), 1)
-        return (batches_ahead / slots + 1) * self.service_time_s
+        return (batches_ahead / self._slots(model) + 1) * self.service_time_s
+
+    def _slots(self, model: str | None) -> int:
+        """Batches the fleet serves at once. A policy that sends a batch only when a replica
+        can start it keeps fewer in flight than the slots, each timed without a wait at the
+        replica: counting every slot would halve the estimate on a one-batch replica."""
+        pool = self.pool
+        if model is None or self.policy is None or not pool.replicas:
+            return pool.max_inflight * max(len(pool.replicas), 1)
+        return max(sum(self.policy.parallel_batches(replica, model, pool.max_inflight)
+                       for replica in pool.replicas.values()), 1)
 
     def overflow(self, rows: int, nbytes: int) -> tuple[int, int]:
         """(rows, bytes) by which a call of `rows` rows and `nbytes` bytes would pass the
@@ -62,10 +74,11 @@ class Admission:
 
     def admit_rows(self, rows: int, nbytes: int, timeout: float | None,
                    sheddable: bool = False, slo_ms: float | None = None,
-                   batch_rows: int | None = None) -> None:
+                   batch_rows: int | None = None, model: str | None = None) -> None:
         """Admit a call's rows or refuse it (UNAVAILABLE). `slo_ms`: the model's own latency
         objective (its per-model setting), in place of --latency_slo_ms; `batch_rows`, its
-        own max_batch_size, which sets how many batches the rows ahead make."""
+        own max_batch_size, which sets how many batches the rows ahead make; `model`, whose
+        replicas serve them."""
         config = self.config
         shed_bound = int(SHEDDABLE_QUEUE_SHARE * config.max_enqueued_rows)
         if sheddable and self.queued_rows and self.queued_rows + rows > shed_bound:
@@ -95,7 +108,7 @@ class Admission:
             # own deadline once admitted; only its admission is judged by the objective.
             budget, what = slo, "latency objective"
         if budget is not None:
-            wait = self.expected_wait_s(rows, sheddable, batch_rows)
+            wait = self.expected_wait_s(rows, sheddable, batch_rows, model)
             # 0.8: a margin for what the estimate leaves out (the way back, jitter). A
             # sheddable call gets less: critical calls arriving later still go first.
             share = SHEDDABLE_DEADLINE_SHARE if sheddable else 0.8

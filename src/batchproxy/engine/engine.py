@@ -41,6 +41,7 @@ class Engine:
                                      hedge_percent=config.hedge_percent,
                                      versions=versions)
         self.policy = policy or make_policy(config.policy, config, pool)
+        self.admission.policy = self.policy
         self.scheduler = Scheduler(config, pool, self.policy, self.admission,
                                    self.dispatcher.dispatch, self.metrics, versions)
         self._task: asyncio.Task[None] | None = None

@@ -56,6 +56,12 @@ class FlushPolicy(Protocol):
         rather than sent to be late. None: the policy does not judge deadlines."""
         ...
 
+    def parallel_batches(self, replica: Endpoint, model: str, limit: int) -> int:
+        """How many batches of `model` the policy keeps in flight on `replica` at once
+        (`limit`: the replica's slots): what the admission's wait estimate divides the
+        batches ahead by."""
+        ...
+
 
 class FixedTimeoutPolicy:
     """TFS's rule, as TensorFlow's shared batch scheduler applies it: a full batch leaves at
@@ -97,6 +103,10 @@ class FixedTimeoutPolicy:
 
     def answer_by(self, replica: Endpoint, model: str, rows: int, now: float) -> float | None:
         return None  # TFS sends every call it took, however late it will be
+
+    def parallel_batches(self, replica: Endpoint, model: str, limit: int) -> int:
+        # Every slot takes a batch; one queued at a busy replica is timed with its wait there.
+        return limit
 
 
 class AdaptivePolicy:
@@ -251,6 +261,11 @@ class AdaptivePolicy:
         # The batch starts now on a replica the plan found ready; a margin under the
         # expected time, so that only calls that would surely be late are refused.
         return now + DEADLINE_MARGIN * cost.predict(rows)
+
+    def parallel_batches(self, replica: Endpoint, model: str, limit: int) -> int:
+        # A batch leaves only for a replica that can start it (`decide`), so only the
+        # batches it runs at once are in flight, each timed without a wait there.
+        return min(replica.cost(model).concurrency, limit)
 
 
 # Fleets up to this many replicas serving a model are scanned whole on every decision;

@@ -102,7 +102,7 @@ class Scheduler:
             if not sheddable:
                 self._evict_for(rows, nbytes)
             admission.admit_rows(rows, nbytes, timeout, sheddable, batching.slo_ms,
-                                 batching.full)
+                                 batching.full, model)
             loop = asyncio.get_running_loop()
             now = loop.time()
             lengths = batching.lengths

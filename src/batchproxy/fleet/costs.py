@@ -46,6 +46,8 @@ class CostModel:
     # recomputed per question: the fit (None: not yet computed) and the concurrency.
     _fitted: tuple[float, float] | None = None
     _concurrency: int = 1
+    # Loop time of the last batch timed here (set by the pool): how current the fit is.
+    timed_at: float = -math.inf
 
     @property
     def a_s(self) -> float:

@@ -427,7 +427,9 @@ class ReplicaPool:
         its slot still held: the cost model learns, and a replica left with nothing is free
         now."""
         if seconds is not None:
-            replica.cost(model).observe(rows, seconds, beside)
+            cost = replica.cost(model)
+            cost.observe(rows, seconds, beside)
+            cost.timed_at = loop_time()
         if replica.outstanding <= 1:
             replica.free_at = loop_time()
 

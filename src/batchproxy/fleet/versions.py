@@ -32,6 +32,11 @@ COMING = frozenset((get_model_status_pb2.ModelVersionStatus.START,
 # How long the capacity behind each version is kept before it is counted again: the
 # learned speeds move with every batch, not only when a health check changes something.
 CAPACITY_TTL_S = 1.0
+# A replica's learned speed counts for its capacity only while batches keep timing it. The
+# adaptive policy sends a light load to the replicas expected to finish first only, so one
+# it stopped using keeps the cost of its last batches (a slow spell at start-up, a version
+# loading beside them) however long ago that was: past this, it counts as one not learned.
+SPEED_STALE_S = 2.0
 STATE_NAMES = {value.number: value.name for value in
                get_model_status_pb2.ModelVersionStatus.State.DESCRIPTOR.values}
 
@@ -43,8 +48,9 @@ class LatestPolicy:
     `share:F`: the newest version once it is AVAILABLE on at least F of the capacity that
     serves the model, else the highest one below it that is. A replica's capacity is its
     slots (--max_inflight_per_replica) times its speed, learned per model (fleet/costs.py):
-    one that answers a batch twice as fast counts twice. Until a replica's cost is learned
-    it counts as fast as the mean of those learned (all alike when none is);
+    one that answers a batch twice as fast counts twice. Until a replica's cost is learned,
+    and while no batch timed it in the last SPEED_STALE_S, it counts as fast as the mean of
+    those learned (all alike when none is);
     `pinned:N`: version N, whatever else the fleet holds."""
 
     kind: str = "highest"
@@ -239,12 +245,15 @@ class VersionRouter:
 
     def _speeds(self, model: str, replicas: list[Endpoint]) -> list[float]:
         """Each replica's speed for `model`, relative to the others: batches per second at
-        `batch_rows` rows where its cost is learned, the mean of the learned ones where not,
-        1 for all when none is."""
+        `batch_rows` rows where its cost is learned and was timed in the last SPEED_STALE_S,
+        the mean of those where not, 1 for all when none is."""
         learned: list[float | None] = []
+        now = loop_time()
         for replica in replicas:
             cost = replica.costs.get(model)
-            seconds = cost.predict(self.batch_rows) if cost is not None and cost.warm else 0.0
+            current = (cost is not None and cost.warm
+                       and now - cost.timed_at <= SPEED_STALE_S)
+            seconds = cost.predict(self.batch_rows) if cost is not None and current else 0.0
             learned.append(1.0 / seconds if seconds > 0 else None)
         known = [speed for speed in learned if speed is not None]
         if not known:
