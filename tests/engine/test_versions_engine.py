@@ -196,6 +196,25 @@ def test_a_version_rolled_back_before_the_checks_noticed_costs_no_call(vrun):
     assert {version_of(r) for r in answers} == {1}
 
 
+def test_a_latest_batch_refused_moves_to_the_old_version_on_the_same_replica(vrun):
+    # One replica lists both versions; version 2 goes before a check notices. The batch
+    # moves to version 1, which only the replica that refused version 2 holds: it goes
+    # back there rather than failing for want of another replica.
+    a = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE, 2: AVAILABLE})
+
+    async def main():
+        engine, _, router = await fleet({"a": a})
+        assert router.resolve_latest("m") == 2
+        del a.versions[2]
+        answers = await asyncio.gather(*(engine.submit(make_call(2)) for _ in range(5)))
+        await engine.close()
+        return answers
+
+    answers = vrun(main())
+    assert {version_of(r) for r in answers} == {1}
+    assert a.batches and set(a.batches) == {1}
+
+
 def test_a_shadow_version_is_compared_and_never_answers_a_caller(vrun):
     a = VersionedReplica(cost_s=0.01, versions={1: AVAILABLE, 2: AVAILABLE},
                          scale={2: 1.5})

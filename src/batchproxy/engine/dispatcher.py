@@ -25,7 +25,7 @@ from batchproxy.engine.queues import Batch, Entry
 from batchproxy.engine.retry import RetryPolicy
 from batchproxy.engine.shadow import Shadower
 from batchproxy.errors import ProxyError
-from batchproxy.fleet.slots import Endpoint, ReplicaPool
+from batchproxy.fleet.slots import Endpoint, ModelState, ReplicaPool
 from batchproxy.fleet.versions import VersionRouter, version_override
 from batchproxy.metrics import ProxyMetrics
 from batchproxy.protos import model_spec_holder_pb2
@@ -145,16 +145,20 @@ class Dispatcher:
                         moved = await self._move_version(used, batch)
                         if moved is not None:
                             moves += 1
-                            failed = used
+                            # Routed around for the version it refused only: moved to
+                            # another version, the batch may go back to it.
+                            failed = used if moved.version == batch.version else None
                             batch = moved
                             continue
                     if (err.code is grpc.StatusCode.NOT_FOUND
-                            and batch.model not in used.models
+                            and used.models.get(batch.model, ModelState.MISSING)
+                            is ModelState.MISSING
                             and batch.model in pool.known_models  # so the mark holds
                             and pool.lacks(used, batch.model)):
-                        # The replica lacks a model no health check has asked it about
-                        # yet (fleets may serve different models): send the batch to one
-                        # that may have it. Each replica is asked once, as the mark holds.
+                        # The replica lacks a model no health check had asked it about
+                        # when the batch left (fleets may serve different models; a check
+                        # may have found it missing since): send the batch to one that may
+                        # have it. Each replica is asked once, as the mark holds.
                         failed = used
                         batch = batch.without_answered()
                         continue
