@@ -48,6 +48,8 @@ CLOSE_GRACE_S = 0.5
 CLOSE_STEP_S = 1.0
 # The drain ends this long before the gRPC server's grace: the engine answers what is left.
 ANSWER_MARGIN_S = 0.25
+# How long the queue must stay empty before a stop takes the drain as done.
+DRAIN_SETTLE_S = 0.05
 
 
 class SupervisionFailed(RuntimeError):
@@ -224,8 +226,19 @@ class Proxy:
             # held by a hung replica are answered UNAVAILABLE by the engine rather than
             # cancelled by the server.
             margin = min(ANSWER_MARGIN_S, grace_s / 4)
+
+            async def until_settled() -> None:
+                # A call the servers accepted just before they stopped taking new ones may
+                # not have reached the queue yet when it first reads empty: look again
+                # after a moment, so it is answered rather than met by a closed engine.
+                while True:
+                    await self.engine.drain()
+                    await asyncio.sleep(DRAIN_SETTLE_S)
+                    if self.engine.idle():
+                        return
+
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.engine.drain(), max(grace_s - margin, 0.0))
+                await asyncio.wait_for(until_settled(), max(grace_s - margin, 0.0))
 
         async def close_engine() -> None:
             # Whatever is still in flight after the drain (a hung replica) is cancelled and

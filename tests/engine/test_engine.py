@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 from scripted import ScriptedReplica, answer_values, make_call, make_engine
 
 from batchproxy.engine.policy import FixedTimeoutPolicy, Flush, Hold
 from batchproxy.engine.queues import KeyQueue
+from batchproxy.errors import ProxyError
 from batchproxy.supervisor import Supervisor
 
 
@@ -49,6 +51,25 @@ def test_a_scheduler_that_dies_is_restarted_and_readiness_follows(vrun, caplog):
     # at once.
     assert abs(answered_at - (0.05 + 0.1)) < 1e-9
     assert "background task scheduler failed" in caplog.text
+
+
+def test_a_call_submitted_after_close_is_refused_at_once(vrun):
+    # With the scheduler's loop stopped nothing would take it out of a queue: it must not
+    # wait there until some outer timeout cancels it.
+    replicas = {"a": ScriptedReplica(cost_s=0.1)}
+
+    async def main():
+        engine = make_engine(replicas)
+        await engine.close()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ProxyError) as err:
+            await asyncio.wait_for(engine.submit(make_call(1)), 5.0)
+        return err.value, loop.time() - started
+
+    error, waited = vrun(main())
+    assert error.code is grpc.StatusCode.UNAVAILABLE and "shutting down" in error.message
+    assert waited == 0.0
 
 
 @pytest.mark.parametrize(("policy", "answered_at"), [("fixed", 0.12), ("adaptive", 0.1)])

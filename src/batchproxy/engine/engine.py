@@ -60,6 +60,7 @@ class Engine:
 
     def start(self, supervisor: Supervisor | None = None) -> None:
         """Run the scheduler loop: under `supervisor` (restarted if it dies), or alone."""
+        self.scheduler.reopen()  # an engine closed and started again takes calls again
         if supervisor is not None:
             self._supervisor = supervisor
             supervisor.spawn("scheduler", self.scheduler.run)
@@ -90,6 +91,10 @@ class Engine:
                                return_when=asyncio.FIRST_COMPLETED)
             progress.cancel()
 
+    def idle(self) -> bool:
+        """Nothing queued and nothing being sent."""
+        return not (self.admission.queued_rows or self.dispatcher.sending)
+
     async def close(self, grace_s: float | None = None) -> None:
         """Stop taking batches; in-flight batches get `grace_s` to finish (then their callers
         hear the proxy is shutting down); calls still queued are refused."""
@@ -98,5 +103,5 @@ class Engine:
             task.cancel()
             await asyncio.wait([task])
         await self.dispatcher.close(grace_s)
-        self.scheduler.fail_all(ProxyError(grpc.StatusCode.UNAVAILABLE,
-                                           "batchproxy is shutting down"))
+        self.scheduler.close(ProxyError(grpc.StatusCode.UNAVAILABLE,
+                                        "batchproxy is shutting down"))

@@ -60,6 +60,7 @@ class Scheduler:
         # Each model's batching (the flags, or its own table in the proxy config file).
         self.batching = BatchingTable(config, versions)
         self._retired = itertools.count()
+        self._closed: ProxyError | None = None  # set by close(): refuse every new call
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -90,6 +91,8 @@ class Scheduler:
         if priority is None:
             priority = batching.priority
         try:
+            if self._closed is not None:
+                raise self._closed
             rows = call.rows
             self.pool.note_model(model)
             if self.pool.route(model) is Route.NOWHERE:
@@ -228,6 +231,15 @@ class Scheduler:
         for queue in self.queues.values():
             self._fail_queue(queue, error)
         self.queues.clear()
+
+    def close(self, error: ProxyError) -> None:
+        """Fail every queued call with `error`, and every call submitted from now on: with
+        the loop stopped, nothing would ever take it out of a queue."""
+        self._closed = error
+        self.fail_all(error)
+
+    def reopen(self) -> None:
+        self._closed = None
 
     def _fail_queue(self, queue: KeyQueue, error: ProxyError) -> None:
         for entry in queue.all_entries():
