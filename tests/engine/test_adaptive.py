@@ -61,6 +61,23 @@ def test_a_slow_replica_gets_no_work_a_fast_one_finishes_sooner(vrun):
     assert not [s for s in replicas["slow"].sent if s.at > 1.0]
 
 
+def test_a_replica_not_yet_timed_is_judged_by_its_peers_not_the_prior(vrun):
+    # Both replicas take 2 ms, five times faster than the prior's guess. Once one of them
+    # is timed, the other must not look slower than it for good: when the timed one is
+    # busy, the other finishes first, and both keep taking batches.
+    replicas = {name: ScriptedReplica(cost_s=0.002) for name in "ab"}
+
+    async def main():
+        engine = make_engine(replicas, max_batch_size=8, max_inflight=2,
+                             policy="adaptive")
+        await steady(engine, 4000, 0.0005)
+        await engine.close()
+
+    vrun(main())
+    late = {name: sum(1 for s in r.sent if s.at > 1.0) for name, r in replicas.items()}
+    assert min(late.values()) >= 0.3 * sum(late.values()), late
+
+
 def test_a_backlog_earns_the_slow_replica_the_batches_it_can_finish_first(vrun):
     # Fast: 4 rows per 100 ms (40/s); slow: 4 rows per 300 ms (13/s). 45 calls/s need both,
     # and every call is still answered in bounded time.

@@ -141,15 +141,19 @@ class AdaptivePolicy:
         # When each replica serving the model could start a batch, and what it costs there.
         starts: list[tuple[float, Endpoint, CostModel, bool]] = []
         candidates, weight = self._candidates(model, queue.version)
+        cold = False
         for replica in candidates:
             cost = replica.cost(model)
             ready = replica.outstanding < min(cost.concurrency, limit)
+            cold = cold or not cost.batches
             # A busy replica past its expected free time is late by an unknown amount: it
             # never ties with one that can start now.
             start = now if ready else max(now + LATE_S, replica.free_at)
             starts.append((start, replica, cost, ready))
         if not starts:
             return self.fallback.decide(queue, now)
+        if cold:
+            starts = self._judged_by_peers(starts)
         full = queue.full or self.full
         first, planned = self._plan(queue.rows, starts, full)
         _, best, best_cost, best_ready = first
@@ -196,6 +200,20 @@ class AdaptivePolicy:
         sample = (draw(idle, min(SAMPLED_REPLICAS, len(idle)))
                   + draw(busy, min(SAMPLED_REPLICAS, len(busy))))
         return sample, len(serving) / len(sample)
+
+    @staticmethod
+    def _judged_by_peers(starts: list[tuple[float, Endpoint, CostModel, bool]]
+                         ) -> list[tuple[float, Endpoint, CostModel, bool]]:
+        """A replica no batch has timed yet is planned at its fastest warm peer's cost
+        rather than the prior's guess: a prior slower than the fleet would keep it idle for
+        good (it would never finish first, so it would never be timed), and one faster
+        would flood it. From its first batch on, its own times judge it."""
+        warm = [cost for _, _, cost, _ in starts if cost.warm]
+        if not warm:
+            return starts
+        fastest = min(warm, key=lambda cost: cost.predict(1))
+        return [entry if entry[2].batches else (entry[0], entry[1], fastest, entry[3])
+                for entry in starts]
 
     @staticmethod
     def _parallel(starts: list[tuple[float, Endpoint, CostModel, bool]], rows: int,
