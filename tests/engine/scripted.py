@@ -40,7 +40,14 @@ class ScriptedReplica:
     refuse_negative: bool = True
     # The models it serves (None: any); others get TFS's NOT_FOUND.
     models: set[str] | None = None
+    # One batch at a time, the next waiting its turn (a GPU with one stream); else each
+    # batch runs on its own, however many there are.
+    serial: bool = False
     sent: list[Sent] = field(default_factory=list)
+    # When a Predict arrived while another was still running or waiting here.
+    overlapped: list[float] = field(default_factory=list)
+    _running: int = 0
+    _turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def call(self, path: str, request: bytes, timeout: float) -> bytes:
         loop = asyncio.get_running_loop()
@@ -59,7 +66,13 @@ class ScriptedReplica:
         if self.models is not None and call.model_name not in self.models:
             raise ProxyError(grpc.StatusCode.NOT_FOUND,
                              f"Servable not found for request: Latest({call.model_name})")
-        await self._spend(timeout)
+        if self._running:
+            self.overlapped.append(loop.time())
+        self._running += 1
+        try:
+            await self._spend(timeout)
+        finally:
+            self._running -= 1
         if self.refuse_negative and any(v < 0 for v in values):
             raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT, "x must not be negative")
         outputs = {name: codec.encode_tensor(t.dtype, t.shape, t.data, False)
@@ -76,6 +89,14 @@ class ScriptedReplica:
         if self.error is not None:
             raise self.error
         cost = math.inf if self.hung else self.cost_s
+        if self.serial:
+            async with asyncio.timeout(timeout):
+                await self._turn.acquire()
+            try:
+                await asyncio.sleep(cost)
+            finally:
+                self._turn.release()
+            return
         if cost > timeout:
             await asyncio.sleep(timeout)
             raise ProxyError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")

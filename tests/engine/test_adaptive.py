@@ -4,6 +4,7 @@ replica, a backlog that earns the slow replica work, and full batches that never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import grpc
@@ -78,10 +79,67 @@ def test_a_replica_not_yet_timed_is_judged_by_its_peers_not_the_prior(vrun):
     assert min(late.values()) >= 0.3 * sum(late.values()), late
 
 
+def timed_steady(engine, calls: int, every_s: float):
+    """`steady`, returning each call's (submitted at, seconds to its answer or error)."""
+    async def one(loop):
+        started = loop.time()
+        with contextlib.suppress(ProxyError):  # refused when the queue is full
+            await engine.submit(make_call(1))
+        return started, loop.time() - started
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        tasks = []
+        for _ in range(calls):
+            tasks.append(asyncio.ensure_future(one(loop)))
+            await asyncio.sleep(every_s)
+        return await asyncio.gather(*tasks)
+    return run()
+
+
+def test_a_replica_that_runs_batches_side_by_side_is_found_out_and_used(vrun):
+    # 120 rows/s on a replica that takes 100 ms for a batch of up to 8 however many run at
+    # once: one at a time it answers 80 rows/s, and the queue grows for good. Probed with a
+    # batch beside another while rows back up, it is found to run several at once.
+    replicas = {"gpu": ScriptedReplica(cost_s=0.1)}
+
+    async def main():
+        engine = make_engine(replicas, max_batch_size=8, max_inflight=4,
+                             max_enqueued_rows=400, policy="adaptive")
+        timed = await timed_steady(engine, 480, 1 / 120)
+        concurrency = engine.pool.replicas["gpu"].cost("m").concurrency
+        await engine.close()
+        return timed, concurrency
+
+    timed, concurrency = vrun(main())
+    assert concurrency >= 2
+    assert max(took for at, took in timed if at > 2.0) < 0.3
+
+
+def test_a_replica_that_runs_one_batch_at_a_time_is_probed_a_few_times_only(vrun):
+    # The same load on a replica that runs one batch at a time: the probes find it slower
+    # beside another batch, and no more are sent.
+    replicas = {"serial": ScriptedReplica(cost_s=0.1, serial=True)}
+
+    async def main():
+        engine = make_engine(replicas, max_batch_size=8, max_inflight=4,
+                             max_enqueued_rows=400, policy="adaptive")
+        await timed_steady(engine, 480, 1 / 120)
+        concurrency = engine.pool.replicas["serial"].cost("m").concurrency
+        await engine.close()
+        return concurrency
+
+    assert vrun(main()) == 1
+    beside = replicas["serial"].overlapped
+    assert 4 <= len(beside) <= 5, beside  # costs.JUDGED_AFTER, and one more in flight
+    assert max(beside) < 1.5
+
+
 def test_a_backlog_earns_the_slow_replica_the_batches_it_can_finish_first(vrun):
-    # Fast: 4 rows per 100 ms (40/s); slow: 4 rows per 300 ms (13/s). 45 calls/s need both,
-    # and every call is still answered in bounded time.
-    replicas = {"fast": ScriptedReplica(cost_s=0.1), "slow": ScriptedReplica(cost_s=0.3)}
+    # Fast: 4 rows per 100 ms (40/s); slow: 4 rows per 300 ms (13/s), each one batch at a
+    # time. 45 calls/s need both, and every call is still answered in bounded time.
+    replicas = {"fast": ScriptedReplica(cost_s=0.1, serial=True),
+                "slow": ScriptedReplica(cost_s=0.3, serial=True)}
 
     async def main():
         engine = make_engine(replicas, max_batch_size=4, max_inflight=2,

@@ -157,16 +157,25 @@ class AdaptivePolicy:
         full = queue.full or self.full
         first, planned = self._plan(queue.rows, starts, full)
         _, best, best_cost, best_ready = first
+        mean_rows = self._mean_rows.get(model, queue.rows)
+        backlog = queue.rows >= full or queue.rows >= BACKLOG_ROWS * mean_rows
         if not best_ready:
             idle = [entry for entry in planned if entry[3]]
             if idle:
                 # The queue holds more than the replica finishing first can take: a replica
                 # free now has a batch in the plan, so it starts the oldest rows at once.
                 return Flush(idle_only=False, replica=idle[0][1])
+            head = queue.head()
+            if backlog and head is not None and now - head.enqueued_at >= \
+                    best_cost.predict(full):
+                # Rows back up for longer than a whole batch takes: the fleet is short of
+                # capacity at the concurrency it is known to have. Try for more.
+                probe = self._probe(starts, limit, model)
+                if probe is not None:
+                    return Flush(idle_only=False, replica=probe)
             # Woken when a slot frees; the time is only a backstop for a late estimate.
             return Hold(best.free_at if best.free_at > now else now + IDLE_RECHECK_S)
-        mean_rows = self._mean_rows.get(model, queue.rows)
-        if queue.rows >= full or queue.rows >= BACKLOG_ROWS * mean_rows:
+        if backlog:
             # Full, or already well past the usual batch: the load outruns the plan (costs
             # above their estimate, a burst), and holding a free replica idle would only
             # add to the queue.
@@ -200,6 +209,19 @@ class AdaptivePolicy:
         sample = (draw(idle, min(SAMPLED_REPLICAS, len(idle)))
                   + draw(busy, min(SAMPLED_REPLICAS, len(busy))))
         return sample, len(serving) / len(sample)
+
+    @staticmethod
+    def _probe(starts: list[tuple[float, Endpoint, CostModel, bool]], limit: int,
+               model: str) -> Endpoint | None:
+        """While rows back up with every replica busy at its known concurrency: a replica
+        with a slot free where one more batch beside the others would test a concurrency
+        not yet judged (a GPU may run several batches at once). A few such batches tell;
+        a replica that slows down beside another is not probed again."""
+        for _, replica, _, _ in starts:
+            outstanding = replica.outstanding
+            if outstanding < limit and replica.cost(model).untried_beside(outstanding):
+                return replica
+        return None
 
     @staticmethod
     def _judged_by_peers(starts: list[tuple[float, Endpoint, CostModel, bool]]

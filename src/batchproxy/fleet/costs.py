@@ -23,6 +23,8 @@ WARM = 8
 # A batch that ran beside k others and took under this much longer than alone still counts
 # as running concurrently.
 CONCURRENT_SLOWDOWN = 1.3
+# Batches timed beside k others before level k + 1 of concurrency is judged.
+JUDGED_AFTER = 4
 
 
 @dataclass
@@ -123,6 +125,15 @@ class CostModel:
         self.batches += 1
         self._fitted = None
 
+    def untried_beside(self, beside: int) -> bool:
+        """Whether a batch sent beside `beside` others would test a level of concurrency
+        not yet judged: the next one above what is known, with too few batches timed
+        there to tell. A policy that sends only to a replica that can start at once
+        never learns a concurrency above 1 without such probes."""
+        if not self.warm or beside != self._concurrency or beside >= self.max_concurrency:
+            return False
+        return len(self._slowdown.get(beside, ())) < JUDGED_AFTER
+
     @property
     def concurrency(self) -> int:
         """How many batches the replica runs at once without slowing down."""
@@ -134,7 +145,7 @@ class CostModel:
         level = 1
         for beside in range(1, self.max_concurrency):
             ratios = self._slowdown.get(beside)
-            if not ratios or len(ratios) < 4:
+            if not ratios or len(ratios) < JUDGED_AFTER:
                 break
             ratios_sorted = sorted(ratios)
             if ratios_sorted[len(ratios_sorted) // 2] > CONCURRENT_SLOWDOWN:
