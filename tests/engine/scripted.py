@@ -44,9 +44,8 @@ class ScriptedReplica:
     # batch runs on its own, however many there are.
     serial: bool = False
     sent: list[Sent] = field(default_factory=list)
-    # When a Predict arrived while another was still running or waiting here.
-    overlapped: list[float] = field(default_factory=list)
-    _running: int = 0
+    # serial: when each Predict that had to wait for its turn arrived, and how long it waited.
+    waited: list[tuple[float, float]] = field(default_factory=list)
     _turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def call(self, path: str, request: bytes, timeout: float) -> bytes:
@@ -66,13 +65,7 @@ class ScriptedReplica:
         if self.models is not None and call.model_name not in self.models:
             raise ProxyError(grpc.StatusCode.NOT_FOUND,
                              f"Servable not found for request: Latest({call.model_name})")
-        if self._running:
-            self.overlapped.append(loop.time())
-        self._running += 1
-        try:
-            await self._spend(timeout)
-        finally:
-            self._running -= 1
+        await self._spend(timeout)
         if self.refuse_negative and any(v < 0 for v in values):
             raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT, "x must not be negative")
         outputs = {name: codec.encode_tensor(t.dtype, t.shape, t.data, False)
@@ -90,8 +83,12 @@ class ScriptedReplica:
             raise self.error
         cost = math.inf if self.hung else self.cost_s
         if self.serial:
+            loop = asyncio.get_running_loop()
+            arrived = loop.time()
             async with asyncio.timeout(timeout):
                 await self._turn.acquire()
+            if loop.time() > arrived:
+                self.waited.append((arrived, loop.time() - arrived))
             try:
                 await asyncio.sleep(cost)
             finally:

@@ -8,8 +8,10 @@ import contextlib
 import itertools
 
 import grpc
+import pytest
 from scripted import ScriptedReplica, answer_values, make_call, make_engine
 
+from batchproxy.engine import policy
 from batchproxy.errors import ProxyError
 
 
@@ -118,7 +120,8 @@ def test_a_replica_that_runs_batches_side_by_side_is_found_out_and_used(vrun):
 
 def test_a_replica_that_runs_one_batch_at_a_time_is_probed_a_few_times_only(vrun):
     # The same load on a replica that runs one batch at a time: the probes find it slower
-    # beside another batch, and no more are sent.
+    # beside another batch, and no more are sent. (Batches sent to wait the last few ms of
+    # the one it runs, hiding the round trip, are no probes.)
     replicas = {"serial": ScriptedReplica(cost_s=0.1, serial=True)}
 
     async def main():
@@ -130,9 +133,10 @@ def test_a_replica_that_runs_one_batch_at_a_time_is_probed_a_few_times_only(vrun
         return concurrency
 
     assert vrun(main()) == 1
-    beside = replicas["serial"].overlapped
-    assert 4 <= len(beside) <= 5, beside  # costs.JUDGED_AFTER, and one more in flight
-    assert max(beside) < 1.5
+    probes = [at for at, waited in replicas["serial"].waited
+              if waited > policy.PIPELINE_LEAD_S + 1e-9]
+    assert 4 <= len(probes) <= 5, probes  # costs.JUDGED_AFTER, and one more in flight
+    assert max(probes) < 1.5
 
 
 def test_a_backlog_earns_the_slow_replica_the_batches_it_can_finish_first(vrun):
@@ -172,6 +176,31 @@ def test_a_full_batch_leaves_at_once_whatever_the_spacing(vrun):
     # although the spacing alone would hold it for 50 ms.
     assert sorted((s.at, s.rows) for r in replicas.values() for s in r.sent) == [
         (0.0, 4), (0.001, 4)]
+
+
+def test_a_batch_leaves_for_a_busy_replica_within_the_lead_and_waits_there(vrun):
+    # A full batch finds the one replica busy until 0.1 s after the batch before it left:
+    # it waits in the proxy until the lead before that (so its rows are not fixed early,
+    # nor the slot taken), then goes to wait at the replica, hiding the round trip between
+    # the answer and the next batch's arrival.
+    replicas = {"only": ScriptedReplica(cost_s=0.1, serial=True)}
+
+    async def main():
+        engine = make_engine(replicas, max_batch_size=4, max_inflight=2, policy="adaptive")
+        await steady(engine, 12, 0.15)  # 12 batches of one: the fit is warm
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(engine.submit(make_call(4)))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, engine.submit(make_call(4)))
+        await engine.close()
+        return started
+
+    started = vrun(main())
+    full = [round(s.at - started, 9) for s in replicas["only"].sent if s.rows == 4]
+    assert full == [0.0, round(0.1 - policy.PIPELINE_LEAD_S, 9)]
+    # Waiting there, it started the moment the one before ended.
+    assert replicas["only"].waited[-1][1] == pytest.approx(policy.PIPELINE_LEAD_S)
 
 
 def _late_call_after_a_full_batch(vrun, policy: str, timeout_s: float):

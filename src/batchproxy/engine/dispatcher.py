@@ -183,8 +183,11 @@ class Dispatcher:
                     self._deliver(response.batch, response.response, response.address)
                     return None, batch
                 took = loop.time() - sent_at
+                # One sent to wait behind another (at most the policy's lead) ran beside one
+                # batch fewer than were there when it left.
+                alone = max(beside - 1, 0) if batch.behind else beside
                 self.admission.note_service_time(took)
-                pool.note_answered(held, batch.model, batch.sent_rows, took, beside)
+                pool.note_answered(held, batch.model, batch.sent_rows, took, alone)
                 address = held.address
                 pool.release(held)
                 held = None

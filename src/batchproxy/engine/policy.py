@@ -21,6 +21,9 @@ class Flush:
 
     idle_only: bool
     replica: Endpoint | None = None
+    # Sent to a replica still busy at its concurrency, which frees within the lead: the
+    # batch waits there behind the one it runs (engine/dispatcher.py times it from then).
+    behind: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,11 +147,19 @@ class AdaptivePolicy:
         cold = False
         for replica in candidates:
             cost = replica.cost(model)
-            ready = replica.outstanding < min(cost.concurrency, limit)
+            level = min(cost.concurrency, limit)
             cold = cold or not cost.batches
+            if replica.outstanding < level:
+                starts.append((now, replica, cost, True))
+                continue
             # A busy replica past its expected free time is late by an unknown amount: it
             # never ties with one that can start now.
-            start = now if ready else max(now + LATE_S, replica.free_at)
+            start = max(now + LATE_S, replica.free_at)
+            # One that frees within the lead takes its next batch now, behind the one it
+            # runs, so that the round trip between its answer and the next batch's arrival
+            # (the proxy's own turn, the network) does not leave it idle.
+            ready = (replica.outstanding == level < limit and cost.warm
+                     and replica.free_at - now <= lead_s(cost))
             starts.append((start, replica, cost, ready))
         if not starts:
             return self.fallback.decide(queue, now)
@@ -156,7 +167,7 @@ class AdaptivePolicy:
             starts = self._judged_by_peers(starts)
         full = queue.full or self.full
         first, planned = self._plan(queue.rows, starts, full)
-        _, best, best_cost, best_ready = first
+        best_start, best, best_cost, best_ready = first
         mean_rows = self._mean_rows.get(model, queue.rows)
         backlog = queue.rows >= full or queue.rows >= BACKLOG_ROWS * mean_rows
         if not best_ready:
@@ -164,7 +175,7 @@ class AdaptivePolicy:
             if idle:
                 # The queue holds more than the replica finishing first can take: a replica
                 # free now has a batch in the plan, so it starts the oldest rows at once.
-                return Flush(idle_only=False, replica=idle[0][1])
+                return Flush(idle_only=False, replica=idle[0][1], behind=idle[0][0] > now)
             head = queue.head()
             if backlog and head is not None and now - head.enqueued_at >= \
                     best_cost.predict(full):
@@ -173,13 +184,19 @@ class AdaptivePolicy:
                 probe = self._probe(starts, limit, model)
                 if probe is not None:
                     return Flush(idle_only=False, replica=probe)
-            # Woken when a slot frees; the time is only a backstop for a late estimate.
-            return Hold(best.free_at if best.free_at > now else now + IDLE_RECHECK_S)
+            # Woken when a slot frees, or when the replica is within the lead of freeing
+            # (a slot to spare and a warm fit); the time is also a backstop for a late
+            # estimate.
+            if best.free_at <= now:
+                return Hold(now + IDLE_RECHECK_S)
+            if best.outstanding < limit and best.cost(model).warm:
+                return Hold(max(best.free_at - lead_s(best.cost(model)), now + LATE_S))
+            return Hold(best.free_at)
         if backlog:
             # Full, or already well past the usual batch: the load outruns the plan (costs
             # above their estimate, a burst), and holding a free replica idle would only
             # add to the queue.
-            return Flush(idle_only=False, replica=best)
+            return Flush(idle_only=False, replica=best, behind=best_start > now)
         typical = round(mean_rows)
         batch_s = best_cost.predict(typical)
         spacing = batch_s / max(self._parallel(starts, typical, batch_s) * weight, 1.0)
@@ -189,7 +206,7 @@ class AdaptivePolicy:
         latest = waited_since + max(timeout_s, spacing)
         start_at = self._last_start.get(model, -math.inf) + spacing
         if now >= start_at or now >= latest:
-            return Flush(idle_only=False, replica=best)
+            return Flush(idle_only=False, replica=best, behind=best_start > now)
         return Hold(min(start_at, latest))
 
     def _candidates(self, model: str, version: int | None = None
@@ -320,6 +337,10 @@ SLOW_SHARE = 0.5
 MAX_PLANNED_BATCHES = 64
 # What a busy replica past its expected free time is assumed to still need.
 LATE_S = 0.001
+# How long before a busy replica is expected to free its next batch may leave, to wait
+# there behind the one it runs: this share of a batch's time, at most PIPELINE_LEAD_S.
+PIPELINE_SHARE = 0.05
+PIPELINE_LEAD_S = 0.005
 # A backstop for a replica whose batch runs past its expected time: look again this often.
 IDLE_RECHECK_S = 0.05
 # Weight of each new batch in the mean batch size that sets the spacing.
@@ -329,6 +350,11 @@ ROWS_EWMA = 0.1
 DEADLINE_MARGIN = 0.9
 
 POLICIES = ("fixed", "adaptive")
+
+
+def lead_s(cost: CostModel) -> float:
+    """How long before a replica is expected to free a batch may be sent to wait there."""
+    return min(PIPELINE_LEAD_S, PIPELINE_SHARE * cost.predict(1))
 
 
 def make_policy(name: str, config: BatchingConfig, pool: ReplicaPool) -> FlushPolicy:

@@ -194,6 +194,8 @@ class Batch:
     padding: int = 0
     # Variable-length inputs padded to one length, outputs cut back (engine/lengths.py).
     lengths: Lengths | None = None
+    # Sent to wait behind a batch its replica still ran (engine/policy.py, Flush.behind).
+    behind: bool = False
 
     @classmethod
     def of(cls, model: str, pieces: list[Piece], version: int | None = None,

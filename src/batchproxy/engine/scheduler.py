@@ -344,6 +344,7 @@ class Scheduler:
                 if batch is None:
                     self.pool.release(replica)
                     break
+                batch.behind = decision.behind
                 self.policy.on_dispatch(queue, replica, batch.rows, now)
                 self.dispatch(replica, batch)
         return next_due
