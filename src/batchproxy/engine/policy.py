@@ -158,8 +158,10 @@ class AdaptivePolicy:
             # One that frees within the lead takes its next batch now, behind the one it
             # runs, so that the round trip between its answer and the next batch's arrival
             # (the proxy's own turn, the network) does not leave it idle.
+            # One already past its expected free time is late by an unknown amount, and
+            # gets none.
             ready = (replica.outstanding == level < limit and cost.warm
-                     and replica.free_at - now <= lead_s(cost))
+                     and now < replica.free_at <= now + lead_s(cost))
             starts.append((start, replica, cost, ready))
         if not starts:
             return self.fallback.decide(queue, now)

@@ -227,16 +227,13 @@ class Scheduler:
             entry.queue.sheddable_rows -= untaken
             self.admission.sheddable_rows -= untaken
 
-    def fail_all(self, error: ProxyError) -> None:
-        for queue in self.queues.values():
-            self._fail_queue(queue, error)
-        self.queues.clear()
-
     def close(self, error: ProxyError) -> None:
         """Fail every queued call with `error`, and every call submitted from now on: with
         the loop stopped, nothing would ever take it out of a queue."""
         self._closed = error
-        self.fail_all(error)
+        for queue in self.queues.values():
+            self._fail_queue(queue, error)
+        self.queues.clear()
 
     def reopen(self) -> None:
         self._closed = None
