@@ -40,6 +40,8 @@ class ScriptedReplica:
     refuse_negative: bool = True
     # The models it serves (None: any); others get TFS's NOT_FOUND.
     models: set[str] | None = None
+    # What the first Predict costs instead of cost_s (a model's lazy set-up), if set.
+    first_cost_s: float | None = None
     # One batch at a time, the next waiting its turn (a GPU with one stream); else each
     # batch runs on its own, however many there are.
     serial: bool = False
@@ -82,6 +84,8 @@ class ScriptedReplica:
         if self.error is not None:
             raise self.error
         cost = math.inf if self.hung else self.cost_s
+        if self.first_cost_s is not None:
+            cost, self.first_cost_s = self.first_cost_s, None
         if self.serial:
             loop = asyncio.get_running_loop()
             arrived = loop.time()

@@ -50,6 +50,8 @@ class CostModel:
     _concurrency: int = 1
     # Loop time of the last batch timed here (set by the pool): how current the fit is.
     timed_at: float = -math.inf
+    # Whether the pool saw a first batch answered here (fleet/slots.py note_answered).
+    first_seen: bool = False
 
     @property
     def a_s(self) -> float:

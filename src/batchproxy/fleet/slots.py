@@ -428,7 +428,14 @@ class ReplicaPool:
         now."""
         if seconds is not None:
             cost = replica.cost(model)
-            cost.observe(rows, seconds, beside)
+            if cost.first_seen:
+                cost.observe(rows, seconds, beside)
+            else:
+                # The first batch's time is not learned: a model's first run on a replica
+                # pays for lazy set-up (why TFS has warm-up files; 10 ms against the 2 ms
+                # of every later batch was seen), and a policy judging the replica by it
+                # would keep it idle.
+                cost.first_seen = True
             cost.timed_at = loop_time()
         if replica.outstanding <= 1:
             replica.free_at = loop_time()
