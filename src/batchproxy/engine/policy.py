@@ -343,6 +343,7 @@ LATE_S = 0.001
 # there behind the one it runs: this share of a batch's time, at most PIPELINE_LEAD_S.
 PIPELINE_SHARE = 0.05
 PIPELINE_LEAD_S = 0.005
+PIPELINE_MIN_S = 0.001
 # A backstop for a replica whose batch runs past its expected time: look again this often.
 IDLE_RECHECK_S = 0.05
 # Weight of each new batch in the mean batch size that sets the spacing.
@@ -355,8 +356,11 @@ POLICIES = ("fixed", "adaptive")
 
 
 def lead_s(cost: CostModel) -> float:
-    """How long before a replica is expected to free a batch may be sent to wait there."""
-    return min(PIPELINE_LEAD_S, PIPELINE_SHARE * cost.predict(1))
+    """How long before a replica is expected to free a batch may be sent to wait there: none
+    for batches so short that the lead would be under PIPELINE_MIN_S, where the proxy's own
+    turn, not the replica, sets the pace and a batch sent early only holds fewer rows."""
+    lead = min(PIPELINE_LEAD_S, PIPELINE_SHARE * cost.predict(1))
+    return lead if lead >= PIPELINE_MIN_S else 0.0
 
 
 def make_policy(name: str, config: BatchingConfig, pool: ReplicaPool) -> FlushPolicy:
