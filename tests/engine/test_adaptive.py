@@ -64,20 +64,25 @@ def test_a_slow_replica_gets_no_work_a_fast_one_finishes_sooner(vrun):
     assert not [s for s in replicas["slow"].sent if s.at > 1.0]
 
 
+def shares_after_a_second(vrun, replicas: dict[str, ScriptedReplica], every_s: float
+                          ) -> dict[str, int]:
+    """Batches each replica got after the first second of one-row calls `every_s` apart."""
+    async def main():
+        engine = make_engine(replicas, max_batch_size=8, max_inflight=2,
+                             policy="adaptive")
+        await steady(engine, 4000, every_s)
+        await engine.close()
+
+    vrun(main())
+    return {name: sum(1 for s in r.sent if s.at > 1.0) for name, r in replicas.items()}
+
+
 def test_a_replica_not_yet_timed_is_judged_by_its_peers_not_the_prior(vrun):
     # Both replicas take 2 ms, five times faster than the prior's guess. Once one of them
     # is timed, the other must not look slower than it for good: when the timed one is
     # busy, the other finishes first, and both keep taking batches.
-    replicas = {name: ScriptedReplica(cost_s=0.002) for name in "ab"}
-
-    async def main():
-        engine = make_engine(replicas, max_batch_size=8, max_inflight=2,
-                             policy="adaptive")
-        await steady(engine, 4000, 0.0005)
-        await engine.close()
-
-    vrun(main())
-    late = {name: sum(1 for s in r.sent if s.at > 1.0) for name, r in replicas.items()}
+    late = shares_after_a_second(
+        vrun, {name: ScriptedReplica(cost_s=0.002) for name in "ab"}, 0.0005)
     assert min(late.values()) >= 0.3 * sum(late.values()), late
 
 
@@ -85,17 +90,9 @@ def test_a_replica_whose_first_batch_was_slow_is_not_judged_by_it(vrun):
     # b's first batch pays for its model's lazy set-up (10 ms, as a real replica's did);
     # every later one takes 2 ms, as on a. Judged by that first time, b would look five
     # times slower than a and never finish a batch first again.
-    replicas = {"a": ScriptedReplica(cost_s=0.002),
-                "b": ScriptedReplica(cost_s=0.002, first_cost_s=0.01)}
-
-    async def main():
-        engine = make_engine(replicas, max_batch_size=8, max_inflight=2,
-                             policy="adaptive")
-        await steady(engine, 4000, 0.001)
-        await engine.close()
-
-    vrun(main())
-    late = {name: sum(1 for s in r.sent if s.at > 1.0) for name, r in replicas.items()}
+    late = shares_after_a_second(
+        vrun, {"a": ScriptedReplica(cost_s=0.002),
+               "b": ScriptedReplica(cost_s=0.002, first_cost_s=0.01)}, 0.001)
     assert min(late.values()) >= 0.3 * sum(late.values()), late
 
 
