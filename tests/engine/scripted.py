@@ -53,6 +53,11 @@ class ScriptedReplica:
     async def call(self, path: str, request: bytes, timeout: float) -> bytes:
         loop = asyncio.get_running_loop()
         if path == GET_MODEL_STATUS:
+            name = get_model_status_pb2.GetModelStatusRequest.FromString(
+                request).model_spec.name
+            if self.models is not None and name and name not in self.models:
+                raise ProxyError(grpc.StatusCode.NOT_FOUND,
+                                 f"Could not find any versions of model {name}")
             status = get_model_status_pb2.GetModelStatusResponse()
             status.model_version_status.add(
                 version=1, state=get_model_status_pb2.ModelVersionStatus.AVAILABLE)
@@ -64,10 +69,10 @@ class ScriptedReplica:
         assert isinstance(data, bytes)
         values = list(memoryview(data).cast("f"))
         self.sent.append(Sent(loop.time(), call.rows, timeout, values))
+        await self._spend(timeout)  # a refusal too comes back after the call's time
         if self.models is not None and call.model_name not in self.models:
             raise ProxyError(grpc.StatusCode.NOT_FOUND,
                              f"Servable not found for request: Latest({call.model_name})")
-        await self._spend(timeout)
         if self.refuse_negative and any(v < 0 for v in values):
             raise ProxyError(grpc.StatusCode.INVALID_ARGUMENT, "x must not be negative")
         outputs = {name: codec.encode_tensor(t.dtype, t.shape, t.data, False)

@@ -20,7 +20,8 @@ from scripted import (
 )
 
 from batchproxy.errors import ProxyError
-from batchproxy.fleet.slots import ReplicaState
+from batchproxy.fleet.health_checks import HealthChecker
+from batchproxy.fleet.slots import ModelState, ReplicaState
 from batchproxy.methods import GET_MODEL_METADATA
 
 UNAVAILABLE = ProxyError(grpc.StatusCode.UNAVAILABLE, "connection refused")
@@ -279,6 +280,34 @@ def test_bisection_of_differently_failing_calls_is_bounded(vrun):
     results = vrun(main())
     assert all(isinstance(r, ProxyError) for r in results)
     assert len(replica.sent) <= 1 + 6 * 5
+
+
+def test_a_check_finding_the_model_missing_while_its_batch_is_out_still_lets_it_go_on(vrun):
+    # The race of a fleet whose replicas serve different models: the first batch for "echo"
+    # leaves for "a", which lacks it, and a health check marks "a" as lacking "echo" while
+    # the batch is still out. Its NOT_FOUND must still send the batch on to "b".
+    lacking = ScriptedReplica(cost_s=0.01, models={"m"})
+    having = ScriptedReplica(cost_s=0.01, models={"echo"})
+
+    async def main():
+        engine = make_engine({"a": lacking, "b": having})
+        checker = HealthChecker(engine.pool, 1.0)
+        engine.pool.replicas["b"].outstanding = 1  # the first batch goes to "a"
+        first = asyncio.ensure_future(outcome(engine.submit(make_call([5.0], model="echo"))))
+        await asyncio.sleep(0.005)
+        assert [s.values for s in lacking.sent] == [[5.0]]  # still there: answers at 12 ms
+        await checker.check(engine.pool.replicas["a"])
+        marked = engine.pool.replicas["a"].models.get("echo")
+        engine.pool.release(engine.pool.replicas["b"])
+        answer = await first
+        await engine.close()
+        return marked, answer
+
+    marked, answer = vrun(main())
+    assert marked is ModelState.MISSING
+    assert not isinstance(answer, ProxyError), answer  # e.g. "a"'s NOT_FOUND
+    assert answer_values(answer) == [5.0]
+    assert [s.values for s in having.sent] == [[5.0]]
 
 
 def test_a_batch_for_a_model_one_replica_lacks_goes_to_one_that_has_it(vrun):
