@@ -102,13 +102,19 @@ async def test_deadline(replica: tuple[Replica, str], lean: bool) -> None:
         await t.close()
 
 
+async def hanging(t: GrpcTransport, state: Replica) -> asyncio.Task[bytes]:
+    """A call to the method that never answers, once the replica has it."""
+    task = asyncio.ensure_future(t.call(f"/{SERVICE}/hang", b"", 10.0))
+    await asyncio.wait_for(state.started.wait(), 5)
+    return task
+
+
 async def test_cancelled_caller_cancels_the_call(replica: tuple[Replica, str],
                                                  lean: bool) -> None:
     state, address = replica
     t = transport(address, lean)
     try:
-        task = asyncio.ensure_future(t.call(f"/{SERVICE}/hang", b"", 10.0))
-        await asyncio.wait_for(state.started.wait(), 5)
+        task = await hanging(t, state)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -127,8 +133,7 @@ async def test_close_cancels_calls_in_flight(replica: tuple[Replica, str],
                                              lean: bool) -> None:
     state, address = replica
     t = transport(address, lean)
-    task = asyncio.ensure_future(t.call(f"/{SERVICE}/hang", b"", 10.0))
-    await asyncio.wait_for(state.started.wait(), 5)
+    task = await hanging(t, state)
     await asyncio.wait_for(t.close(), 5)
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)

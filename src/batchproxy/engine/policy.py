@@ -153,13 +153,11 @@ class AdaptivePolicy:
                 starts.append((now, replica, cost, True))
                 continue
             # A busy replica past its expected free time is late by an unknown amount: it
-            # never ties with one that can start now.
+            # never ties with one that can start now, and gets no batch ahead. One that
+            # frees within the lead takes its next batch now, behind the one it runs, so
+            # that the round trip between its answer and the next batch's arrival (the
+            # proxy's own turn, the network) does not leave it idle.
             start = max(now + LATE_S, replica.free_at)
-            # One that frees within the lead takes its next batch now, behind the one it
-            # runs, so that the round trip between its answer and the next batch's arrival
-            # (the proxy's own turn, the network) does not leave it idle.
-            # One already past its expected free time is late by an unknown amount, and
-            # gets none.
             ready = (replica.outstanding == level < limit and cost.warm
                      and now < replica.free_at <= now + lead_s(cost))
             starts.append((start, replica, cost, ready))
@@ -169,7 +167,7 @@ class AdaptivePolicy:
             starts = self._judged_by_peers(starts)
         full = queue.full or self.full
         first, planned = self._plan(queue.rows, starts, full)
-        best_start, best, best_cost, best_ready = first
+        _, best, best_cost, best_ready = first
         mean_rows = self._mean_rows.get(model, queue.rows)
         backlog = queue.rows >= full or queue.rows >= BACKLOG_ROWS * mean_rows
         if not best_ready:
@@ -177,7 +175,7 @@ class AdaptivePolicy:
             if idle:
                 # The queue holds more than the replica finishing first can take: a replica
                 # free now has a batch in the plan, so it starts the oldest rows at once.
-                return Flush(idle_only=False, replica=idle[0][1], behind=idle[0][0] > now)
+                return send_to(idle[0], now)
             head = queue.head()
             if backlog and head is not None and now - head.enqueued_at >= \
                     best_cost.predict(full):
@@ -191,14 +189,15 @@ class AdaptivePolicy:
             # estimate.
             if best.free_at <= now:
                 return Hold(now + IDLE_RECHECK_S)
-            if best.outstanding < limit and best.cost(model).warm:
-                return Hold(max(best.free_at - lead_s(best.cost(model)), now + LATE_S))
+            own = best.cost(model)  # best_cost may be a peer's, standing in
+            if best.outstanding < limit and own.warm:
+                return Hold(max(best.free_at - lead_s(own), now + LATE_S))
             return Hold(best.free_at)
         if backlog:
             # Full, or already well past the usual batch: the load outruns the plan (costs
             # above their estimate, a burst), and holding a free replica idle would only
             # add to the queue.
-            return Flush(idle_only=False, replica=best, behind=best_start > now)
+            return send_to(first, now)
         typical = round(mean_rows)
         batch_s = best_cost.predict(typical)
         spacing = batch_s / max(self._parallel(starts, typical, batch_s) * weight, 1.0)
@@ -208,7 +207,7 @@ class AdaptivePolicy:
         latest = waited_since + max(timeout_s, spacing)
         start_at = self._last_start.get(model, -math.inf) + spacing
         if now >= start_at or now >= latest:
-            return Flush(idle_only=False, replica=best, behind=best_start > now)
+            return send_to(first, now)
         return Hold(min(start_at, latest))
 
     def _candidates(self, model: str, version: int | None = None
@@ -353,6 +352,13 @@ ROWS_EWMA = 0.1
 DEADLINE_MARGIN = 0.9
 
 POLICIES = ("fixed", "adaptive")
+
+
+def send_to(entry: tuple[float, Endpoint, CostModel, bool], now: float) -> Flush:
+    """Send the batch to the replica of a plan's entry; one that starts later than now
+    takes it to wait behind the batch it runs."""
+    start, replica, _, _ = entry
+    return Flush(idle_only=False, replica=replica, behind=start > now)
 
 
 def lead_s(cost: CostModel) -> float:
