@@ -10,6 +10,7 @@ import sys
 import pytest
 
 ARGS = ["--replicas", "2", "--load", "0.3,0.8", "--duration", "1", "--jitter", "0.1",
+        "--network_ms", "2",
         "--deadline_ms", "200", "--fault", "crash:1:0.2-0.4", "--seed", "3"]
 
 
@@ -34,6 +35,7 @@ def test_json_and_table(tmp_path):
                     "mean_batch_rows", "errors"):
             assert key in run
     assert data["config"]["faults"][0]["kind"] == "crash"
+    assert data["config"]["network_ms"] == 2.0
     # Another process, same seed: the same bytes.
     again = tmp_path / "again.json"
     assert simulate(*ARGS, "--json", str(again)).returncode == 0

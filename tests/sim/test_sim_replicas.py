@@ -155,6 +155,23 @@ def test_predict_over_the_transport_echoes_the_inputs():
     assert len(codec.split_predict_response(data, [1, 2])) == 2
 
 
+def test_the_network_round_trip_is_paid_half_each_way_and_counts_against_the_timeout():
+    # 13 ms of work and a 4 ms round trip: answered at 17 ms, the replica busy from 2 ms.
+    r = replica(network_s=0.004)
+    request = predict_request("m", 3, 2)
+
+    async def main():
+        answered = await timed(r.call(PREDICT, request, 5.0))
+        late = await timed(r.call(PREDICT, request, 0.014))
+        return answered, late
+
+    (answered_at, code), (late_at, late_code) = run_virtual(main())
+    assert (answered_at, code) == (pytest.approx(0.017), "OK")
+    # 14 ms of patience: 2 ms go on the way there, and the 13 ms of work do not fit in 12.
+    assert late_code == "DEADLINE_EXCEEDED"
+    assert late_at == pytest.approx(0.017 + 0.014)
+
+
 def test_model_status_and_unknown_models():
     r = replica()
 

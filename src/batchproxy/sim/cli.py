@@ -47,6 +47,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     fleet.add_argument("--jitter", type=float, default=sim.jitter,
                        help="spread of each batch's cost: a log-normal factor of mean 1 and "
                             "this shape (default %(default)s)")
+    fleet.add_argument("--network_ms", type=float, default=sim.network_ms,
+                       help="round trip of each batch between the proxy and a replica, half "
+                            "each way (default %(default)s)")
     fleet.add_argument("--slow_replica", type=float, default=sim.slow_replica,
                        metavar="FACTOR", help="the last replica's costs are FACTOR times "
                                               "the others' (default %(default)s)")
@@ -126,7 +129,7 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
     return SimConfig(
         replicas=args.replicas, concurrency=args.concurrency,
         batch_cost_ms=args.batch_cost_ms, row_cost_us=args.row_cost_us, jitter=args.jitter,
-        slow_replica=args.slow_replica,
+        network_ms=args.network_ms, slow_replica=args.slow_replica,
         faults=tuple(parse_fault(spec) for spec in args.fault),
         max_batch_size=settings.get("max_batch_size", BatchingConfig.max_batch_size),
         batch_timeout_micros=settings.get("batch_timeout_micros",

@@ -4,7 +4,9 @@ A replica runs k batches at a time (k = `concurrency`, a GPU's streams or TFS's 
 threads); what it is given beyond that waits, first come first served. A batch of `rows`
 rows for model m takes `(a_m + b_m * rows) * speed * slow * jitter` seconds, `jitter` a
 log-normal factor of mean 1 drawn from the replica's own seeded generator. Faults come from
-its `FaultSchedule`.
+its `FaultSchedule`. `network_s` is the round trip between the proxy and the replica, half
+each way, paid by every call through `call`: on a real fleet the proxy's own turn, the
+network and the replica's decoding sit between one batch's answer and the next one's start.
 
 Two doors lead in. `serve(model, rows, timeout)` is the cost model alone, for the baselines
 that need no bytes. `call(path, request, timeout)` is the fleet's `Transport`: it decodes the
@@ -87,7 +89,8 @@ class SimReplica:
     def __init__(self, address: str, index: int, costs: dict[str, Cost], default: Cost,
                  *, concurrency: int = 1, speed: float = 1.0, jitter: float = 0.0,
                  faults: FaultSchedule | None = None, seed: int = 0,
-                 window_s: float = math.inf, models: frozenset[str] | None = None) -> None:
+                 window_s: float = math.inf, models: frozenset[str] | None = None,
+                 network_s: float = 0.0) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.address = address
@@ -102,6 +105,7 @@ class SimReplica:
         self.random = random.Random(f"{seed}:replica:{index}")
         self.window_s = window_s  # busy time is counted up to here
         self.models = models  # None: serves any model name
+        self.network_s = network_s
         self.record = ReplicaRecord()
         self._free = concurrency
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -235,7 +239,12 @@ class SimReplica:
         except codec.CodecError as err:
             raise ProxyError.from_codec_error(err) from None
         self._check_model(call.model_name)
+        if self.network_s > 0:
+            await asyncio.sleep(self.network_s / 2)  # the request's trip
+            timeout = max(timeout - self.network_s / 2, 0.0)
         await self.serve(call.model_name, call.rows, timeout)
+        if self.network_s > 0:
+            await asyncio.sleep(self.network_s / 2)  # the answer's
         outputs = {name: codec.encode_tensor(t.dtype, t.shape, t.data, False)
                    for name, t in call.inputs.items()}
         return codec.encode_predict_response(outputs, call.model_spec)

@@ -32,6 +32,7 @@ class SimConfig:
     row_cost_us: float = 200.0
     model_costs: tuple[tuple[str, float, float], ...] = ()  # (model, batch ms, row us)
     jitter: float = 0.0  # log-normal shape of the cost factor (about its CV when small)
+    network_ms: float = 0.0  # round trip of each proxy call to a replica, half each way
     speeds: tuple[float, ...] = ()  # per-replica cost factor; missing ones are 1
     slow_replica: float = 1.0  # cost factor of the last replica (applied over `speeds`)
     faults: tuple[Fault, ...] = ()
@@ -127,7 +128,7 @@ def make_replicas(config: SimConfig, window_s: float,
             f"replica-{index}", index, costs, default, concurrency=config.concurrency,
             speed=speed, jitter=config.jitter,
             faults=FaultSchedule.for_replica(list(config.faults), index), seed=config.seed,
-            window_s=window_s, models=models))
+            window_s=window_s, models=models, network_s=config.network_ms / 1000))
     return replicas
 
 
