@@ -16,21 +16,15 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
+
+from timing import per_call_us
 
 from batchproxy import _core
 from batchproxy.codec import _core_py, dtypes
 from batchproxy.frontends import rest_json
 from batchproxy.protos import predict_pb2
-
-
-def per_call_us(fn: Callable[[], Any], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def ratio_rows(label: str, new: Callable[[], Any], old: Callable[[], Any], args: Any) -> None:

@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from timing import per_call_us
 
 from batchproxy import codec
 from batchproxy.codec import dtypes
 from batchproxy.frontends import rest_json
-
-
-def per_call_us(fn: Callable[[], Any], calls: int) -> float:
-    start = time.thread_time()
-    for _ in range(calls):
-        fn()
-    return (time.thread_time() - start) / calls * 1e6
 
 
 def with_limit(limit: int, outputs: dict[str, Any]) -> bytes:
