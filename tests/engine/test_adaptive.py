@@ -13,6 +13,7 @@ from scripted import ScriptedReplica, answer_values, make_call, make_engine
 
 from batchproxy.engine import policy
 from batchproxy.errors import ProxyError
+from batchproxy.fleet import costs
 
 
 def steady(engine, calls: int, every_s: float):
@@ -152,6 +153,31 @@ def test_a_replica_that_runs_one_batch_at_a_time_is_probed_a_few_times_only(vrun
               if waited > policy.PIPELINE_LEAD_S + 1e-9]
     assert 4 <= len(probes) <= 5, probes  # costs.JUDGED_AFTER, and one more in flight
     assert max(probes) < 1.5
+
+
+def test_a_replica_judged_serial_that_gains_room_later_is_found_out(vrun, monkeypatch):
+    # The same load on a replica that runs one batch at a time for its first 2 s and then
+    # several: its concurrency, judged 1, is tried again (here after 10 batches, to keep
+    # the test short) and found, and the backlog built meanwhile drains.
+    monkeypatch.setattr(costs, "REJUDGE_AFTER", 10)
+    replicas = {"gpu": ScriptedReplica(cost_s=0.1, serial=True)}
+
+    async def main():
+        engine = make_engine(replicas, max_batch_size=8, max_inflight=4,
+                             max_enqueued_rows=400, policy="adaptive")
+        asyncio.get_running_loop().call_later(2.0, setattr, replicas["gpu"], "serial", False)
+        cost = engine.pool.replicas["gpu"].cost("m")
+        run = asyncio.ensure_future(timed_steady(engine, 960, 1 / 120))
+        await asyncio.sleep(1.9)
+        judged_before = cost.concurrency
+        timed = await run
+        await engine.close()
+        return judged_before, cost.concurrency, timed
+
+    judged_before, concurrency, timed = vrun(main())
+    assert judged_before == 1
+    assert concurrency >= 2
+    assert max(took for at, took in timed if at > 6.0) < 0.3
 
 
 def test_a_backlog_earns_the_slow_replica_the_batches_it_can_finish_first(vrun):

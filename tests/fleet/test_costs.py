@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from batchproxy.fleet import costs
 from batchproxy.fleet.costs import CostModel
 
 
@@ -58,3 +59,21 @@ def test_concurrency_is_found_from_batches_that_ran_side_by_side():
         parallel.observe(8, 0.11, beside=2)
     assert serial.concurrency == 1
     assert parallel.concurrency == 3
+
+
+def test_a_level_judged_too_slow_is_tried_again_after_enough_batches(monkeypatch):
+    # Serial at first (a batch beside another takes twice as long); later it gains room.
+    monkeypatch.setattr(costs, "REJUDGE_AFTER", 50)
+    model = CostModel()
+    feed(model, 0.1, 0.0, 20)
+    for _ in range(costs.JUDGED_AFTER):
+        assert model.untried_beside(1)
+        model.observe(8, 0.2, beside=1)
+    assert model.concurrency == 1 and not model.untried_beside(1)
+    feed(model, 0.1, 0.0, 49, seed=1)
+    assert not model.untried_beside(1)  # too soon
+    feed(model, 0.1, 0.0, 1, seed=2)
+    assert model.untried_beside(1)  # the old judgment is dropped
+    for _ in range(costs.JUDGED_AFTER):
+        model.observe(8, 0.105, beside=1)
+    assert model.concurrency == 2

@@ -25,6 +25,10 @@ WARM = 8
 CONCURRENT_SLOWDOWN = 1.3
 # Batches timed beside k others before level k + 1 of concurrency is judged.
 JUDGED_AFTER = 4
+# Batches timed alone after a level was judged to slow the replica down before it may be
+# tried again: a replica that gains room later (a neighbour's job ends, a driver or model
+# change) is found out, at JUDGED_AFTER probes per this many batches.
+REJUDGE_AFTER = 1000
 
 
 @dataclass
@@ -44,6 +48,8 @@ class CostModel:
     batches: int = 0
     # Slowdown (observed / predicted alone) by how many other batches ran beside it.
     _slowdown: dict[int, list[float]] = field(default_factory=dict)
+    # By level: `batches` when that level was judged to slow the replica down.
+    _judged_slow_at: dict[int, int] = field(default_factory=dict)
     # What the policy reads on every decision, kept current by observe() rather than
     # recomputed per question: the fit (None: not yet computed) and the concurrency.
     _fitted: tuple[float, float] | None = None
@@ -110,6 +116,9 @@ class CostModel:
                 ratios.append(seconds / alone)
                 del ratios[:-32]  # the recent ones
                 self._concurrency = self._solve_concurrency()
+                level = min(beside, self.max_concurrency)
+                if len(ratios) >= JUDGED_AFTER and self._concurrency <= level:
+                    self._judged_slow_at.setdefault(level, self.batches)
             return  # only batches that ran alone teach the single-batch cost
         if self.batches >= WARM and self._abs_residual > 0:
             limit = CLIP * self._abs_residual
@@ -131,9 +140,15 @@ class CostModel:
         """Whether a batch sent beside `beside` others would test a level of concurrency
         not yet judged: the next one above what is known, with too few batches timed
         there to tell. A policy that sends only to a replica that can start at once
-        never learns a concurrency above 1 without such probes."""
+        never learns a concurrency above 1 without such probes. A level judged to slow the
+        replica down is open to probes again once REJUDGE_AFTER batches have been timed
+        since: asking then drops the old judgment."""
         if not self.warm or beside != self._concurrency or beside >= self.max_concurrency:
             return False
+        judged_at = self._judged_slow_at.get(beside)
+        if judged_at is not None and self.batches - judged_at >= REJUDGE_AFTER:
+            del self._judged_slow_at[beside]
+            self._slowdown.pop(beside, None)
         return len(self._slowdown.get(beside, ())) < JUDGED_AFTER
 
     @property
