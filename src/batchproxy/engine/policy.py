@@ -277,29 +277,20 @@ class AdaptivePolicy:
         plan gives a batch to. With a backlog, a slower replica earns a later batch when
         it would finish it before the faster ones could get to it."""
         batches = min(max(1, -(-rows // full)), MAX_PLANNED_BATCHES)
-        if batches == 1:
-            # The usual case, asked on every decision: the replica finishing the one batch
-            # first (the first of equals, as below), with no plan to build.
-            best = starts[0]
-            finish = best[0] + best[2].predict(rows)
-            for entry in starts[1:]:
-                end = entry[0] + entry[2].predict(rows)
-                if end < finish:
-                    finish, best = end, entry
+        if batches == 1:  # the usual case, asked on every decision: no plan to build
+            best = starts[soonest(starts, rows)[0]]
             return best, [best]
         free = list(starts)
         first = None
         used: list[tuple[float, Endpoint, CostModel, bool]] = []
         for index in range(batches):
-            size = min(full, rows - index * full)
-            finishes = [start + cost.predict(size) for start, _, cost, _ in free]
-            pick = min(range(len(free)), key=finishes.__getitem__)
+            pick, finish = soonest(free, min(full, rows - index * full))
             if first is None:
                 first = free[pick]
             if free[pick] not in used:
                 used.append(free[pick])
             _, replica, cost, _ = free[pick]
-            free[pick] = (finishes[pick], replica, cost, False)
+            free[pick] = (finish, replica, cost, False)
         assert first is not None
         return first, used
 
@@ -359,6 +350,18 @@ def send_to(entry: tuple[float, Endpoint, CostModel, bool], now: float) -> Flush
     takes it to wait behind the batch it runs."""
     start, replica, _, _ = entry
     return Flush(idle_only=False, replica=replica, behind=start > now)
+
+
+def soonest(entries: list[tuple[float, Endpoint, CostModel, bool]], rows: int
+            ) -> tuple[int, float]:
+    """Which entry would finish a batch of `rows` rows first, the first of equals, and when:
+    (index, finish time)."""
+    pick, finish = 0, entries[0][0] + entries[0][2].predict(rows)
+    for index in range(1, len(entries)):
+        end = entries[index][0] + entries[index][2].predict(rows)
+        if end < finish:
+            pick, finish = index, end
+    return pick, finish
 
 
 def lead_s(cost: CostModel) -> float:
