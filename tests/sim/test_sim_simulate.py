@@ -124,6 +124,8 @@ def test_bad_configs_are_refused():
         SimConfig(systems=("nginx",))
     with pytest.raises(ValueError, match="trace file"):
         SimConfig(workload="trace")
+    with pytest.raises(ValueError, match="network_ms"):
+        SimConfig(network_ms=-1.0)
 
 
 def test_a_slow_replica_hurts_round_robin_more_than_the_proxy():

@@ -74,6 +74,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.concurrency < 1:
             raise ValueError("replicas and concurrency must be at least 1")
+        if self.network_ms < 0:
+            raise ValueError("the round trip (network_ms) must not be negative")
         if not 0.0 <= self.sheddable <= 1.0:
             raise ValueError("the sheddable share must be between 0 and 1")
         if self.workload not in ("poisson", "bursts", "trace"):
