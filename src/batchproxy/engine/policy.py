@@ -281,18 +281,14 @@ class AdaptivePolicy:
             best = starts[soonest(starts, rows)[0]]
             return best, [best]
         free = list(starts)
-        first = None
-        used: list[tuple[float, Endpoint, CostModel, bool]] = []
+        used: dict[int, None] = {}  # indexes into `starts`, in the order first picked
         for index in range(batches):
             pick, finish = soonest(free, min(full, rows - index * full))
-            if first is None:
-                first = free[pick]
-            if free[pick] not in used:
-                used.append(free[pick])
+            used.setdefault(pick)
             _, replica, cost, _ = free[pick]
             free[pick] = (finish, replica, cost, False)
-        assert first is not None
-        return first, used
+        picks = [starts[index] for index in used]
+        return picks[0], picks
 
     def wake_on_submit(self, queue: KeyQueue, rows_before: int) -> bool:
         return rows_before == 0 or rows_before < (queue.full or self.full) <= queue.rows

@@ -239,12 +239,13 @@ class SimReplica:
         except codec.CodecError as err:
             raise ProxyError.from_codec_error(err) from None
         self._check_model(call.model_name)
-        if self.network_s > 0:
-            await asyncio.sleep(self.network_s / 2)  # the request's trip
-            timeout = max(timeout - self.network_s / 2, 0.0)
+        trip = self.network_s / 2
+        if trip > 0:
+            await asyncio.sleep(trip)  # the request's way there
+            timeout = max(timeout - trip, 0.0)
         await self.serve(call.model_name, call.rows, timeout)
-        if self.network_s > 0:
-            await asyncio.sleep(self.network_s / 2)  # the answer's
+        if trip > 0:
+            await asyncio.sleep(trip)  # the answer's way back
         outputs = {name: codec.encode_tensor(t.dtype, t.shape, t.data, False)
                    for name, t in call.inputs.items()}
         return codec.encode_predict_response(outputs, call.model_spec)
