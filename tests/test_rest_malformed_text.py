@@ -9,17 +9,16 @@ import json
 import time
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 import requests
-from aiohttp.test_utils import TestClient, TestServer
 from procs import Process, start_replica
 from proxy_procs import start_proxy
 
 from batchproxy.errors import INTERNAL_ERROR_MESSAGE
 from batchproxy.frontends import json_text, rest_json
 from batchproxy.frontends.predict_service import PredictService
-from batchproxy.frontends.rest import RestFrontend
-from batchproxy.frontends.signatures import SignatureCache
+from batchproxy.frontends.rest import RestServer
 
 GOOD_PREDICT = '{"instances": [{"text": "ab", "x": [1, 2]}]}'
 # (verb, body). orjson refuses a lone surrogate, and NaN; either sends a body to Python's
@@ -140,13 +139,17 @@ class BrokenEngine:
 
 async def test_an_internal_error_is_a_500_without_the_exception() -> None:
     service = PredictService(BrokenEngine())
-    frontend = RestFrontend(service, SignatureCache(service.forward))
-    async with TestClient(TestServer(frontend.make_app())) as client:
-        for path, body in [("/v1/models/m:classify", b'{"examples": [{"p": 1}]}'),
-                           ("/v1/models/m:regress", b'{"examples": [{"x": 1}]}')]:
-            response = await client.post(path, data=body)
-            assert response.status == 500
-            assert await response.json() == {"error": INTERNAL_ERROR_MESSAGE}
+    server = RestServer(service, "127.0.0.1", 0)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as client:
+            for path, body in [("/v1/models/m:classify", b'{"examples": [{"p": 1}]}'),
+                               ("/v1/models/m:regress", b'{"examples": [{"x": 1}]}')]:
+                response = await client.post(path, data=body)
+                assert response.status == 500
+                assert await response.json() == {"error": INTERNAL_ERROR_MESSAGE}
+    finally:
+        await server.stop()
     # Counted as a failure, not as OK.
     codes = {key[3] for key in service.metrics._request_children}
     assert codes == {"INTERNAL"}

@@ -23,11 +23,16 @@ import math
 import re
 import ssl
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
 
 from batchproxy import codec
 from batchproxy.auth import UNAUTHENTICATED_MESSAGE, TokenAuth
@@ -79,6 +84,8 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 _REASONS = {499: "Client Closed Request"}  # not in http.HTTPStatus
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def http_status(code: grpc.StatusCode) -> int:
@@ -159,6 +166,19 @@ def _response_outputs(data: bytes) -> tuple[dict[str, codec.Tensor], int | None]
                          f"Could not read the replica's PredictResponse: {err.message}") from None
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` gets its interim answer before the body is read (curl sends it
+    for bodies over 1 KiB and otherwise waits a second); any other expectation is refused
+    with 417, as aiohttp's router does."""
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own body is yet to come
+        await request.writer.drain()
+        return None
+    return error_response(417, f"Unknown Expect: {expect}")
+
+
 class RestFrontend:
     """HTTP transport only: routes, bodies, JSON and HTTP codes; calls go to the predict
     service."""
@@ -174,6 +194,7 @@ class RestFrontend:
         # Serialized ModelSpecs by (model key, signature): the same few on every call.
         self._specs: dict[tuple[ModelKey, str], bytes] = {}
         self._post_routes: dict[str, tuple[str, str | None, str | None, str, str]] = {}
+        self._extras: dict[tuple[str, str], Handler] = {}
 
     def _spec(self, key: ModelKey, signature_name: str) -> bytes:
         spec = self._specs.get((key, signature_name))
@@ -184,15 +205,46 @@ class RestFrontend:
             self._specs[(key, signature_name)] = spec
         return spec
 
-    def make_app(self, extra_routes: Iterable[web.RouteDef] = ()) -> web.Application:
-        # The body limit is enforced in _body() (after gunzip too); aiohttp's own check
-        # guards the raw read with the same bound.
-        app = web.Application(client_max_size=self.max_body_bytes)
-        app.add_routes(list(extra_routes))  # e.g. metrics; matched before the catch-all
-        # One catch-all route: TFS matches its paths case-insensitively, aiohttp's router
-        # does not.
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
+    def make_server(self, extra_routes: Iterable[web.RouteDef] = (),
+                    **handler_args: Any) -> web.Server:
+        """aiohttp's low-level server, dispatching to this frontend itself. An Application
+        would add its router, match info, middleware chain and response signal to every
+        call (a sixth of a bare handler's CPU), and the proxy needs none of them: one
+        catch-all handler does its own routing, since TFS matches its paths
+        case-insensitively and aiohttp's router does not. `extra_routes` (metrics,
+        readiness, debug) are plain GETs on exact paths. Needs a running loop."""
+        extras: dict[tuple[str, str], Handler] = {}
+        for route in extra_routes:
+            extras[route.method, route.path] = route.handler
+            if route.method == "GET" and route.kwargs.get("allow_head", True):
+                extras["HEAD", route.path] = route.handler
+        self._extras = extras
+        loop = asyncio.get_running_loop()
+        max_body = self.max_body_bytes
+
+        def make_request(message: RawRequestMessage, payload: StreamReader,
+                         protocol: RequestHandler, writer: AbstractStreamWriter,
+                         task: asyncio.Task[None]) -> web.Request:
+            # The body limit is enforced in _body() (after gunzip too); aiohttp's own check
+            # guards the raw read with the same bound.
+            return web.Request(message, payload, protocol, writer, task, loop,
+                               client_max_size=max_body)
+
+        # make_request gives every handler a web.Request; aiohttp types it as BaseRequest.
+        return web.Server(self.serve, request_factory=make_request,  # type: ignore[arg-type]
+                          loop=loop, **handler_args)
+
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        """Every HTTP request: `Expect` answered as an Application would, then an extra
+        route if one is on the exact method and path, else the TFS API."""
+        if request.headers.get("Expect"):
+            refusal = await _expect(request)
+            if refusal is not None:
+                return refusal
+        extra = self._extras.get((request.method, request.path))
+        if extra is not None:
+            return await extra(request)
+        return await self.handle(request)
 
     async def handle(self, request: web.Request) -> web.Response:
         with self.service.observe("rest", "unknown") as call:
@@ -400,12 +452,12 @@ class RestServer:
         self.port = port
         self.ssl_context = ssl_context
         self.reuse_port = reuse_port  # forked workers share the port
-        self.runner = web.AppRunner(
-            self.frontend.make_app(extra_routes),
+        self.extra_routes = list(extra_routes)
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.handler_args: dict[str, Any] = dict(
             access_log=None,  # per-request logging would cost more than the JSON work
             handler_cancellation=True,  # a client that hangs up leaves the batch queue
             auto_decompress=False,  # _body() inflates gzip itself, under the size limit
-            shutdown_timeout=shutdown_timeout_s,
             # aiohttp arms this timer when a connection opens and closes it if no whole
             # request has arrived by then: the bound on a slow sender's headers (and on idle
             # keep-alive connections).
@@ -414,8 +466,11 @@ class RestServer:
             # the rest before closing: not for long.
             lingering_time=1.0,
         )
+        self.runner: web.ServerRunner | None = None  # made by start(), in the loop
 
     async def start(self) -> None:
+        server = self.frontend.make_server(self.extra_routes, **self.handler_args)
+        self.runner = web.ServerRunner(server, shutdown_timeout=self.shutdown_timeout_s)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, backlog=1024,
                            reuse_port=self.reuse_port or None, ssl_context=self.ssl_context)
@@ -426,6 +481,7 @@ class RestServer:
     async def stop(self) -> None:
         """Stop listening, let calls in flight finish (up to the shutdown timeout)."""
         try:
-            await self.runner.cleanup()
+            if self.runner is not None:
+                await self.runner.cleanup()
         finally:
             await self.signatures.close()
