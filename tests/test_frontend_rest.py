@@ -8,6 +8,7 @@ import base64
 import gzip
 import json
 import math
+import socket
 import time
 
 import aiohttp
@@ -573,3 +574,64 @@ def test_a_malformed_replica_answer_is_internal(answer: bytes) -> None:
     assert raised.value.message.startswith("Could not read the replica's PredictResponse: ")
     if answer.endswith(b"\x00" * 7):
         assert raised.value.message.endswith("output y: tensor_content of 7 bytes for 2 elements")
+
+
+# --- Expect and the routes beside the TFS API ----------------------------------------------
+
+
+def _raw_exchange(proxy, head: bytes, body: bytes) -> tuple[bytes, bytes]:
+    """(what came before the body was sent, what came after) on one raw connection; the
+    second read ends when the answer's Content-Length is in."""
+    with socket.create_connection(("127.0.0.1", proxy.rest_port), timeout=10) as sock:
+        sock.sendall(head)
+        first = b""
+        while b"\r\n\r\n" not in first:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return first, b""
+            first += chunk
+        if not first.startswith(b"HTTP/1.1 100 "):
+            return first, b""
+        sock.sendall(body)
+        rest = first.split(b"\r\n\r\n", 1)[1]
+        while b"\r\n\r\n" not in rest or len(rest.split(b"\r\n\r\n", 1)[1]) < int(
+                rest.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            rest += chunk
+        return first, rest
+
+
+def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_sent(identity_fleet):
+    proxy, _ = identity_fleet
+    body = b'{"instances": [[1, 2]]}'
+    head = (b"POST /v1/models/identity:predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    interim, answer = _raw_exchange(proxy, head, body)
+    assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"predictions": [[1.0, 2.0]]}
+
+
+def test_an_unknown_expectation_is_refused_with_417(identity_fleet):
+    proxy, _ = identity_fleet
+    head = (b"POST /v1/models/identity:predict HTTP/1.1\r\nHost: x\r\n"
+            b"Expect: teapot\r\nContent-Length: 2\r\n\r\n")
+    answer, _ = _raw_exchange(proxy, head, b"{}")
+    assert answer.startswith(b"HTTP/1.1 417 "), answer[:200]
+
+
+def test_the_extra_routes_answer_get_and_head_and_nothing_else(identity_fleet):
+    proxy, _ = identity_fleet
+    for path in ("/metrics", "/monitoring/prometheus/metrics", "/healthz",
+                 "/v1/batchproxy/replicas"):
+        assert requests.get(f"{proxy.rest_url}{path}", timeout=10).status_code == 200, path
+        assert requests.head(f"{proxy.rest_url}{path}", timeout=10).status_code == 200, path
+    # Other methods on those paths are the TFS API's, which has no such path.
+    response = requests.post(f"{proxy.rest_url}/metrics", data=b"{}", timeout=10)
+    assert response.status_code == 404
+    assert "error" in response.json()
+    # Routes match exactly, as they did under aiohttp's router.
+    assert requests.get(f"{proxy.rest_url}/METRICS", timeout=10).status_code == 404
