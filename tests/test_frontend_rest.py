@@ -398,6 +398,12 @@ def test_bodies_beyond_the_limit_get_413(identity_fleet):
         assert predict(proxy, small).status_code == 200
         big = json.dumps({"instances": [[1.0] * 2000]})
         assert_error(predict(proxy, big), 413, "exceeds the limit of 4096 bytes")
+        # A chunked body has no length to check first: refused once read, whole or not.
+        for chunks in ([big.encode()], [big[:3000].encode(), big[3000:].encode()]):
+            response = requests.post(f"{proxy.rest_url}/v1/models/identity:predict",
+                                     data=iter(chunks), timeout=30)
+            assert response.request.headers.get("Transfer-Encoding") == "chunked"
+            assert_error(response, 413, "exceeds the limit of 4096 bytes")
         # A small gzip body that inflates past the limit is refused while inflating.
         bomb = gzip.compress(b'{"instances": [[1]]' + b" " * 2_000_000 + b"}")
         assert len(bomb) < 4096

@@ -319,10 +319,14 @@ class RestFrontend:
         if length is not None and length > self.max_body_bytes:
             raise self._too_large(f" of {length} bytes")
         try:
-            if request.content.is_eof():
-                # The whole body came with the headers (any small call): nothing to wait
-                # for, so no timer to arm and cancel on every call.
-                raw = await request.read()
+            content = request.content
+            if content.is_eof():
+                # The whole body came with the headers (any small call): taken as it lies
+                # in the buffer, with no timer to arm and cancel and no copy (read() joins
+                # the chunks into a bytearray, then copies that to bytes).
+                raw = content.read_nowait()
+                if len(raw) > self.max_body_bytes:  # chunked: no length to check first
+                    raise self._too_large("")
             else:
                 # A slow sender must not hold a connection and its buffer forever.
                 async with asyncio.timeout(self.body_timeout_s):
