@@ -627,6 +627,15 @@ def test_an_unknown_expectation_is_refused_with_417(identity_fleet):
             b"Expect: teapot\r\nContent-Length: 2\r\n\r\n")
     answer, _ = _raw_exchange(proxy, head, b"{}")
     assert answer.startswith(b"HTTP/1.1 417 "), answer[:200]
+    # HTTP/1.0 has no Expect: the header is ignored and the call answered.
+    body = b'{"instances": [[1, 2]]}'
+    with socket.create_connection(("127.0.0.1", proxy.rest_port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/models/identity:predict HTTP/1.0\r\nExpect: teapot\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = b""
+        while chunk := sock.recv(4096):  # HTTP/1.0: the proxy closes after the answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 200 "), answer[:200]
 
 
 def test_the_extra_routes_answer_get_and_head_and_nothing_else(identity_fleet):

@@ -169,9 +169,11 @@ def _response_outputs(data: bytes) -> tuple[dict[str, codec.Tensor], int | None]
 async def _expect(request: web.Request) -> web.StreamResponse | None:
     """`Expect: 100-continue` gets its interim answer before the body is read (curl sends it
     for bodies over 1 KiB and otherwise waits a second); any other expectation is refused
-    with 417, as aiohttp's router does."""
+    with 417, as aiohttp's router does. HTTP/1.0 has no Expect: the header is ignored there."""
+    if request.version != HttpVersion11:
+        return None
     expect = request.headers.get("Expect", "")
-    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+    if expect.lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer's own body is yet to come
         await request.writer.drain()
