@@ -17,10 +17,14 @@ from grpc_client import predict_request, stub, to_array
 UNMATCHED_AT_SHUTDOWN = "CANCELLED before any handler"
 
 
+def error_code_of(code: str, details: str) -> str:
+    """A failed call's status name, or UNMATCHED_AT_SHUTDOWN for grpc's CANCELLED with
+    exactly the details it gives such a call; any other CANCELLED stays CANCELLED."""
+    return UNMATCHED_AT_SHUTDOWN if code == "CANCELLED" and details == "CANCELLED" else code
+
+
 def error_code(err: grpc.aio.AioRpcError) -> str:
-    code = err.code().name
-    return UNMATCHED_AT_SHUTDOWN if code == "CANCELLED" and err.details() == "CANCELLED" \
-        else code
+    return error_code_of(err.code().name, err.details() or "")
 
 
 @dataclass

@@ -29,26 +29,21 @@ from harness import (
     start_process,
 )
 
-from batchproxy.bench.payload import CANNED_JSON
+from batchproxy.bench.echo import canned_rest_predict
 from batchproxy.event_loop import run_loop
 
 CONCURRENCY = 64
 LAYERS = ("application", "low-level")
 
 
-async def predict(request: web.BaseRequest) -> web.Response:
-    await request.read()  # as the echo server: the body is read
-    return web.Response(body=CANNED_JSON, content_type="application/json")
-
-
 async def serve(layer: str, port: int) -> None:
     runner: web.BaseRunner
     if layer == "application":
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", predict)
+        app.router.add_route("*", "/{tail:.*}", canned_rest_predict)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     else:
-        runner = web.ServerRunner(web.Server(predict, handler_cancellation=True,
+        runner = web.ServerRunner(web.Server(canned_rest_predict, handler_cancellation=True,
                                              access_log=None))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()

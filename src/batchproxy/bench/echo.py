@@ -40,16 +40,19 @@ def grpc_echo_server(host: str, port: int) -> tuple[grpc.aio.Server, int]:
     return server, bound
 
 
-def rest_echo_app() -> web.Application:
-    async def predict(request: web.Request) -> web.Response:
-        await request.read()  # the proxy must read the body too
-        return web.Response(body=CANNED_JSON, content_type="application/json")
+async def canned_rest_predict(request: web.BaseRequest) -> web.Response:
+    """The REST floor's whole handler: the body read (the proxy must read it too), canned
+    JSON answered."""
+    await request.read()
+    return web.Response(body=CANNED_JSON, content_type="application/json")
 
+
+def rest_echo_app() -> web.Application:
     async def root(request: web.Request) -> web.Response:
         return web.Response(text="batchproxy bench echo server\n")
 
     app = web.Application()
-    app.router.add_post("/{tail:.*}", predict)
+    app.router.add_post("/{tail:.*}", canned_rest_predict)
     app.router.add_get("/", root)
     return app
 
