@@ -37,3 +37,9 @@ async def test_learned_costs_are_shown_per_replica_and_model():
                for family in text_string_to_metric_families(metrics)
                for s in family.samples if s.name == "batchproxy_replica_batch_cost_seconds"}
     assert samples[("fixed", "identity")] >= 0.015
+    # The proxy's own turn from an answer to the next send: measured on a real loop (a
+    # few batches of a few calls: some time, far under a batch's 20 ms).
+    assert 0 < shown["turn_ms"] < 20
+    (turn,) = [s.value for family in text_string_to_metric_families(metrics)
+               for s in family.samples if s.name == "batchproxy_turn_seconds"]
+    assert 0 <= turn < 0.02

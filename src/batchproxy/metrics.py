@@ -209,6 +209,11 @@ class ProxyMetrics:
             "without slowing down", ["replica", "model"], multiprocess_mode="liveall",
             registry=registry)
         self._cost_labels: set[tuple[str, str]] = set()
+        self.turn = Gauge(
+            "batchproxy_turn_seconds", "How long after a replica's answer the proxy's loop "
+            "sends its next batch (each worker's own): the adaptive policy sends a batch "
+            "that much before its replica frees", multiprocess_mode="livemax",
+            registry=registry)
         self.model_versions = Gauge(
             "batchproxy_model_version_replicas", "Replicas listing each version of a model in "
             "each state (GetModelStatus)", ["model", "version", "state"],

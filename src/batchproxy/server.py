@@ -160,6 +160,7 @@ class Proxy:
 
     def _sample_gauges(self) -> None:
         self.metrics.queued_rows.set(self.engine.queued_rows)
+        self.metrics.turn.set(self.pool.turn.seconds)
         self.metrics.worker_calls.set(self.metrics.calls_handled)
         self.metrics.sample_replicas({
             replica.address: (replica.outstanding, replica.state is ReplicaState.HEALTHY)

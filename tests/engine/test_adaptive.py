@@ -136,8 +136,8 @@ def test_a_replica_that_runs_batches_side_by_side_is_found_out_and_used(vrun):
 
 def test_a_replica_that_runs_one_batch_at_a_time_is_probed_a_few_times_only(vrun):
     # The same load on a replica that runs one batch at a time: the probes find it slower
-    # beside another batch, and no more are sent. (Batches sent to wait the last few ms of
-    # the one it runs, hiding the round trip, are no probes.)
+    # beside another batch, and no more are sent. (In virtual time the proxy's turn costs
+    # nothing, so no batch is sent early to hide it: every batch that waited is a probe.)
     replicas = {"serial": ScriptedReplica(cost_s=0.1, serial=True)}
 
     async def main():
@@ -150,7 +150,7 @@ def test_a_replica_that_runs_one_batch_at_a_time_is_probed_a_few_times_only(vrun
 
     assert vrun(main()) == 1
     probes = [at for at, waited in replicas["serial"].waited
-              if waited > policy.PIPELINE_LEAD_S + 1e-9]
+              if waited > 1e-9]
     assert 4 <= len(probes) <= 5, probes  # costs.JUDGED_AFTER, and one more in flight
     assert max(probes) < 1.5
 
@@ -219,29 +219,81 @@ def test_a_full_batch_leaves_at_once_whatever_the_spacing(vrun):
         (0.0, 4), (0.001, 4)]
 
 
-def test_a_batch_leaves_for_a_busy_replica_within_the_lead_and_waits_there(vrun):
-    # A full batch finds the one replica busy until 0.1 s after the batch before it left:
-    # it waits in the proxy until the lead before that (so its rows are not fixed early,
-    # nor the slot taken), then goes to wait at the replica, hiding the round trip between
-    # the answer and the next batch's arrival.
+class SteadyTurn:
+    """A stand-in for the proxy's measured turn (fleet/turn.py): on the virtual clock the
+    loop costs no time, so a test that needs a turn sets one."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def answered(self, now: float) -> None:
+        pass
+
+    looked = sending = answered
+
+
+def _full_batch_behind_a_busy_replica(vrun, turn_s: float | None):
+    """A full batch that finds the one replica busy until 0.1 s after the batch before it
+    left. Returns when each full batch left, when the last one to wait at the replica
+    arrived and how long it waited, and the time each full batch is learned to have taken
+    (each after its own answer)."""
     replicas = {"only": ScriptedReplica(cost_s=0.1, serial=True)}
+    timed: list[float] = []  # what each full batch is learned to have taken
 
     async def main():
         engine = make_engine(replicas, max_batch_size=4, max_inflight=2, policy="adaptive")
+        if turn_s is not None:
+            engine.pool.turn = SteadyTurn(turn_s)
+        note_answered = engine.pool.note_answered
+
+        def timing(replica, model, rows, seconds, beside):
+            if rows == 4 and seconds is not None:
+                timed.append(seconds)
+            note_answered(replica, model, rows, seconds, beside)
+
+        engine.pool.note_answered = timing
         await steady(engine, 12, 0.15)  # 12 batches of one: the fit is warm
         loop = asyncio.get_running_loop()
         started = loop.time()
         first = asyncio.ensure_future(engine.submit(make_call(4)))
         await asyncio.sleep(0.05)
         await asyncio.gather(first, engine.submit(make_call(4)))
+        for _ in range(8):  # more full batches, each sent to wait behind the one before
+            await asyncio.gather(*(engine.submit(make_call(4)) for _ in range(2)))
         await engine.close()
         return started
 
     started = vrun(main())
     full = [round(s.at - started, 9) for s in replicas["only"].sent if s.rows == 4]
-    assert full == [0.0, round(0.1 - policy.PIPELINE_LEAD_S, 9)]
+    waited = [(round(at - started, 9), wait) for at, wait in replicas["only"].waited]
+    return full, waited, timed
+
+
+def test_a_batch_leaves_for_a_busy_replica_within_the_lead_and_waits_there(vrun):
+    # The proxy's loop takes 4 ms to turn from an answer to the next send: the full batch
+    # waits in the proxy until 1.5 turns before the replica frees (so its rows are not
+    # fixed early, nor the slot taken), then goes to wait at the replica, so that the
+    # replica does not idle through the turn.
+    full, waited, timed = _full_batch_behind_a_busy_replica(vrun, 0.004)
+    lead = policy.TURN_MARGIN * 0.004
+    assert full[:2] == [0.0, round(0.1 - lead, 9)]
     # Waiting there, it started the moment the one before ended.
-    assert replicas["only"].waited[-1][1] == pytest.approx(policy.PIPELINE_LEAD_S)
+    assert waited[0] == (round(0.1 - lead, 9), pytest.approx(lead))
+    # Timed from the answer it waited behind, not from its send: the fit learns the
+    # replica's own 100 ms, and the lead is not undone by a slower replica learned.
+    assert sum(wait == pytest.approx(lead) for _, wait in waited) >= 8
+    assert len(timed) >= 10
+    assert all(took == pytest.approx(0.1) for took in timed), timed
+
+
+def test_where_the_turn_costs_nothing_no_batch_is_sent_early(vrun):
+    # The same on the virtual clock's own (zero) turn: the batch leaves the moment the
+    # replica frees, with every row it could gather, and nothing waits at the replica.
+    full, waited, _ = _full_batch_behind_a_busy_replica(vrun, None)
+    assert full[:2] == [0.0, 0.1]
+    # (Later pairs of full batches back up: a probe of a second batch beside the first
+    # may wait a whole batch, but never a lead.)
+    assert all(wait > 0.05 for _, wait in waited), waited
 
 
 def _late_call_after_a_full_batch(vrun, policy: str, timeout_s: float):

@@ -127,7 +127,10 @@ class Dispatcher:
                 sent_at = loop.time()
                 self.metrics.observe_batch(held.address, batch.rows, len(batch.pieces),
                                            batch.padding)
-                beside = pool.note_sent(held, batch.model, batch.sent_rows)
+                # Only the first send of a batch is on the replica the scheduler planned.
+                beside = pool.note_sent(held, batch.model, batch.sent_rows,
+                                        planned=batch.planned and held is replica)
+                batch.planned = False
                 try:
                     response = await self.hedger.predict(held, batch, patience, beside)
                 except ProxyError as err:
@@ -183,9 +186,14 @@ class Dispatcher:
                     self._deliver(response.batch, response.response, response.address)
                     return None, batch
                 took = loop.time() - sent_at
-                # One sent to wait behind another (at most the policy's lead) ran beside one
-                # batch fewer than were there when it left.
-                alone = max(beside - 1, 0) if batch.behind else beside
+                alone = beside
+                if batch.behind:
+                    # One sent to wait behind another ran beside one batch fewer than were
+                    # there when it left, and began its own run when that one's answer came:
+                    # timed from its send, the wait would teach the fit a slower replica,
+                    # and the next batch would leave that much later, undoing the lead.
+                    alone = max(beside - 1, 0)
+                    took = loop.time() - max(sent_at, held.answered_at)
                 self.admission.note_service_time(took)
                 pool.note_answered(held, batch.model, batch.sent_rows, took, alone)
                 address = held.address
@@ -197,6 +205,8 @@ class Dispatcher:
                 return None, batch
         finally:
             if held is not None:
+                if batch.planned:  # never sent: the replica is not busy with it after all
+                    pool.note_answered(held, batch.model, batch.sent_rows, None, 0)
                 pool.release(held)
 
     async def _move_version(self, used: Endpoint, batch: Batch) -> Batch | None:

@@ -22,7 +22,8 @@ class Flush:
     idle_only: bool
     replica: Endpoint | None = None
     # Sent to a replica still busy at its concurrency, which frees within the lead: the
-    # batch waits there behind the one it runs (engine/dispatcher.py times it from then).
+    # batch waits there behind the one it runs (engine/dispatcher.py times it from that
+    # one's answer).
     behind: bool = False
 
 
@@ -141,6 +142,7 @@ class AdaptivePolicy:
     def decide(self, queue: KeyQueue, now: float) -> Flush | Hold:
         model = queue.model
         limit = self.pool.max_inflight
+        turn_s = self.pool.turn.seconds
         # When each replica serving the model could start a batch, and what it costs there.
         starts: list[tuple[float, Endpoint, CostModel, bool]] = []
         candidates, weight = self._candidates(model, queue.version)
@@ -155,11 +157,11 @@ class AdaptivePolicy:
             # A busy replica past its expected free time is late by an unknown amount: it
             # never ties with one that can start now, and gets no batch ahead. One that
             # frees within the lead takes its next batch now, behind the one it runs, so
-            # that the round trip between its answer and the next batch's arrival (the
-            # proxy's own turn, the network) does not leave it idle.
+            # that the proxy's own turn between its answer and the next send (measured,
+            # fleet/turn.py) does not leave it idle.
             start = max(now + LATE_S, replica.free_at)
             ready = (replica.outstanding == level < limit and cost.warm
-                     and now < replica.free_at <= now + lead_s(cost))
+                     and now < replica.free_at <= now + lead_s(cost, turn_s))
             starts.append((start, replica, cost, ready))
         if not starts:
             return self.fallback.decide(queue, now)
@@ -191,7 +193,7 @@ class AdaptivePolicy:
                 return Hold(now + IDLE_RECHECK_S)
             own = best.cost(model)  # best_cost may be a peer's, standing in
             if best.outstanding < limit and own.warm:
-                return Hold(max(best.free_at - lead_s(own), now + LATE_S))
+                return Hold(max(best.free_at - lead_s(own, turn_s), now + LATE_S))
             return Hold(best.free_at)
         if backlog:
             # Full, or already well past the usual batch: the load outruns the plan (costs
@@ -295,7 +297,9 @@ class AdaptivePolicy:
 
     def on_dispatch(self, queue: KeyQueue, replica: Endpoint, rows: int, now: float) -> None:
         model = queue.model
-        self._last_start[model] = now
+        # A batch sent to wait behind another starts when its replica frees: the spacing
+        # runs from then, or the next batch would be spaced from a start that never was.
+        self._last_start[model] = max(now, replica.free_at)
         mean = self._mean_rows.get(model)
         self._mean_rows[model] = rows if mean is None else mean + ROWS_EWMA * (rows - mean)
 
@@ -326,10 +330,10 @@ MAX_PLANNED_BATCHES = 64
 # What a busy replica past its expected free time is assumed to still need.
 LATE_S = 0.001
 # How long before a busy replica is expected to free its next batch may leave, to wait
-# there behind the one it runs: this share of a batch's time, at most PIPELINE_LEAD_S.
-PIPELINE_SHARE = 0.05
-PIPELINE_LEAD_S = 0.005
-PIPELINE_MIN_S = 0.001
+# there behind the one it runs: this many times the proxy's own turn (fleet/turn.py), at
+# most this share of a batch's time.
+TURN_MARGIN = 1.5
+PIPELINE_SHARE = 0.25
 # A backstop for a replica whose batch runs past its expected time: look again this often.
 IDLE_RECHECK_S = 0.05
 # Weight of each new batch in the mean batch size that sets the spacing.
@@ -360,12 +364,12 @@ def soonest(entries: list[tuple[float, Endpoint, CostModel, bool]], rows: int
     return pick, finish
 
 
-def lead_s(cost: CostModel) -> float:
-    """How long before a replica is expected to free a batch may be sent to wait there: none
-    for batches so short that the lead would be under PIPELINE_MIN_S, where the proxy's own
-    turn, not the replica, sets the pace and a batch sent early only holds fewer rows."""
-    lead = min(PIPELINE_LEAD_S, PIPELINE_SHARE * cost.predict(1))
-    return lead if lead >= PIPELINE_MIN_S else 0.0
+def lead_s(cost: CostModel, turn_s: float) -> float:
+    """How long before a replica is expected to free a batch may be sent to wait there: a
+    margin over the proxy's own turn between an answer and the next send, which would
+    otherwise leave the replica idle, but never so much of a batch's time that the early
+    batch closes with far fewer rows. No lead where the turn costs nothing (virtual time)."""
+    return min(TURN_MARGIN * turn_s, PIPELINE_SHARE * cost.predict(1))
 
 
 def make_policy(name: str, config: BatchingConfig, pool: ReplicaPool) -> FlushPolicy:

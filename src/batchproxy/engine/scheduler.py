@@ -309,6 +309,7 @@ class Scheduler:
         """Hand every batch the policy releases now to the dispatcher, oldest queue first.
         Returns the earliest time the policy asked to look again; queues waiting for a slot
         are looked at again when the fleet reports capacity."""
+        self.pool.turn.looked(now)
         live: list[tuple[float, KeyQueue]] = []
         for key, queue in list(self.queues.items()):
             head = queue.head() if queue.rows > 0 else None
@@ -343,6 +344,8 @@ class Scheduler:
                     break
                 batch.behind = decision.behind
                 self.policy.on_dispatch(queue, replica, batch.rows, now)
+                self.pool.note_planned(replica, queue.model, batch.sent_rows)
+                batch.planned = True
                 self.dispatch(replica, batch)
         return next_due
 

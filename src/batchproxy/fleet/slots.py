@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterable
@@ -24,6 +25,7 @@ import grpc
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.costs import CostModel
 from batchproxy.fleet.transport import Transport, TransportFactory, grpc_transports
+from batchproxy.fleet.turn import TurnLag
 from batchproxy.methods import PREDICT
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,9 @@ class Endpoint:
         # the batches it holds (loop time): what the adaptive policy plans with.
         self.costs: dict[str, CostModel] = {}
         self.free_at = 0.0
+        # When the last batch answered here came back (loop time): where a batch sent to
+        # wait behind it began its own run (engine/dispatcher.py).
+        self.answered_at = -math.inf
 
     def cost(self, model: str) -> CostModel:
         model_cost = self.costs.get(model)
@@ -146,6 +151,9 @@ class ReplicaPool:
         self.transports = transports or grpc_transports()
         # The choice of replica is random (power of two choices); seeded, it is repeatable.
         self.random = random.Random(seed)
+        # How late the proxy's loop turns back to a replica that answered (fleet/turn.py):
+        # how long before its expected free time the adaptive policy sends the next batch.
+        self.turn = TurnLag()
         self.replicas: dict[str, Endpoint] = {}
         self._routes: dict[tuple[str, int | None], Route] = {}
         # What others derive from the replicas' states (the versions' view, fleet/versions.py),
@@ -411,14 +419,31 @@ class ReplicaPool:
         """try_acquire found every slot taken: a freed one notifies capacity listeners."""
         return None
 
-    def note_sent(self, replica: Endpoint, model: str, rows: int) -> int:
+    def note_planned(self, replica: Endpoint, model: str, rows: int) -> None:
+        """The scheduler took a batch of `rows` rows for `replica` (its slot held): the
+        replica's expected free time moves past it at once. The batch is sent from a task
+        of its own, a turn of the loop later, and the scheduler's next decision in the same
+        pass must not see the replica as free now: it would queue a second batch behind
+        the first there instead of on the replica that frees next."""
+        cost = replica.cost(model)
+        replica.free_at = (max(loop_time(), replica.free_at)
+                           + cost.predict(rows) / cost.concurrency)
+
+    def note_sent(self, replica: Endpoint, model: str, rows: int,
+                  planned: bool = False) -> int:
         """A batch of `rows` rows leaves for `replica` now (its slot already held). Returns
         how many other batches it holds (what the batch's time is learned against), and
-        moves the replica's expected free time past this batch."""
+        moves the replica's expected free time past this batch; `planned`: note_planned()
+        already did, and the time moves on only if the send came later than planned."""
         now = loop_time()
         cost = replica.cost(model)
         beside = replica.outstanding - 1
-        replica.free_at = max(now, replica.free_at) + cost.predict(rows) / cost.concurrency
+        alone = cost.predict(rows) / cost.concurrency
+        if planned:
+            replica.free_at = max(replica.free_at, now + alone)
+            self.turn.sending(now)
+        else:
+            replica.free_at = max(now, replica.free_at) + alone
         return beside
 
     def note_answered(self, replica: Endpoint, model: str, rows: int,
@@ -427,6 +452,8 @@ class ReplicaPool:
         its slot still held: the cost model learns, and a replica left with nothing is free
         now."""
         if seconds is not None:
+            replica.answered_at = loop_time()
+            self.turn.answered(replica.answered_at)
             cost = replica.cost(model)
             if cost.first_seen:
                 cost.observe(rows, seconds, beside)

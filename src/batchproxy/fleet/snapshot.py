@@ -25,4 +25,5 @@ def fleet_snapshot(pool: ReplicaPool) -> dict[str, Any]:
                 for model, cost in sorted(replica.costs.items())
             },
         })
-    return {"replicas": replicas}
+    # The proxy's own turn from an answer to the next send (fleet/turn.py), this worker's.
+    return {"replicas": replicas, "turn_ms": round(pool.turn.seconds * 1000, 3)}
