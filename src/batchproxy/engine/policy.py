@@ -142,7 +142,11 @@ class AdaptivePolicy:
     def decide(self, queue: KeyQueue, now: float) -> Flush | Hold:
         model = queue.model
         limit = self.pool.max_inflight
-        turn_s = self.pool.turn.seconds
+        full = queue.full or self.full
+        # Only a full batch leaves ahead of its replica's free time: it can gather no more
+        # rows, so sending it early costs it nothing. A partial one would close with fewer
+        # rows, where the turn it waits through also gathers more (what open loops see).
+        turn_s = self.pool.turn.seconds if queue.rows >= full else 0.0
         # When each replica serving the model could start a batch, and what it costs there.
         starts: list[tuple[float, Endpoint, CostModel, bool]] = []
         candidates, weight = self._candidates(model, queue.version)
@@ -167,7 +171,6 @@ class AdaptivePolicy:
             return self.fallback.decide(queue, now)
         if cold:
             starts = self._judged_by_peers(starts)
-        full = queue.full or self.full
         first, planned = self._plan(queue.rows, starts, full)
         _, best, best_cost, best_ready = first
         mean_rows = self._mean_rows.get(model, queue.rows)
