@@ -10,10 +10,9 @@ time while a full batch waited in the proxy.
 `TurnLag` measures that turn as two parts, each independent of what the policy does with it:
 from a replica's answer to the scheduler's next pass (`answered`, `looked`), and from a pass
 to the start of the send task it spawned (`looked`, `sending`). The adaptive policy sends a
-batch that much before its replica is expected to free (engine/policy.py, lead_s), so that
-it waits there instead of the replica waiting for it. On the simulator's virtual clock the
-loop costs no time, both parts are zero, and so is the lead: a batch sent early there would
-only close with fewer rows."""
+full batch a margin over that before its replica is expected to free (engine/policy.py,
+lead_s), so that it waits there instead of the replica waiting for it. On the simulator's
+virtual clock the loop costs no time, both parts are zero, and so is the lead."""
 
 from __future__ import annotations
 
