@@ -109,6 +109,9 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         pool = self.pool
         held = replica
+        # A slot the scheduler reserved: it moved the replica's expected free time when it
+        # took the batch (ReplicaPool.note_planned), for the first send only.
+        planned = replica is not None
         failed: Endpoint | None = None
         retries = 0
         moves = 0
@@ -127,10 +130,8 @@ class Dispatcher:
                 sent_at = loop.time()
                 self.metrics.observe_batch(held.address, batch.rows, len(batch.pieces),
                                            batch.padding)
-                # Only the first send of a batch is on the replica the scheduler planned.
-                beside = pool.note_sent(held, batch.model, batch.sent_rows,
-                                        planned=batch.planned and held is replica)
-                batch.planned = False
+                beside = pool.note_sent(held, batch.model, batch.sent_rows, planned=planned)
+                planned = False
                 try:
                     response = await self.hedger.predict(held, batch, patience, beside)
                 except ProxyError as err:
@@ -205,7 +206,7 @@ class Dispatcher:
                 return None, batch
         finally:
             if held is not None:
-                if batch.planned:  # never sent: the replica is not busy with it after all
+                if planned:  # never sent: the replica is not busy with it after all
                     pool.note_answered(held, batch.model, batch.sent_rows, None, 0)
                 pool.release(held)
 

@@ -196,9 +196,6 @@ class Batch:
     lengths: Lengths | None = None
     # Sent to wait behind a batch its replica still ran (engine/policy.py, Flush.behind).
     behind: bool = False
-    # The scheduler moved its replica's expected free time past it when it took the batch
-    # (fleet/slots.py, ReplicaPool.note_planned), so the send need not.
-    planned: bool = False
 
     @classmethod
     def of(cls, model: str, pieces: list[Piece], version: int | None = None,

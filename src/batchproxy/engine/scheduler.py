@@ -345,7 +345,6 @@ class Scheduler:
                 batch.behind = decision.behind
                 self.policy.on_dispatch(queue, replica, batch.rows, now)
                 self.pool.note_planned(replica, queue.model, batch.sent_rows)
-                batch.planned = True
                 self.dispatch(replica, batch)
         return next_due
 

@@ -425,9 +425,7 @@ class ReplicaPool:
         of its own, a turn of the loop later, and the scheduler's next decision in the same
         pass must not see the replica as free now: it would queue a second batch behind
         the first there instead of on the replica that frees next."""
-        cost = replica.cost(model)
-        replica.free_at = (max(loop_time(), replica.free_at)
-                           + cost.predict(rows) / cost.concurrency)
+        replica.free_at = max(loop_time(), replica.free_at) + _occupies_s(replica, model, rows)
 
     def note_sent(self, replica: Endpoint, model: str, rows: int,
                   planned: bool = False) -> int:
@@ -436,9 +434,8 @@ class ReplicaPool:
         moves the replica's expected free time past this batch; `planned`: note_planned()
         already did, and the time moves on only if the send came later than planned."""
         now = loop_time()
-        cost = replica.cost(model)
         beside = replica.outstanding - 1
-        alone = cost.predict(rows) / cost.concurrency
+        alone = _occupies_s(replica, model, rows)
         if planned:
             replica.free_at = max(replica.free_at, now + alone)
             self.turn.sending(now)
@@ -615,3 +612,10 @@ class ReplicaPool:
 def _wake_waiter(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _occupies_s(replica: Endpoint, model: str, rows: int) -> float:
+    """How far a batch of `rows` rows moves `replica`'s expected free time: its expected
+    time, shared among the batches the replica runs at once."""
+    cost = replica.cost(model)
+    return cost.predict(rows) / cost.concurrency
