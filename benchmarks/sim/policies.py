@@ -19,6 +19,14 @@ fleet, so that a ratio the issue asks for can be told apart from one the workloa
 The staggered ideal is an estimate (a policy could, say, leave replicas idle), not a proof;
 the fluid bound is a lower bound up to the arrivals' own randomness.
 
+For bursts it also prints the clairvoyant FIFO full-batch schedule over the very calls the
+policies are offered (`batchproxy.sim.bounds`): each full batch, oldest rows first, starts
+the moment its last row is in and a replica is free. No policy that keeps calls in order,
+sends full batches from a backlog and leaves no replica idle beside one starts any batch
+sooner, so where the load keeps a backlog and a bar lies below it, no such policy meets that
+bar. (At light load a partial batch on an idle replica costs nothing, and a policy that
+sends one beats it.)
+
     .venv/bin/python benchmarks/sim/policies.py [--duration 30] [--warmup 5] [--seed 1]
 """
 
@@ -30,6 +38,10 @@ import math
 import sys
 
 from batchproxy.sim import SimConfig, simulate
+from batchproxy.sim.bounds import fifo_full_batches
+from batchproxy.sim.report import percentile
+from batchproxy.sim.simulate import offered, sweep
+from batchproxy.sim.workloads import ShapeTable
 
 LOADS = (0.3, 0.6, 0.8, 0.9)
 TFS_TIMEOUTS_US = (0, 2000, 5000, 20_000, 50_000)
@@ -81,6 +93,25 @@ def floor_p99_ms(config: SimConfig, load: float) -> float | None:
     return 1000 * (batch_s + 0.99 * batch_s / n)
 
 
+def fifo_p99_ms(config: SimConfig, load: float) -> float | None:
+    """The p99 of the clairvoyant FIFO full-batch schedule described above, in ms, over the
+    measured calls the simulation offers at `load`; None but for bursts on equal replicas."""
+    if config.workload != "bursts" or config.slow_replica != 1.0 or config.speeds:
+        return None
+    config = dataclasses.replace(config, loads=(load,))
+    (rate, _), = sweep(config)
+    table = ShapeTable(config.features)
+    arrivals = offered(config, rate, table)
+    a, b = config.batch_cost_ms / 1000, config.row_cost_us / 1e6
+    latencies = fifo_full_batches(arrivals, table.shapes, config.replicas * config.concurrency,
+                                  lambda rows: a + b * rows, config.max_batch_size,
+                                  config.burst_on_s + config.burst_off_s)
+    measured = sorted(latency for latency, arrival in zip(latencies, arrivals, strict=True)
+                      if arrival.time_s >= config.warmup_s)
+    value = percentile(measured, 0.99)
+    return None if value is None else 1000 * value
+
+
 def p99(report, system: str) -> dict[float, float]:
     return {run.load: run.p99_ms for run in report.runs if run.system == system}
 
@@ -101,8 +132,9 @@ def main() -> None:
             continue
         common = dict(loads=LOADS, duration_s=args.duration, warmup_s=args.warmup,
                       seed=args.seed, slo_ms=SLO_MS)
+        common_config = dataclasses.replace(base, **common)
         proxies = simulate(dataclasses.replace(
-            base, systems=("proxy:fixed", "proxy:adaptive"), **common))
+            common_config, systems=("proxy:fixed", "proxy:adaptive")))
         best_tfs: dict[float, tuple[float, int]] = {}
         for timeout in TFS_TIMEOUTS_US:
             tfs = simulate(dataclasses.replace(
@@ -115,16 +147,21 @@ def main() -> None:
         print(f"\n### {title}\n")
         print("| load | tfs best p99 ms (timeout us) | fixed p99 ms | adaptive p99 ms "
               "| adaptive/tfs | adaptive/fixed | adaptive inside 400 ms "
-              "| floor p99 ms | floor/tfs | adaptive/floor |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| floor p99 ms | floor/tfs | adaptive/floor | FIFO full-batch p99 ms "
+              "| FIFO/fixed | adaptive/FIFO |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for load in LOADS:
             tfs_p99, timeout = best_tfs[load]
             floor = floor_p99_ms(base, load)
             floor_cells = ("- | - | -" if floor is None or math.isnan(floor) else
                            f"{floor:.1f} | {floor / tfs_p99:.2f} | {adaptive[load] / floor:.2f}")
+            fifo = fifo_p99_ms(common_config, load)
+            fifo_cells = ("- | - | -" if fifo is None else
+                          f"{fifo:.1f} | {fifo / fixed[load]:.2f} | {adaptive[load] / fifo:.2f}")
             print(f"| {load:.0%} | {tfs_p99:.1f} ({timeout}) | {fixed[load]:.1f} "
                   f"| {adaptive[load]:.1f} | {adaptive[load] / tfs_p99:.2f} "
-                  f"| {adaptive[load] / fixed[load]:.2f} | {slo[load]:.2%} | {floor_cells} |")
+                  f"| {adaptive[load] / fixed[load]:.2f} | {slo[load]:.2%} | {floor_cells} "
+                  f"| {fifo_cells} |")
         sys.stdout.flush()
 
 

@@ -209,6 +209,14 @@ async def drive(system: System, arrivals: list[Arrival],
     return outcomes
 
 
+def offered(config: SimConfig, rate: float, table: ShapeTable) -> list[Arrival]:
+    """The calls each system is offered at `rate` calls/s (warm-up included), as `simulate`
+    draws them: seeded, so every system and every other use sees the same ones."""
+    return workloads.mark_sheddable(
+        _arrivals(config, rate, config.warmup_s + _duration(config), table), config.sheddable,
+        config.seed)
+
+
 def _arrivals(config: SimConfig, rate: float, duration_s: float,
               table: ShapeTable) -> list[Arrival]:
     mix = config.mix()
@@ -250,9 +258,7 @@ def simulate(config: SimConfig,
     runs: list[RunResult] = []
     for rate, load in sweep(config):
         table = ShapeTable(config.features)
-        arrivals = workloads.mark_sheddable(
-            _arrivals(config, rate, config.warmup_s + duration, table), config.sheddable,
-            config.seed)
+        arrivals = offered(config, rate, table)
         if config.workload == "trace":
             rate = len(arrivals) / duration if duration else 0.0
         measured = [a.time_s >= config.warmup_s for a in arrivals]
