@@ -42,6 +42,19 @@ def test_outliers_are_clipped():
     assert model.predict(16) == pytest.approx(0.058, rel=0.1)
 
 
+def test_the_spread_reads_the_recent_noise_not_the_first_batches():
+    model = CostModel()
+    assert model.spread == 0.0
+    for _ in range(costs.WARM):  # the first batches: a cold connection, then steady ones
+        model.observe(16, 0.5 if model.batches == 0 else 0.116)
+    feed(model, 0.100, 0.001, 200, noise=0.04)  # uniform +-4 %: mean absolute 2 %
+    assert model.spread == pytest.approx(0.02, abs=0.006)
+    assert model.to_dict()["spread"] == round(model.spread, 4)
+    feed(model, 0.100, 0.001, 100, seed=1, noise=0.0)
+    # Quiet again: within tens of batches only the fit's own lag is left.
+    assert model.spread < 0.01
+
+
 def test_the_fit_follows_a_replica_that_slows_down():
     model = CostModel()
     feed(model, 0.050, 0.0005, 200)

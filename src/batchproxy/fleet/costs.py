@@ -23,6 +23,10 @@ WARM = 8
 # A batch that ran beside k others and took under this much longer than alone still counts
 # as running concurrently.
 CONCURRENT_SLOWDOWN = 1.3
+# Weight of each batch in the spread (the typical residual as a share of the prediction): a
+# memory of about 20 batches, so that it reads the replica's noise now, not the first
+# batches' (a cold connection, a first call at a new size).
+SPREAD_WEIGHT = 0.05
 # Batches timed beside k others before level k + 1 of concurrency is judged.
 JUDGED_AFTER = 4
 # Batches timed alone after a level was judged to slow the replica down before it may be
@@ -45,6 +49,7 @@ class CostModel:
     _xx: float = 0.0
     _xy: float = 0.0
     _abs_residual: float = 0.0  # decaying mean absolute residual: the clip scale
+    _spread: float = 0.0  # recent mean absolute residual over the prediction, once warm
     batches: int = 0
     # Slowdown (observed / predicted alone) by how many other batches ran beside it.
     _slowdown: dict[int, list[float]] = field(default_factory=dict)
@@ -99,6 +104,13 @@ class CostModel:
         """Whether enough batches were timed for the fit to be trusted over the prior."""
         return self.batches >= WARM
 
+    @property
+    def spread(self) -> float:
+        """How far from the fit a batch's time typically falls lately, as a share of the
+        prediction (the recent mean absolute residual): the replica's noise as the proxy
+        sees it, its own turn and the trip included. 0 until the fit is warm."""
+        return self._spread
+
     def predict(self, rows: int) -> float:
         """Expected seconds for a batch of `rows` rows on its own."""
         a, b = self._fit()
@@ -131,6 +143,8 @@ class CostModel:
         self._xy = self._xy * DECAY + rows * seconds
         if self.batches >= WARM:
             self._abs_residual += (1 - DECAY) * (residual - self._abs_residual)
+            if alone > 0:
+                self._spread += SPREAD_WEIGHT * (residual / alone - self._spread)
         else:  # few batches: the widest residual yet, so early clipping is lenient
             self._abs_residual = max(self._abs_residual, residual)
         self.batches += 1
@@ -173,4 +187,5 @@ class CostModel:
     def to_dict(self) -> dict[str, float | int]:
         a, b = self._fit()
         return {"a_ms": round(a * 1000, 3), "b_ms_per_row": round(b * 1000, 4),
-                "concurrency": self.concurrency, "batches": self.batches}
+                "spread": round(self._spread, 4), "concurrency": self.concurrency,
+                "batches": self.batches}
