@@ -16,7 +16,8 @@ from proxy_procs import start_proxy
 
 async def test_learned_costs_are_shown_per_replica_and_model():
     with start_replica("identity", batch_cost_ms=20) as replica, start_proxy(
-            [replica], batching_policy="adaptive", max_batch_size=8) as proxy:
+            [replica], batching_policy="adaptive", max_batch_size=8,
+            health_interval_ms=50) as proxy:
         async with grpc.aio.insecure_channel(proxy.address) as channel:
             client = stub(channel)
             for size in (1, 3, 8, 2, 5, 8, 1, 4, 6, 7):
@@ -29,10 +30,14 @@ async def test_learned_costs_are_shown_per_replica_and_model():
     (entry,) = shown["replicas"]
     assert entry["address"] == replica.address
     assert entry["state"] == "healthy" and entry["in_flight"] == 0
+    # The round trip of its health checks (checked every 50 ms): a loopback call that costs
+    # the replica nothing, far under a batch's 20 ms.
+    assert 0 < entry["trip_ms"] < 20
     learned = entry["models"]["identity"]
     assert learned["batches"] >= 5
     assert learned["a_ms"] >= 15  # a batch costs 20 ms at the replica, more on the way
     assert learned["concurrency"] == 1
+    assert 0 <= learned["spread"] < 1
     samples = {(s.labels.get("part"), s.labels.get("model")): s.value
                for family in text_string_to_metric_families(metrics)
                for s in family.samples if s.name == "batchproxy_replica_batch_cost_seconds"}

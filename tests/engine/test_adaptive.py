@@ -232,7 +232,7 @@ class SteadyTurn:
     looked = sending = answered
 
 
-def _full_batch_behind_a_busy_replica(vrun, turn_s: float | None):
+def _full_batch_behind_a_busy_replica(vrun, turn_s: float | None, trip_s: float = 0.0):
     """A full batch that finds the one replica busy until 0.1 s after the batch before it
     left. Returns when each full batch left, when the last one to wait at the replica
     arrived and how long it waited, and the time each full batch is learned to have taken
@@ -244,12 +244,14 @@ def _full_batch_behind_a_busy_replica(vrun, turn_s: float | None):
         engine = make_engine(replicas, max_batch_size=4, max_inflight=2, policy="adaptive")
         if turn_s is not None:
             engine.pool.turn = SteadyTurn(turn_s)
+        for endpoint in engine.pool.replicas.values():
+            endpoint.trip_s = trip_s  # as its health checks would time it
         note_answered = engine.pool.note_answered
 
-        def timing(replica, model, rows, seconds, beside):
+        def timing(replica, model, rows, seconds, beside, *expected):
             if rows == 4 and seconds is not None:
                 timed.append(seconds)
-            note_answered(replica, model, rows, seconds, beside)
+            note_answered(replica, model, rows, seconds, beside, *expected)
 
         engine.pool.note_answered = timing
         await steady(engine, 12, 0.15)  # 12 batches of one: the fit is warm
@@ -269,12 +271,14 @@ def _full_batch_behind_a_busy_replica(vrun, turn_s: float | None):
     return full, waited, timed
 
 
-def test_a_batch_leaves_for_a_busy_replica_within_the_lead_and_waits_there(vrun):
-    # The proxy's loop takes 4 ms to turn from an answer to the next send: the full batch
-    # waits in the proxy until 1.5 turns before the replica frees (so its rows are not
-    # fixed early, nor the slot taken), then goes to wait at the replica, so that the
-    # replica does not idle through the turn.
-    full, waited, timed = _full_batch_behind_a_busy_replica(vrun, 0.004)
+@pytest.mark.parametrize("turn_s, trip_s", [(0.004, 0.0), (0.0, 0.004), (0.001, 0.003)])
+def test_a_batch_leaves_for_a_busy_replica_within_the_lead_and_waits_there(
+        vrun, turn_s, trip_s):
+    # The proxy's loop takes `turn_s` to turn from an answer to the next send, and a call
+    # takes `trip_s` there and back: the full batch waits in the proxy until 1.5 times the
+    # two before the replica frees (so its rows are not fixed early, nor the slot taken),
+    # then goes to wait at the replica, so that the replica does not idle through them.
+    full, waited, timed = _full_batch_behind_a_busy_replica(vrun, turn_s, trip_s)
     lead = policy.TURN_MARGIN * 0.004
     assert full[:2] == [0.0, round(0.1 - lead, 9)]
     # Waiting there, it started the moment the one before ended.
@@ -284,6 +288,15 @@ def test_a_batch_leaves_for_a_busy_replica_within_the_lead_and_waits_there(vrun)
     assert sum(wait == pytest.approx(lead) for _, wait in waited) >= 8
     assert len(timed) >= 10
     assert all(took == pytest.approx(0.1) for took in timed), timed
+
+
+def test_the_lead_is_at_most_a_share_of_a_batch():
+    cost = costs.CostModel()
+    cost.first_seen = True
+    for _ in range(costs.WARM):
+        cost.observe(1, 0.1)
+    assert policy.lead_s(cost, 0.002, 0.004) == pytest.approx(policy.TURN_MARGIN * 0.006)
+    assert policy.lead_s(cost, 0.05, 0.05) == pytest.approx(policy.PIPELINE_SHARE * 0.1)
 
 
 def test_where_the_turn_costs_nothing_no_batch_is_sent_early(vrun):

@@ -131,6 +131,7 @@ class Dispatcher:
                 self.metrics.observe_batch(held.address, batch.rows, len(batch.pieces),
                                            batch.padding)
                 beside = pool.note_sent(held, batch.model, batch.sent_rows, planned=planned)
+                expected_at = held.free_at  # when this batch is expected to answer
                 planned = False
                 try:
                     response = await self.hedger.predict(held, batch, patience, beside)
@@ -196,7 +197,8 @@ class Dispatcher:
                     alone = max(beside - 1, 0)
                     took = loop.time() - max(sent_at, held.answered_at)
                 self.admission.note_service_time(took)
-                pool.note_answered(held, batch.model, batch.sent_rows, took, alone)
+                pool.note_answered(held, batch.model, batch.sent_rows, took, alone,
+                                   expected_at)
                 address = held.address
                 pool.release(held)
                 held = None

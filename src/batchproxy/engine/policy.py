@@ -146,7 +146,8 @@ class AdaptivePolicy:
         # Only a full batch leaves ahead of its replica's free time: it can gather no more
         # rows, so sending it early costs it nothing. A partial one would close with fewer
         # rows, where the turn it waits through also gathers more (what open loops see).
-        turn_s = self.pool.turn.seconds if queue.rows >= full else 0.0
+        early = queue.rows >= full
+        turn_s = self.pool.turn.seconds if early else 0.0
         # When each replica serving the model could start a batch, and what it costs there.
         starts: list[tuple[float, Endpoint, CostModel, bool]] = []
         candidates, weight = self._candidates(model, queue.version)
@@ -165,7 +166,8 @@ class AdaptivePolicy:
             # fleet/turn.py) does not leave it idle.
             start = max(now + LATE_S, replica.free_at)
             ready = (replica.outstanding == level < limit and cost.warm
-                     and now < replica.free_at <= now + lead_s(cost, turn_s))
+                     and now < replica.free_at
+                     <= now + lead_s(cost, turn_s, replica.trip_s if early else 0.0))
             starts.append((start, replica, cost, ready))
         if not starts:
             return self.fallback.decide(queue, now)
@@ -196,7 +198,8 @@ class AdaptivePolicy:
                 return Hold(now + IDLE_RECHECK_S)
             own = best.cost(model)  # best_cost may be a peer's, standing in
             if best.outstanding < limit and own.warm:
-                return Hold(max(best.free_at - lead_s(own, turn_s), now + LATE_S))
+                lead = lead_s(own, turn_s, best.trip_s if early else 0.0)
+                return Hold(max(best.free_at - lead, now + LATE_S))
             return Hold(best.free_at)
         if backlog:
             # Full, or already well past the usual batch: the load outruns the plan (costs
@@ -333,8 +336,8 @@ MAX_PLANNED_BATCHES = 64
 # What a busy replica past its expected free time is assumed to still need.
 LATE_S = 0.001
 # How long before a busy replica is expected to free its next batch may leave, to wait
-# there behind the one it runs: this many times the proxy's own turn (fleet/turn.py), at
-# most this share of a batch's time.
+# there behind the one it runs: this many times the proxy's own turn (fleet/turn.py) and the
+# replica's round trip together, at most this share of a batch's time.
 TURN_MARGIN = 1.5
 PIPELINE_SHARE = 0.25
 # A backstop for a replica whose batch runs past its expected time: look again this often.
@@ -367,12 +370,14 @@ def soonest(entries: list[tuple[float, Endpoint, CostModel, bool]], rows: int
     return pick, finish
 
 
-def lead_s(cost: CostModel, turn_s: float) -> float:
+def lead_s(cost: CostModel, turn_s: float, trip_s: float = 0.0) -> float:
     """How long before a replica is expected to free a batch may be sent to wait there: a
-    margin over the proxy's own turn between an answer and the next send, which would
-    otherwise leave the replica idle, but never so much of a batch's time that the early
-    batch closes with far fewer rows. No lead where the turn costs nothing (virtual time)."""
-    return min(TURN_MARGIN * turn_s, PIPELINE_SHARE * cost.predict(1))
+    margin over what would otherwise leave the replica idle, the proxy's own turn between an
+    answer and the next send and the replica's round trip (`trip_s`: the batch on its way
+    there, the answer before it on its way back, which the expected free time counts as the
+    replica's), but never so much of a batch's time that the early batch closes with far
+    fewer rows. No lead where neither costs anything (virtual time, no distance)."""
+    return min(TURN_MARGIN * (turn_s + trip_s), PIPELINE_SHARE * cost.predict(1))
 
 
 def make_policy(name: str, config: BatchingConfig, pool: ReplicaPool) -> FlushPolicy:

@@ -101,7 +101,12 @@ class HealthChecker:
         models = sorted(self.pool.known_models)
         states: dict[str, ModelState] = {}
         versions: dict[str, dict[int, int]] = {}
+        loop = asyncio.get_running_loop()
+        # A replica already in service is past its channel's first call (a connection set
+        # up), so its check times the round trip alone.
+        timed = replica.state is ReplicaState.HEALTHY
         for model in models or [""]:
+            started = loop.time()
             try:
                 response = await replica.transport.call(GET_MODEL_STATUS, status_request(model),
                                                         self.timeout_s)
@@ -115,6 +120,9 @@ class HealthChecker:
                 if model and err.code == grpc.StatusCode.NOT_FOUND:
                     states[model] = ModelState.MISSING
                 continue  # UNIMPLEMENTED and the like: up, but says nothing of the model
+            if timed:
+                replica.note_trip(loop.time() - started)
+                timed = False  # one sample a round
             if model:
                 states[model], versions[model] = read_status(response)
         self.pool.record_check(replica, True, "health check passed", states,

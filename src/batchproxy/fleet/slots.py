@@ -25,7 +25,7 @@ import grpc
 from batchproxy.errors import ProxyError
 from batchproxy.fleet.costs import CostModel
 from batchproxy.fleet.transport import Transport, TransportFactory, grpc_transports
-from batchproxy.fleet.turn import TurnLag
+from batchproxy.fleet.turn import TurnLag, follow
 from batchproxy.methods import PREDICT
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,15 @@ class Endpoint:
         # When the last batch answered here came back (loop time): where a batch sent to
         # wait behind it began its own run (engine/dispatcher.py).
         self.answered_at = -math.inf
+        # The round trip of a call that costs the replica nothing (its health checks; fleet/
+        # turn.py, follow): what a batch spends on the way there and its answer on the way
+        # back, beside the replica's own time. 0 until a check was timed.
+        self.trip_s = 0.0
+
+    def note_trip(self, seconds: float) -> None:
+        """A health check was answered `seconds` after it left."""
+        if math.isfinite(seconds) and seconds >= 0:
+            self.trip_s = follow(self.trip_s, seconds)
 
     def cost(self, model: str) -> CostModel:
         model_cost = self.costs.get(model)
@@ -444,10 +453,13 @@ class ReplicaPool:
         return beside
 
     def note_answered(self, replica: Endpoint, model: str, rows: int,
-                      seconds: float | None, beside: int) -> None:
+                      seconds: float | None, beside: int,
+                      expected_at: float | None = None) -> None:
         """A batch sent with note_sent() was answered after `seconds` (None: it failed),
         its slot still held: the cost model learns, and a replica left with nothing is free
-        now."""
+        now. `expected_at`: when it was expected to answer (its free time as sent); the
+        batches sent to wait behind it start now, so their expected free time moves by as
+        much as this answer was early or late."""
         if seconds is not None:
             replica.answered_at = loop_time()
             self.turn.answered(replica.answered_at)
@@ -463,6 +475,9 @@ class ReplicaPool:
             cost.timed_at = loop_time()
         if replica.outstanding <= 1:
             replica.free_at = loop_time()
+        elif seconds is not None and expected_at is not None:
+            now = loop_time()
+            replica.free_at = max(now, replica.free_at + (now - expected_at))
 
     def lacks(self, replica: Endpoint, model: str, exclude: Endpoint | None = None,
               skip: Collection[Endpoint] = (), version: int | None = None) -> bool:

@@ -19,6 +19,7 @@ def fleet_snapshot(pool: ReplicaPool) -> dict[str, Any]:
             "in_flight": replica.outstanding,
             "max_in_flight": pool.max_inflight,
             "expected_free_in_ms": round(max(replica.free_at - now, 0.0) * 1000, 3),
+            "trip_ms": round(replica.trip_s * 1000, 3),
             "models": {
                 model: {"state": replica.models[model].value if model in replica.models
                         else "unchecked", **cost.to_dict()}
