@@ -143,11 +143,7 @@ class AdaptivePolicy:
         model = queue.model
         limit = self.pool.max_inflight
         full = queue.full or self.full
-        # Only a full batch leaves ahead of its replica's free time: it can gather no more
-        # rows, so sending it early costs it nothing. A partial one would close with fewer
-        # rows, where the turn it waits through also gathers more (what open loops see).
-        early = queue.rows >= full
-        turn_s = self.pool.turn.seconds if early else 0.0
+        is_full = queue.rows >= full
         # When each replica serving the model could start a batch, and what it costs there.
         starts: list[tuple[float, Endpoint, CostModel, bool]] = []
         candidates, weight = self._candidates(model, queue.version)
@@ -162,12 +158,11 @@ class AdaptivePolicy:
             # A busy replica past its expected free time is late by an unknown amount: it
             # never ties with one that can start now, and gets no batch ahead. One that
             # frees within the lead takes its next batch now, behind the one it runs, so
-            # that the proxy's own turn between its answer and the next send (measured,
-            # fleet/turn.py) does not leave it idle.
+            # that neither the proxy's own turn between its answer and the next send nor the
+            # trip there leaves it idle.
             start = max(now + LATE_S, replica.free_at)
             ready = (replica.outstanding == level < limit and cost.warm
-                     and now < replica.free_at
-                     <= now + lead_s(cost, turn_s, replica.trip_s if early else 0.0))
+                     and now < replica.free_at <= now + self._lead_s(replica, cost, is_full))
             starts.append((start, replica, cost, ready))
         if not starts:
             return self.fallback.decide(queue, now)
@@ -198,7 +193,7 @@ class AdaptivePolicy:
                 return Hold(now + IDLE_RECHECK_S)
             own = best.cost(model)  # best_cost may be a peer's, standing in
             if best.outstanding < limit and own.warm:
-                lead = lead_s(own, turn_s, best.trip_s if early else 0.0)
+                lead = self._lead_s(best, own, is_full)
                 return Hold(max(best.free_at - lead, now + LATE_S))
             return Hold(best.free_at)
         if backlog:
@@ -217,6 +212,15 @@ class AdaptivePolicy:
         if now >= start_at or now >= latest:
             return send_to(first, now)
         return Hold(min(start_at, latest))
+
+    def _lead_s(self, replica: Endpoint, cost: CostModel, is_full: bool) -> float:
+        """How long before `replica` is expected to free a batch may leave to wait there.
+        Only a full batch leaves ahead: it can gather no more rows, so sending it early
+        costs it nothing. A partial one would close with fewer rows, where the turn it waits
+        through also gathers more (what open loops see)."""
+        if not is_full:
+            return 0.0
+        return lead_s(cost, self.pool.turn.seconds, replica.trip_s)
 
     def _candidates(self, model: str, version: int | None = None
                     ) -> tuple[list[Endpoint], float]:
@@ -370,7 +374,7 @@ def soonest(entries: list[tuple[float, Endpoint, CostModel, bool]], rows: int
     return pick, finish
 
 
-def lead_s(cost: CostModel, turn_s: float, trip_s: float = 0.0) -> float:
+def lead_s(cost: CostModel, turn_s: float, trip_s: float) -> float:
     """How long before a replica is expected to free a batch may be sent to wait there: a
     margin over what would otherwise leave the replica idle, the proxy's own turn between an
     answer and the next send and the replica's round trip (`trip_s`: the batch on its way
