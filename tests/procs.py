@@ -24,12 +24,24 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 HOST = "127.0.0.1"
 
 
+# Every port free_port() handed out in this run.
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = HOST) -> int:
-    """A port nothing listens on now. Another process may still take it before the child
-    binds: the replica refuses a taken port (no SO_REUSEPORT), so such a race fails loudly."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, and not one handed out before in this run: two calls
+    in a row (a server's gRPC and REST ports) may otherwise get the same port back from the
+    kernel, since neither is bound until the child starts. Another process may still take it
+    before the child binds: the replica refuses a taken port (no SO_REUSEPORT), so such a
+    race fails loudly."""
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            break
+    _handed_out.add(port)
+    return port
 
 
 def port_open(port: int, host: str = HOST) -> bool:
