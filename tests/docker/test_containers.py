@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from load import UNMATCHED_AT_SHUTDOWN, error_code_of
+from procs import free_port
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("BATCHPROXY_DOCKER_TEST") != "1",
@@ -54,12 +54,6 @@ def docker(*args: str, timeout: float = 120, check: bool = True,
         raise AssertionError(f"docker {shlex.join(args)}: {result.returncode}\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_ready(rest_port: int, timeout_s: float = 90) -> list[int]:
